@@ -1,0 +1,46 @@
+# Agent Hub: `make run` starts a hub and a demo agent; `make test` runs lint and every test.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format typecheck bench bench-quick clean help
+
+help:
+	@echo "make run          hub on https://127.0.0.1:8443 with a demo agent (SQLite, dev certificates)"
+	@echo "make test         ruff, then the whole test suite"
+	@echo "make bench        ingest benchmark: the hub against a bare python-socketio server"
+	@echo "make bench-quick  the same, shorter"
+	@echo "make typecheck    mypy on hub/ and agent_client/"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/agenthub demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.ingest
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.ingest --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

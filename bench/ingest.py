@@ -1,0 +1,369 @@
+"""Ingest benchmark: N agents over real mTLS sockets, the hub beside a bare python-socketio server.
+
+Both servers run as their own process pinned to core 0; this load generator pins itself
+to core 1. Each agent keeps one batch in flight (call, await the ack, repeat). Every
+batch carries one event that matches a detection rule for a fresh process, so each batch
+produces one score push; a dashboard WebSocket measures emit-to-push latency from it.
+
+    python -m bench.ingest [--agents 50] [--batch 100] [--seconds 10] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import socketio
+
+from hub.certs import init_pki, issue_agent
+from hub.codec import SocketJson
+from hub.config import Settings
+from hub.tokens import create_token
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+SECRET = "bench-secret-" + "z" * 40
+
+
+@dataclass
+class Result:
+    target: str
+    agents: int
+    batch: int
+    encoding: str
+    rate: float | None = None  # offered events/s when paced; None = as fast as acks return
+    events_per_s: float = 0.0
+    ack_ms: list[float] = field(default_factory=list, repr=False)
+    push_ms: list[float] = field(default_factory=list, repr=False)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "agents": self.agents,
+            "batch": self.batch,
+            "encoding": self.encoding,
+            "load": f"paced {round(self.rate)}/s" if self.rate else "saturated",
+            "events_per_s": round(self.events_per_s),
+            "ack_p50_ms": _pct(self.ack_ms, 50),
+            "ack_p99_ms": _pct(self.ack_ms, 99),
+            "push_p50_ms": _pct(self.push_ms, 50),
+            "push_p99_ms": _pct(self.push_ms, 99),
+        }
+
+
+def _pct(values: list[float], pct: int) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))], 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _pinned(command: list[str]) -> list[str]:
+    return ["taskset", "-c", "0", *command] if shutil.which("taskset") else command
+
+
+def _start(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(_pinned(command), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.2),
+        ):
+            return proc
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"server did not listen on {port}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _events(agent: int, batch_no: int, size: int, seq: int) -> list[dict[str, Any]]:
+    now = time.time()
+    pid = 100_000 + batch_no
+    events: list[dict[str, Any]] = [
+        {
+            "seq": seq + i,
+            "ts": now,
+            "kind": "file_open",
+            "pid": 2000 + i % 50,
+            "path": f"/var/lib/app/{i}.dat",
+            "uid": 1000,
+        }
+        for i in range(size - 1)
+    ]
+    # One MEDIUM rule hit per batch (SSH key read by a fresh process): a score push, no alert.
+    events.append(
+        {
+            "seq": seq + size - 1,
+            "ts": now,
+            "kind": "file_open",
+            "pid": pid,
+            "path": "/home/app/.ssh/id_ed25519",
+            "exe": "/usr/bin/python3",
+        }
+    )
+    return events
+
+
+async def _agent(
+    url: str,
+    certs: Path,
+    index: int,
+    result: Result,
+    stop_at: float,
+    measure_from: float,
+    emitted: dict[tuple[str, int], float],
+    counted: list[int],
+) -> None:
+    agent_id = f"bench-{index}"
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    context.load_cert_chain(certs / f"{agent_id}.pem", certs / f"{agent_id}.key")
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
+    client = socketio.AsyncClient(http_session=session, reconnection=False, json=SocketJson)
+    hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    client.on("hello", lambda data: hello.done() or hello.set_result(data), namespace="/agent")
+    try:
+        await client.connect(url, namespaces=["/agent"], transports=["websocket"], wait_timeout=30)
+        seq = (await asyncio.wait_for(hello, 30)).get("last_seq", 0) + 1
+        batch_no = index * 10_000_000
+        interval = result.agents * result.batch / result.rate if result.rate else 0.0
+        next_send = time.monotonic() + interval * index / result.agents  # spread the agents out
+        while time.monotonic() < stop_at:
+            if interval:
+                await asyncio.sleep(max(0.0, next_send - time.monotonic()))
+                next_send += interval
+            batch_no += 1
+            events = _events(index, batch_no, result.batch, seq)
+            payload: Any = {"events": events}
+            if result.encoding == "msgpack":
+                import msgpack
+
+                payload = msgpack.packb(payload)
+            sent = time.monotonic()
+            emitted[(agent_id, events[-1]["pid"])] = time.time()
+            ack = await client.call("events", payload, namespace="/agent", timeout=60)
+            done = time.monotonic()
+            if "error" in ack:
+                await asyncio.sleep(ack["error"].get("retry_after_ms", 100) / 1000)
+                continue
+            seq += len(events)
+            if sent >= measure_from and done <= stop_at:
+                counted[0] += ack["accepted"]
+                result.ack_ms.append((done - sent) * 1000)
+    finally:
+        await client.disconnect()
+        await session.close()
+
+
+async def _dashboard(
+    url: str,
+    token: str,
+    certs: Path,
+    result: Result,
+    stop_at: float,
+    measure_from: float,
+    emitted: dict[tuple[str, int], float],
+) -> None:
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        ws = await session.ws_connect(f"{url}/ws/live", headers={"Authorization": f"Bearer {token}"})
+        with contextlib.suppress(asyncio.TimeoutError):
+            while time.monotonic() < stop_at:
+                message = await ws.receive(timeout=max(0.1, stop_at - time.monotonic()))
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    break
+                data = json.loads(message.data)
+                if data["type"] != "score" or time.monotonic() < measure_from:
+                    continue
+                sent = emitted.pop((data["data"]["agent_id"], data["data"]["pid"]), None)
+                if sent is not None:
+                    result.push_ms.append((time.time() - sent) * 1000)
+        await ws.close()
+
+
+async def _drive(url: str, certs: Path, result: Result, seconds: float, token: str | None) -> None:
+    emitted: dict[tuple[str, int], float] = {}
+    counted = [0]
+    start = time.monotonic() + 2.0  # connect everyone first
+    measure_from = start + 1.0  # then warm up for a second
+    stop_at = measure_from + seconds
+    tasks = [
+        asyncio.create_task(_agent(url, certs, i, result, stop_at, measure_from, emitted, counted))
+        for i in range(result.agents)
+    ]
+    if token:
+        tasks.append(
+            asyncio.create_task(_dashboard(url, token, certs, result, stop_at, measure_from, emitted))
+        )
+    await asyncio.gather(*tasks)
+    result.events_per_s = counted[0] / seconds
+
+
+def _run_target(
+    target: str,
+    args: argparse.Namespace,
+    certs: Path,
+    workdir: Path,
+    encoding: str,
+    rate: float | None = None,
+) -> Result:
+    port = _free_port()
+    data_dir = workdir / f"data-{target}-{encoding}-{'paced' if rate else 'peak'}"
+    env = {
+        **os.environ,
+        "HUB_JWT_SECRET": SECRET,
+        "HUB_DATA_DIR": str(data_dir),
+        "HUB_CERTS_DIR": str(certs),
+        "HUB_LOG_LEVEL": "WARNING",
+    }
+    if target == "hub":
+        command = [sys.executable, "-m", "hub.cli", "serve", "--port", str(port)]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "bench.bare_server",
+            "--port",
+            str(port),
+            "--certs-dir",
+            str(certs),
+        ]
+    proc = _start(command, env, port)
+    result = Result(target, args.agents, args.batch, encoding, rate)
+    token = None
+    if target == "hub":
+        settings = Settings(data_dir=workdir, jwt_secret=SECRET)
+        token = create_token(settings, scopes=["hub:read"], subject="bench")
+    try:
+        asyncio.run(_drive(f"https://127.0.0.1:{port}", certs, result, args.seconds, token))
+    finally:
+        _stop(proc)
+    return result
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    headers = [
+        "target",
+        "encoding",
+        "load",
+        "agents",
+        "batch",
+        "events_per_s",
+        "ack_p50_ms",
+        "ack_p99_ms",
+        "push_p50_ms",
+        "push_p99_ms",
+    ]
+    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in headers]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    body = [
+        "  ".join(
+            str(r[h] if r[h] is not None else "-").ljust(w) for h, w in zip(headers, widths, strict=True)
+        )
+        for r in rows
+    ]
+    return "\n".join([line, "-" * len(line), *body])
+
+
+def _say(what: str, args: argparse.Namespace) -> None:
+    print(f"running {what} for {args.seconds:g} s...", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Ingest benchmark: the hub beside a bare python-socketio server."
+    )
+    parser.add_argument("--agents", type=int, default=50, help="concurrent agents (default 50)")
+    parser.add_argument("--batch", type=int, default=100, help="events per batch (default 100)")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="measured seconds per target (default 10)"
+    )
+    parser.add_argument("--encoding", choices=["json", "msgpack", "both"], default="json")
+    parser.add_argument("--quick", action="store_true", help="4 measured seconds per target")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds = 4.0
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {1})  # the servers get core 0
+    encodings = ["json", "msgpack"] if args.encoding == "both" else [args.encoding]
+    with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
+        workdir = Path(tmp)
+        certs = workdir / "certs"
+        init_pki(certs, ["127.0.0.1", "localhost"])
+        for i in range(args.agents):
+            issue_agent(certs, f"bench-{i}")
+        results: list[Result] = []
+        for encoding in encodings:
+            peak: dict[str, Result] = {}
+            for target in ("bare", "hub"):
+                _say(
+                    f"{target} ({encoding}, {args.agents} agents, batches of {args.batch}), saturated",
+                    args,
+                )
+                peak[target] = _run_target(target, args, certs, workdir, encoding)
+                results.append(peak[target])
+            # Latency means something at a load the server can sustain: half the hub's peak.
+            half = peak["hub"].events_per_s / 2
+            for target in ("bare", "hub"):
+                _say(f"{target} ({encoding}), paced at {half:.0f} events/s", args)
+                results.append(_run_target(target, args, certs, workdir, encoding, rate=half))
+    rows = [r.row() for r in results]
+    print(_table(rows))
+    hub_rows = {r["encoding"]: r for r in rows if r["target"] == "hub" and r["load"] == "saturated"}
+    bare_rows = {r["encoding"]: r for r in rows if r["target"] == "bare" and r["load"] == "saturated"}
+    paced = {r["encoding"]: r for r in rows if r["target"] == "hub" and r["load"] != "saturated"}
+    summary: dict[str, Any] = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}",
+        "command": " ".join(["python -m bench.ingest", *sys.argv[1:]]),
+        "rows": rows,
+    }
+    for encoding, hub_row in hub_rows.items():
+        ratio = hub_row["events_per_s"] / max(1, bare_rows[encoding]["events_per_s"])
+        print(f"hub/bare ({encoding}): {ratio:.2f}")
+        summary[f"ratio_{encoding}"] = round(ratio, 3)
+    first = hub_rows.get("json") or next(iter(hub_rows.values()))
+    summary.update(
+        ingest_events_per_s=first["events_per_s"],
+        bare_events_per_s=bare_rows[first["encoding"]]["events_per_s"],
+        ack_p99_ms=paced[first["encoding"]]["ack_p99_ms"],
+        push_p99_ms=paced[first["encoding"]]["push_p99_ms"],
+        saturated_ack_p99_ms=first["ack_p99_ms"],
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""Agent Hub: a real-time hub for security agents."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,63 @@
+"""Refuse by default: every `/api/` and `/ws/` route needs a token unless marked public."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from hub.keys import PRINCIPAL, VERIFIER
+from hub.problems import Unauthorized
+from hub.tokens import Principal
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[web.StreamResponse]])
+_PROTECTED_PREFIXES = ("/api/", "/ws/")
+_SCOPE_ATTR = "_hub_scope"
+
+
+def requires(scope: str | None) -> Callable[[Handler], Handler]:
+    """Declare the scope a handler needs; `None` marks it public."""
+
+    def mark(handler: Handler) -> Handler:
+        setattr(handler, _SCOPE_ATTR, scope)
+        return handler
+
+    return mark
+
+
+def principal(request: web.Request) -> Principal:
+    """Return who made `request` (set by `auth_middleware`)."""
+    return request[PRINCIPAL]
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return token.strip()
+    if request.path.startswith("/ws/"):  # browsers cannot set headers on a WebSocket
+        return request.query.get("access_token") or request.cookies.get("access_token")
+    return None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
+    """Authenticate every protected path and check the handler's declared scope."""
+    if not request.path.startswith(_PROTECTED_PREFIXES):
+        return await handler(request)
+    route_handler = request.match_info.handler
+    if not hasattr(route_handler, _SCOPE_ATTR):
+        if request.match_info.http_exception is not None:
+            raise request.match_info.http_exception
+        raise Unauthorized("this route declares no scope and is refused")
+    scope = getattr(route_handler, _SCOPE_ATTR)
+    if scope is None:
+        return await handler(request)
+    token = _bearer(request)
+    if token is None:
+        raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+    who = request.app[VERIFIER].verify(token)
+    who.require(scope)
+    request[PRINCIPAL] = who
+    return await handler(request)

@@ -1,0 +1,211 @@
+"""The hub's certificate authority: create it, issue server and agent certificates."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from hub.models import AGENT_ID_PATTERN
+from hub.problems import HubError
+
+AGENT_ID_RE = re.compile(AGENT_ID_PATTERN)
+CA_CERT, CA_KEY = "ca.pem", "ca.key"
+SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
+_CA_DAYS = 3650
+_SERVER_DAYS = 825
+
+
+class CertificateError(HubError):
+    status = 422
+    type = "certificate-invalid"
+    title = "Certificate problem"
+
+
+@dataclass(frozen=True)
+class IssuedFiles:
+    cert: Path
+    key: Path
+
+
+def is_valid_agent_id(agent_id: str) -> bool:
+    """Return True when `agent_id` is usable as a CN and as a file name (PROTOCOL.md)."""
+    return AGENT_ID_RE.fullmatch(agent_id) is not None
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # Create with 0600 from the start: a key must never exist world-readable, even briefly.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    path.chmod(0o600)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Agent Hub"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def create_ca(directory: Path, *, common_name: str = "Agent Hub CA") -> None:
+    """Write a new CA key pair (`ca.pem`, `ca.key`) into `directory`."""
+    key = _new_key()
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=_CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_private(directory / CA_KEY, _key_pem(key))
+    (directory / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Read the CA certificate and key from `directory`."""
+    cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    if not cert_path.is_file() or not key_path.is_file():
+        raise CertificateError(f"no CA in {directory}: run 'agenthub certs init --dir {directory}' first")
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"{key_path} is not an EC private key")
+    return cert, key
+
+
+def _leaf(
+    directory: Path,
+    common_name: str,
+    *,
+    days: int,
+    usage: x509.ObjectIdentifier,
+    alt_names: list[x509.GeneralName] | None = None,
+    not_before: dt.datetime | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_cert, ca_key = load_ca(directory)
+    key = _new_key()
+    start = not_before or _now() - dt.timedelta(minutes=5)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    if alt_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def _save(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> IssuedFiles:
+    files = IssuedFiles(directory / f"{stem}.pem", directory / f"{stem}.key")
+    _write_private(files.key, _key_pem(key))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+def issue_server(directory: Path, hostnames: list[str]) -> IssuedFiles:
+    """Issue the hub's TLS server certificate for `hostnames` (DNS names or IP addresses)."""
+    alt_names: list[x509.GeneralName] = []
+    for name in hostnames:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt_names.append(x509.DNSName(name))
+    cert, key = _leaf(
+        directory,
+        hostnames[0],
+        days=_SERVER_DAYS,
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        alt_names=alt_names,
+    )
+    return _save(directory, "server", cert, key)
+
+
+def issue_agent(
+    directory: Path,
+    agent_id: str,
+    *,
+    days: int = 365,
+    not_before: dt.datetime | None = None,
+    out_dir: Path | None = None,
+) -> IssuedFiles:
+    """Issue a client certificate with CN = `agent_id` and EKU clientAuth."""
+    if not is_valid_agent_id(agent_id):
+        raise CertificateError(
+            f"invalid agent id {agent_id!r}: use 1-64 characters of A-Z a-z 0-9 . _ -, "
+            "not starting with a dot"
+        )
+    if days <= 0:
+        raise CertificateError("--days must be a positive number of days")
+    cert, key = _leaf(
+        directory, agent_id, days=days, usage=ExtendedKeyUsageOID.CLIENT_AUTH, not_before=not_before
+    )
+    return _save(out_dir or directory, agent_id, cert, key)
+
+
+def init_pki(directory: Path, hostnames: list[str]) -> bool:
+    """Create the CA and server certificate unless they exist; return True if created."""
+    if (directory / CA_CERT).is_file():
+        if not (directory / SERVER_CERT).is_file():
+            issue_server(directory, hostnames)
+            return True
+        return False
+    create_ca(directory)
+    issue_server(directory, hostnames)
+    return True

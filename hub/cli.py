@@ -1,0 +1,298 @@
+"""`agenthub`: serve, certs, token, recalculate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from hub import __version__
+from hub.certs import CertificateError, init_pki, issue_agent
+from hub.config import Settings
+from hub.problems import HubError
+from hub.rules import RuleError
+
+log = logging.getLogger("agenthub")
+DEMO_AGENT = "demo-agent"
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: value
+        for name in ("host", "port", "data_dir", "certs_dir")
+        if (value := getattr(args, name, None)) is not None
+    }
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise CliError(f"bad setting {field} (HUB_{field.upper()}): {first['msg']}") from None
+
+
+def _run_async(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+
+        runner: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(main)
+
+
+async def _serve_until_signal(settings: Settings) -> None:
+    from hub.app import serve
+
+    task = asyncio.create_task(serve(settings))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("agent hub stopped")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    _run_async(_serve_until_signal(settings))
+
+
+def cmd_certs_init(args: argparse.Namespace) -> None:
+    created = init_pki(args.dir, args.hostname or ["localhost", "127.0.0.1", "::1"])
+    state = "created" if created else "already present"
+    print(f"CA and server certificate {state} in {args.dir}")
+
+
+def cmd_certs_issue(args: argparse.Namespace) -> None:
+    files = issue_agent(args.dir, args.agent_id, days=args.days)
+    print(f"issued {files.cert} and {files.key}")
+
+
+def cmd_token_create(args: argparse.Namespace) -> None:
+    from hub.tokens import create_token
+
+    try:
+        print(create_token(_settings(args), scopes=args.scope, subject=args.subject, ttl_s=args.ttl))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_recalculate(args: argparse.Namespace) -> None:
+    from hub.rules import load_rules
+    from hub.scoring import RiskParams, recalculate
+    from hub.store.sqlite import SqliteStore
+
+    settings = _settings(args)
+
+    async def run() -> None:
+        store = SqliteStore(settings.db_path)
+        await store.open()
+        try:
+            count = await recalculate(
+                store,
+                load_rules(settings.rule_files),
+                RiskParams.from_settings(settings),
+                progress=lambda n: print(f"\rreplayed {n} events", end="", file=sys.stderr, flush=True),
+            )
+        finally:
+            await store.close()
+        print(f"\nrecalculated scores from {count} stored events")
+
+    _run_async(run())
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Start a hub and one demo agent streaming this machine's activity."""
+    settings = _settings(args)
+    certs, data = settings.certs_dir, settings.data_dir
+    if init_pki(certs, ["localhost", "127.0.0.1", "::1"]):
+        print(f"generated a development CA and server certificate in {certs}/")
+    if not (certs / f"{DEMO_AGENT}.pem").is_file():
+        issue_agent(certs, DEMO_AGENT)
+        print(f"issued the demo agent certificate {certs}/{DEMO_AGENT}.pem")
+    from hub.tokens import create_token
+
+    token = create_token(settings, scopes=["hub:admin"], subject="demo-operator", ttl_s=12 * 3600)
+    env = {**os.environ, "HUB_DATA_DIR": str(data), "HUB_CERTS_DIR": str(certs)}
+    hub = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "serve",
+            "--port",
+            str(settings.port),
+            "--host",
+            settings.host,
+        ],
+        env=env,
+    )
+    url = f"https://{settings.host}:{settings.port}"
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        _wait_for_port(settings.host, settings.port, hub)
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent_client.cli",
+                "run",
+                "--hub",
+                url,
+                "--cert",
+                str(certs / f"{DEMO_AGENT}.pem"),
+                "--key",
+                str(certs / f"{DEMO_AGENT}.key"),
+                "--ca",
+                str(certs / "ca.pem"),
+                "--spool",
+                str(data / f"{DEMO_AGENT}-spool.db"),
+            ]
+        )
+        print(
+            f"\n  Dashboard: {url}/#token={token}\n  (the browser will warn about the development CA;"
+            f" trust {certs}/ca.pem to silence it)\n  Operator token (hub:admin, 12 h):\n  {token}\n"
+            "  Ctrl-C stops the hub and the agent.\n",
+            flush=True,
+        )
+        hub.wait()
+    except KeyboardInterrupt:
+        print("\nstopping...", file=sys.stderr)
+    finally:
+        for proc in (agent, hub):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in (agent, hub):
+            if proc is not None:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes]) -> None:
+    import socket
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CliError(f"the hub exited with code {proc.returncode}; see its messages above")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise CliError(f"the hub did not start listening on {host}:{port} within 30 s")
+
+
+def _state_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="hub state folder (HUB_DATA_DIR, default ./data)")
+    parser.add_argument("--certs-dir", type=Path, help="CA and certificates (HUB_CERTS_DIR, default ./certs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agenthub", description="Agent Hub: real-time hub for security agents."
+    )
+    parser.add_argument("--version", action="version", version=f"agenthub {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="run the hub", description="Run the hub (TLS, agents, API, pages)."
+    )
+    serve.add_argument("--host", help="listen address (HUB_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (HUB_PORT, default 8443)")
+    _state_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    certs = commands.add_parser("certs", help="manage the CA and certificates", description="Manage the CA.")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="COMMAND")
+    init = certs_commands.add_parser(
+        "init",
+        help="create the CA and the server certificate",
+        description="Write ca.pem, ca.key, server.pem, server.key (keys 0600).",
+    )
+    init.add_argument("--dir", type=Path, default=Path(os.environ.get("HUB_CERTS_DIR", "certs")))
+    init.add_argument("--hostname", action="append", help="server name or IP (repeatable)")
+    init.set_defaults(func=cmd_certs_init)
+    issue = certs_commands.add_parser(
+        "issue",
+        help="issue an agent certificate",
+        description="Write AGENT_ID.pem and AGENT_ID.key signed by the CA.",
+    )
+    issue.add_argument("agent_id", metavar="AGENT_ID")
+    issue.add_argument("--dir", type=Path, default=Path(os.environ.get("HUB_CERTS_DIR", "certs")))
+    issue.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    issue.set_defaults(func=cmd_certs_issue)
+
+    token = commands.add_parser("token", help="operator tokens", description="Operator tokens.")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    create = token_commands.add_parser(
+        "create",
+        help="print a signed operator token",
+        description="Print an operator JWT signed with the hub's secret.",
+    )
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        help="hub:read, hub:write or hub:admin (repeatable)",
+    )
+    create.add_argument("--ttl", type=int, help="lifetime in seconds (default 3600)")
+    create.add_argument("--subject", default="operator", help="who the token is for")
+    _state_options(create)
+    create.set_defaults(func=cmd_token_create)
+
+    recalc = commands.add_parser(
+        "recalculate",
+        help="replay stored events through the current rules",
+        description="Recompute every score from the stored events (hub stopped).",
+    )
+    _state_options(recalc)
+    recalc.set_defaults(func=cmd_recalculate)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a hub and a demo agent (make run)",
+        description="Generate dev certificates if absent, start the hub and one demo agent.",
+    )
+    demo.add_argument("--host", help="listen address (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, help="listen port (default 8443)")
+    _state_options(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except (CliError, CertificateError, RuleError, HubError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"agenthub: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The hub's settings: one object, read from `HUB_*` environment variables and `.env`."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_rule_files() -> list[Path]:
+    """Return the rule files shipped with the hub."""
+    return [Path(str(resources.files("hub") / "rulesets" / "default.toml"))]
+
+
+class Settings(BaseSettings):
+    """Every knob of the hub, validated at start; nothing else reads the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HUB_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # listener
+    host: str = "127.0.0.1"
+    port: int = Field(8443, ge=0, le=65535)
+    data_dir: Path = Path("data")
+    certs_dir: Path = Path("certs")
+    dev_insecure: bool = Field(
+        False, description="plain HTTP, agents identified without a certificate: development only"
+    )
+
+    # operator tokens
+    jwt_secret: SecretStr | None = None
+    jwt_issuer: str = "agenthub"
+    jwt_audience: str = "agenthub-api"
+    token_default_ttl_s: int = Field(3600, gt=0)
+
+    # wire limits (PROTOCOL.md: 1,000 events and 1 MiB per batch)
+    max_batch_events: int = Field(1000, gt=0)
+    max_batch_bytes: int = Field(1024 * 1024, gt=0)
+    max_frame_bytes: int = Field(
+        2 * 1024 * 1024, gt=0, description="Engine.IO frame limit; a larger frame closes the socket"
+    )
+    max_event_bytes: int = Field(
+        16 * 1024, gt=0, description="largest single event, measured as stored (msgpack)"
+    )
+    max_metadata_depth: int = Field(8, gt=0)
+
+    # ingest
+    ingest_max_pending_events: int = Field(
+        100_000, gt=0, description="events waiting for commit or scoring before 'overloaded'"
+    )
+    scoring_max_backlog: int = Field(
+        5_000, gt=0, description="stored-but-unscored events before new batches wait for scoring"
+    )
+    scoring_wait_s: float = Field(
+        5.0, gt=0, description="longest a batch waits for scoring before 'overloaded'"
+    )
+    commit_max_events: int = Field(20_000, gt=0, description="most events in one group commit")
+    retry_after_ms: int = Field(1000, gt=0)
+
+    # liveness
+    heartbeat_interval_s: float = Field(10.0, gt=0)
+    heartbeat_late_after: float = Field(1.5, gt=1, description="intervals before 'late'")
+    heartbeat_offline_after: float = Field(3.0, gt=1, description="intervals before 'offline'")
+
+    # risk model (DESIGN.md)
+    rule_files: list[Path] = Field(default_factory=default_rule_files)
+    risk_half_life_s: float = Field(600.0, gt=0)
+    risk_k: float = Field(50.0, gt=0)
+    risk_inherit_fraction: float = Field(0.5, ge=0, le=1)
+    risk_thresholds: list[float] = Field(default_factory=lambda: [50.0, 80.0])
+    risk_hysteresis: float = Field(10.0, ge=0)
+    explanation_top: int = Field(5, gt=0)
+
+    # dashboards
+    push_snapshot_top: int = Field(100, gt=0)
+    push_max_pending: int = Field(
+        10_000, gt=0, description="coalesced updates held per slow subscriber before dropping"
+    )
+
+    log_level: str = "INFO"
+
+    @field_validator("risk_thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < t < 100 for t in value):
+            raise ValueError("risk thresholds must be between 0 and 100 (exclusive)")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _offline_after_late(self) -> Settings:
+        if self.heartbeat_offline_after <= self.heartbeat_late_after:
+            raise ValueError("heartbeat_offline_after must be larger than heartbeat_late_after")
+        if self.max_frame_bytes < self.max_batch_bytes:
+            raise ValueError("max_frame_bytes must be at least max_batch_bytes")
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "hub.db"

@@ -1,0 +1,191 @@
+"""Wire and domain shapes (PROTOCOL.md); no I/O here.
+
+Events are TypedDicts validated by a pydantic TypeAdapter: on the ingest hot path that is
+measurably cheaper than BaseModel instances and the result is the plain dict we store.
+"""
+
+from __future__ import annotations
+
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    Required,  # pydantic needs this TypedDict on 3.11
+)
+
+from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, with_config
+from typing_extensions import TypedDict
+
+EVENT_KINDS = (
+    "process_start",
+    "process_exit",
+    "syscall",
+    "net_connect",
+    "net_listen",
+    "file_open",
+    "file_write",
+    "file_delete",
+    "module_load",
+    "login",
+    "custom",
+)
+EventKind = Literal[
+    "process_start",
+    "process_exit",
+    "syscall",
+    "net_connect",
+    "net_listen",
+    "file_open",
+    "file_write",
+    "file_delete",
+    "module_load",
+    "login",
+    "custom",
+]
+
+# Fixed field bounds; the configurable size of a whole event (`max_event_bytes`) is checked
+# by `hub.ingest` on the stored encoding, one length test that bounds every field at once.
+ShortStr = Annotated[str, StringConstraints(max_length=256)]
+AGENT_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
+
+
+@with_config(ConfigDict(extra="forbid", allow_inf_nan=False))
+class Event(TypedDict, total=False):
+    """One observation from an agent; `(agent_id, seq)` is its identity."""
+
+    seq: Required[Annotated[int, Field(ge=1, le=2**63 - 1)]]
+    ts: Required[float]
+    kind: Required[EventKind]
+    pid: Required[Annotated[int, Field(ge=0, le=2**31)]]
+    ppid: Annotated[int, Field(ge=0, le=2**31)]
+    exe: str
+    comm: str
+    argv: list[str]
+    uid: Annotated[int, Field(ge=0, le=2**32)]
+    syscall: ShortStr
+    path: str
+    dst_ip: ShortStr
+    dst_port: Annotated[int, Field(ge=0, le=65535)]
+    protocol: ShortStr
+    container: ShortStr
+    pod: ShortStr
+    namespace: ShortStr
+    metadata: dict[str, Any]
+
+
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
+
+
+@with_config(ConfigDict(extra="ignore"))
+class Heartbeat(TypedDict, total=False):
+    """Agent health, sent every `heartbeat_interval_s`."""
+
+    ts: Required[float]
+    cpu_percent: Annotated[float, Field(ge=0)]
+    mem_percent: Annotated[float, Field(ge=0, le=100)]
+    disk_percent: Annotated[float, Field(ge=0, le=100)]
+    spool_depth: Annotated[int, Field(ge=0)]
+    dropped: Annotated[int, Field(ge=0)]
+    uptime_s: Annotated[float, Field(ge=0)]
+
+
+HEARTBEAT_ADAPTER: TypeAdapter[Heartbeat] = TypeAdapter(Heartbeat)
+
+
+@with_config(ConfigDict(extra="ignore"))
+class ConnectInfo(TypedDict, total=False):
+    """The optional `auth` payload of a Socket.IO connect."""
+
+    agent_version: ShortStr
+    hostname: ShortStr
+    platform: ShortStr
+
+
+CONNECT_INFO_ADAPTER: TypeAdapter[ConnectInfo] = TypeAdapter(ConnectInfo)
+
+
+class Rejection(TypedDict):
+    index: int
+    seq: int | None
+    error: str
+
+
+class BatchAck(TypedDict):
+    accepted: int
+    duplicates: int
+    rejected: list[Rejection]
+    last_seq: int
+
+
+AgentStatus = Literal["online", "late", "offline"]
+PresenceReason = Literal[
+    "connected",
+    "heartbeat",
+    "clean_disconnect",
+    "missed_heartbeats",
+    "transport_lost",
+    "revoked",
+    "superseded",
+    "server_shutdown",
+]
+Severity = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
+SEVERITY_ORDER: dict[str, int] = {"LOW": 1, "MEDIUM": 2, "HIGH": 3, "CRITICAL": 4}
+
+
+class StoredEvent(TypedDict):
+    """An accepted event on its way from the store to scoring."""
+
+    agent_id: str
+    event: Event
+
+
+class Contribution(TypedDict):
+    """One line of a score's explanation."""
+
+    rule_id: str
+    name: str
+    severity: str
+    mitre: list[str]
+    contribution: float
+    hits: int
+
+
+class ScoreView(TypedDict):
+    """A process's risk as the API and the dashboard show it."""
+
+    process_id: str
+    process_key: str
+    agent_id: str
+    pid: int
+    start_ts: float
+    ppid: int | None
+    exe: str | None
+    risk_score: float
+    explanation: list[Contribution]
+    updated_ts: float
+    exited: bool
+
+
+def score_view(record: dict[str, Any]) -> ScoreView:
+    """Pick the public fields of a stored process record."""
+    return ScoreView(**{name: record[name] for name in ScoreView.__annotations__})  # type: ignore[typeddict-item]
+
+
+class AlertView(TypedDict):
+    """A raised alert as the API and the dashboard show it."""
+
+    id: str
+    agent_id: str
+    pid: int
+    process_id: str
+    process_key: str
+    severity: str
+    rule_id: str
+    title: str
+    mitre: list[str]
+    risk_score: float
+    threshold: float | None
+    ts: float
+    status: str
+    explanation: list[Contribution]

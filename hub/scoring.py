@@ -1,0 +1,420 @@
+"""The risk model (DESIGN.md) and the coroutine that applies it to every stored event.
+
+`RiskEngine` is pure and deterministic: time is the events' own `ts`, never the wall
+clock, so replaying stored events through it (`recalculate`) gives the scores live
+scoring gave. `ScoringService` feeds it from the ingest queue, persists changed
+processes, stores alerts and publishes both to dashboards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hub.config import Settings
+from hub.models import SEVERITY_ORDER, Contribution, Event, ScoreView, score_view
+from hub.rules import ProcessContext, Rule, RuleSet
+from hub.store import Store
+
+log = logging.getLogger(__name__)
+INHERITED = "inherited"
+_DIRECT_ALERT_SEVERITY = SEVERITY_ORDER["HIGH"]
+
+
+@dataclass(frozen=True, slots=True)
+class RiskParams:
+    half_life_s: float
+    k: float
+    inherit_fraction: float
+    thresholds: tuple[float, ...]
+    hysteresis: float
+    explanation_top: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RiskParams:
+        return cls(
+            half_life_s=settings.risk_half_life_s,
+            k=settings.risk_k,
+            inherit_fraction=settings.risk_inherit_fraction,
+            thresholds=tuple(settings.risk_thresholds),
+            hysteresis=settings.risk_hysteresis,
+            explanation_top=settings.explanation_top,
+        )
+
+
+@dataclass(slots=True)
+class ProcessRisk:
+    """One process's risk: contributions per rule, decayed together to `updated_ts`."""
+
+    agent_id: str
+    pid: int
+    start_ts: float
+    ppid: int | None
+    exe: str | None
+    comm: str | None
+    updated_ts: float
+    contributions: dict[str, list[float]] = field(default_factory=dict)  # rule id -> [value, hits]
+    inherited_from: str | None = None
+    fired_thresholds: list[float] = field(default_factory=list)
+    alerted_rules: list[str] = field(default_factory=list)
+    risk_score: float = 0.0
+    exited: bool = False
+
+    @property
+    def process_key(self) -> str:
+        return f"{self.agent_id}:{self.pid}:{self.start_ts:.6f}"
+
+    @property
+    def process_id(self) -> str:
+        return f"{self.agent_id}:{self.pid}"
+
+    def raw(self) -> float:
+        return sum(value for value, _ in self.contributions.values())
+
+    def decay_to(self, ts: float, half_life_s: float) -> None:
+        if ts <= self.updated_ts:
+            return
+        factor = 0.5 ** ((ts - self.updated_ts) / half_life_s)
+        for entry in self.contributions.values():
+            entry[0] *= factor
+        self.updated_ts = ts
+
+    def to_record(self) -> dict[str, Any]:
+        # Not dataclasses.asdict: its recursive deep copy dominated scoring passes.
+        record = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        record["process_key"] = self.process_key
+        record["process_id"] = self.process_id
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ProcessRisk:
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{name: record[name] for name in names if name in record})
+
+
+_RECORD_FIELDS = tuple(ProcessRisk.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True)
+class RaisedAlert:
+    """An alert the engine decided to raise; the service stores and publishes it."""
+
+    process: ProcessRisk
+    rule: Rule | None
+    threshold: float | None
+    ts: float
+
+
+class RiskEngine:
+    """Apply rules to events and keep every live process's risk; no I/O."""
+
+    def __init__(self, rules: RuleSet, params: RiskParams) -> None:
+        self.rules = rules
+        self.params = params
+        self._live: dict[str, dict[int, ProcessRisk]] = {}  # agent id -> pid -> process
+
+    def knows(self, agent_id: str) -> bool:
+        return agent_id in self._live
+
+    def restore(self, agent_id: str, records: Iterable[dict[str, Any]]) -> None:
+        """Load an agent's live processes from their stored records."""
+        table = self._live.setdefault(agent_id, {})
+        for record in records:
+            process = ProcessRisk.from_record(record)
+            table[process.pid] = process
+
+    def processes(self) -> Iterable[ProcessRisk]:
+        for table in self._live.values():
+            yield from table.values()
+
+    def apply(self, agent_id: str, event: Event, changed: dict[str, ProcessRisk]) -> list[RaisedAlert]:
+        """Score one event; put every process it changed into `changed`; return new alerts."""
+        table = self._live.setdefault(agent_id, {})
+        kind = event["kind"]
+        if kind == "process_start":
+            process = self._start(agent_id, table, event, changed)
+        else:
+            process = table.get(event["pid"]) or self._implicit(agent_id, table, event)
+        parent = table.get(process.ppid) if process.ppid is not None else None
+        context = ProcessContext(
+            exe=process.exe,
+            comm=process.comm,
+            parent_exe=parent.exe if parent else None,
+            parent_comm=parent.comm if parent else None,
+        )
+        matched = self.rules.match(event, context)
+        alerts = self._add(process, matched, event["ts"]) if matched else []
+        if matched:
+            changed[process.process_key] = process
+        if kind == "process_exit":
+            process.exited = True
+            del table[process.pid]
+            if process.risk_score > 0:  # riskless processes were never stored
+                changed[process.process_key] = process
+        return alerts
+
+    def _start(
+        self,
+        agent_id: str,
+        table: dict[int, ProcessRisk],
+        event: Event,
+        changed: dict[str, ProcessRisk],
+    ) -> ProcessRisk:
+        previous = table.get(event["pid"])
+        if previous is not None:  # the pid was reused: the old process is gone
+            previous.exited = True
+            changed[previous.process_key] = previous
+        process = ProcessRisk(
+            agent_id=agent_id,
+            pid=event["pid"],
+            start_ts=event["ts"],
+            ppid=event.get("ppid"),
+            exe=event.get("exe"),
+            comm=event.get("comm"),
+            updated_ts=event["ts"],
+        )
+        table[process.pid] = process
+        parent = table.get(process.ppid) if process.ppid is not None else None
+        if parent is not None and self.params.inherit_fraction > 0:
+            parent.decay_to(event["ts"], self.params.half_life_s)
+            inherited = parent.raw() * self.params.inherit_fraction
+            if inherited > 0:
+                process.contributions[INHERITED] = [inherited, 1]
+                process.inherited_from = parent.process_id
+                process.risk_score = self._score(process.raw())
+                changed[process.process_key] = process
+        return process
+
+    def _implicit(self, agent_id: str, table: dict[int, ProcessRisk], event: Event) -> ProcessRisk:
+        # We never saw this process start (it predates the agent): key it by first sight.
+        process = ProcessRisk(
+            agent_id=agent_id,
+            pid=event["pid"],
+            start_ts=event["ts"],
+            ppid=event.get("ppid"),
+            exe=event.get("exe"),
+            comm=event.get("comm"),
+            updated_ts=event["ts"],
+        )
+        table[process.pid] = process
+        return process
+
+    def _add(self, process: ProcessRisk, matched: list[Rule], ts: float) -> list[RaisedAlert]:
+        process.decay_to(ts, self.params.half_life_s)
+        self._rearm(process, self._score(process.raw()))
+        alerts = []
+        for rule in matched:
+            entry = process.contributions.setdefault(rule.id, [0.0, 0])
+            entry[0] += rule.weight
+            entry[1] += 1
+            if (
+                SEVERITY_ORDER[rule.severity] >= _DIRECT_ALERT_SEVERITY
+                and rule.id not in process.alerted_rules
+            ):
+                process.alerted_rules.append(rule.id)
+                alerts.append(RaisedAlert(process, rule, None, ts))
+        process.risk_score = self._score(process.raw())
+        alerts += self._crossings(process, ts)
+        return alerts
+
+    def _rearm(self, process: ProcessRisk, decayed_score: float) -> None:
+        # Hysteresis: a fired threshold re-arms only once the score decayed well below it.
+        process.fired_thresholds = [
+            t for t in process.fired_thresholds if decayed_score >= t - self.params.hysteresis
+        ]
+
+    def _crossings(self, process: ProcessRisk, ts: float) -> list[RaisedAlert]:
+        score = process.risk_score
+        alerts = []
+        for threshold in self.params.thresholds:
+            if score >= threshold and threshold not in process.fired_thresholds:
+                process.fired_thresholds.append(threshold)
+                alerts.append(RaisedAlert(process, None, threshold, ts))
+        return alerts
+
+    def _score(self, raw: float) -> float:
+        return round(100.0 * (1.0 - math.exp(-raw / self.params.k)), 2)
+
+    def explain(self, process: ProcessRisk) -> list[Contribution]:
+        """Return the top contributing rules of `process`, largest first."""
+        top = sorted(process.contributions.items(), key=lambda item: -item[1][0])
+        explanation: list[Contribution] = []
+        for rule_id, (value, hits) in top[: self.params.explanation_top]:
+            rule = self.rules.get(rule_id)
+            if rule is None:
+                name = f"inherited from parent {process.inherited_from}" if rule_id == INHERITED else rule_id
+                severity, mitre = "LOW", []
+            else:
+                name, severity, mitre = rule.name, rule.severity, rule.mitre
+            explanation.append(
+                Contribution(
+                    rule_id=rule_id,
+                    name=name,
+                    severity=severity,
+                    mitre=mitre,
+                    contribution=round(value, 3),
+                    hits=int(hits),
+                )
+            )
+        return explanation
+
+    def view(self, process: ProcessRisk) -> ScoreView:
+        """Render a process for the API, the store and the dashboard."""
+        return ScoreView(
+            process_id=process.process_id,
+            process_key=process.process_key,
+            agent_id=process.agent_id,
+            pid=process.pid,
+            start_ts=process.start_ts,
+            ppid=process.ppid,
+            exe=process.exe,
+            risk_score=process.risk_score,
+            explanation=self.explain(process),
+            updated_ts=process.updated_ts,
+            exited=process.exited,
+        )
+
+    def record(self, process: ProcessRisk) -> dict[str, Any]:
+        """Render a process for the store: its view plus the state to restore it."""
+        return {**process.to_record(), **self.view(process)}
+
+    def alert_record(self, alert: RaisedAlert) -> dict[str, Any]:
+        """Render a raised alert for the store and the dashboard."""
+        process = alert.process
+        if alert.rule is not None:
+            severity, rule_id, mitre = alert.rule.severity, alert.rule.id, alert.rule.mitre
+            title = f"{alert.rule.name} ({process.exe or process.comm or 'pid ' + str(process.pid)})"
+        else:
+            assert alert.threshold is not None
+            severity = "CRITICAL" if alert.threshold >= max(self.params.thresholds) else "HIGH"
+            rule_id, mitre = (
+                f"risk-threshold-{alert.threshold:g}",
+                sorted({m for c in self.explain(process) for m in c["mitre"]}),
+            )
+            title = f"Risk of {process.process_id} crossed {alert.threshold:g} ({process.risk_score:.1f})"
+        return {
+            "agent_id": process.agent_id,
+            "pid": process.pid,
+            "process_id": process.process_id,
+            "process_key": process.process_key,
+            "severity": severity,
+            "rule_id": rule_id,
+            "title": title,
+            "mitre": mitre,
+            "risk_score": process.risk_score,
+            "threshold": alert.threshold,
+            "ts": alert.ts,
+            "status": "open",
+            "explanation": self.explain(process),
+        }
+
+
+Publisher = Callable[[str, str, dict[str, Any]], None]
+# Events scored per pass: a pass runs on the event loop, so a bound keeps acks flowing.
+PASS_EVENTS = 2000
+
+
+class ScoringService:
+    """Consume stored events in commit order, score them, persist and publish."""
+
+    def __init__(self, engine: RiskEngine, store: Store, publish: Publisher, *, max_backlog: int) -> None:
+        self.engine = engine
+        self._store = store
+        self._publish = publish
+        self._max_backlog = max_backlog
+        self._queue: deque[tuple[str, list[Event]]] = deque()
+        self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._pass = asyncio.Lock()  # one scoring pass at a time; drain() waits for it
+        self.backlog = 0  # events handed over and not yet scored
+        self.scored = 0
+
+    def submit(self, agent_id: str, events: list[Event]) -> None:
+        """Hand over newly stored events (never blocks: they are already committed)."""
+        if events:
+            self._queue.append((agent_id, events))
+            self.backlog += len(events)
+            if self.backlog >= self._max_backlog:
+                self._room.clear()
+            self._wakeup.set()
+
+    async def wait_for_room(self) -> None:
+        """Return once the backlog is below its bound: ingest's backpressure, so pushes stay live."""
+        while self.backlog >= self._max_backlog:
+            self._room.clear()
+            await self._room.wait()
+
+    async def run(self) -> None:
+        """Score forever; each pass takes everything queued so pushes and writes batch up."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Score and persist everything queued, including a pass already under way."""
+        while True:
+            async with self._pass:
+                if not self._queue:
+                    return
+                await self._score_pending()
+
+    async def _score_pending(self) -> None:
+        work: list[tuple[str, list[Event]]] = []
+        taken = 0
+        while self._queue and taken < PASS_EVENTS:
+            work.append(self._queue.popleft())
+            taken += len(work[-1][1])
+        changed: dict[str, ProcessRisk] = {}
+        alerts: list[RaisedAlert] = []
+        for agent_id, events in work:
+            if not self.engine.knows(agent_id):
+                self.engine.restore(agent_id, await self._store.load_processes(agent_id))
+            for event in events:
+                alerts += self.engine.apply(agent_id, event, changed)
+            self.backlog -= len(events)
+            self.scored += len(events)
+        if self.backlog < self._max_backlog:
+            self._room.set()
+        await self._flush(changed, alerts)
+
+    async def _flush(self, changed: dict[str, ProcessRisk], alerts: list[RaisedAlert]) -> None:
+        records = [self.engine.record(p) for p in changed.values()]
+        alert_records = [self.engine.alert_record(a) for a in alerts]
+        # Persist before publishing so a dashboard never shows what a restart would forget.
+        await self._store.save_processes(records)
+        stored_alerts = await self._store.insert_alerts(alert_records)
+        for record in records:
+            self._publish("score", record["process_key"], dict(score_view(record)))
+        for alert in stored_alerts:
+            self._publish("alert", alert["id"], alert)
+
+
+async def recalculate(
+    store: Store,
+    rules: RuleSet,
+    params: RiskParams,
+    *,
+    page: int = 5000,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Replay every stored event through `rules` and replace the stored scores; return the count."""
+    engine = RiskEngine(rules, params)
+    changed: dict[str, ProcessRisk] = {}
+    after: tuple[str, int] | None = None
+    count = 0
+    while rows := await store.replay_events(after, page):
+        for agent_id, event in rows:
+            engine.apply(agent_id, event, changed)
+        count += len(rows)
+        after = (rows[-1][0], rows[-1][1]["seq"])
+        if progress:
+            progress(count)
+    await store.replace_scores([engine.record(p) for p in changed.values()])
+    return count

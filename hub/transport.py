@@ -1,0 +1,125 @@
+"""The `/agent` Socket.IO namespace (PROTOCOL.md): connect, hello, events, heartbeat."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import socketio
+from pydantic import ValidationError
+
+from hub.config import Settings
+from hub.identity import AgentIdentity, IdentityError, identify, peer_certificate
+from hub.ingest import Ingestor
+from hub.models import CONNECT_INFO_ADAPTER, HEARTBEAT_ADAPTER, ConnectInfo, PresenceReason
+from hub.presence import Presence
+from hub.problems import HubError, InvalidInput, error_ack
+from hub.store import Store
+
+log = logging.getLogger(__name__)
+NAMESPACE = "/agent"
+
+# python-socketio's disconnect reasons, in PROTOCOL.md's words.
+_REASONS: dict[str, PresenceReason] = {
+    socketio.AsyncServer.reason.CLIENT_DISCONNECT: "clean_disconnect",
+    socketio.AsyncServer.reason.PING_TIMEOUT: "missed_heartbeats",
+    socketio.AsyncServer.reason.TRANSPORT_CLOSE: "transport_lost",
+    socketio.AsyncServer.reason.TRANSPORT_ERROR: "transport_lost",
+}
+
+
+class AgentNamespace(socketio.AsyncNamespace):
+    """Every agent-facing handler; each parses, calls one service, returns the ack."""
+
+    def __init__(self, settings: Settings, store: Store, ingestor: Ingestor, presence: Presence) -> None:
+        super().__init__(NAMESPACE)
+        self._settings = settings
+        self._store = store
+        self._ingestor = ingestor
+        self._presence = presence
+        self._agents: dict[str, str] = {}  # sid -> agent id
+        self._closing: dict[str, PresenceReason] = {}  # sid -> why the hub closed it
+
+    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        try:
+            identity = await self._identify(environ, auth)
+            info = CONNECT_INFO_ADAPTER.validate_python(auth if isinstance(auth, dict) else {})
+        except IdentityError as refusal:
+            log.warning("agent connection refused (%s): %s", refusal.code, refusal.message)
+            raise socketio.exceptions.ConnectionRefusedError(
+                refusal.message, {"code": refusal.code, "message": refusal.message}
+            ) from None
+        except ValidationError as exc:
+            message = f"The connect auth payload is invalid: {exc.errors()[0]['msg']}"
+            raise socketio.exceptions.ConnectionRefusedError(
+                message, {"code": "auth_invalid", "message": message}
+            ) from None
+        await self._admit(sid, identity, info)
+
+    async def _identify(self, environ: dict[str, Any], auth: Any) -> AgentIdentity:
+        cert = peer_certificate(environ["aiohttp.request"])
+        if cert is None and self._settings.dev_insecure:
+            agent_id = auth.get("agent_id") if isinstance(auth, dict) else None
+            log.warning("DEV MODE: agent %r connected WITHOUT a client certificate", agent_id)
+            if isinstance(agent_id, str):
+                return AgentIdentity(agent_id=agent_id, fingerprint="insecure", serial="")
+        return await identify(cert, self._store)
+
+    async def _admit(self, sid: str, identity: AgentIdentity, info: ConnectInfo) -> None:
+        agent_id = identity.agent_id
+        previous = self._presence.sid_of(agent_id)
+        self._agents[sid] = agent_id
+        await self._presence.connect(agent_id, sid, info, identity.fingerprint)
+        if previous is not None:  # one socket per agent: the newest wins
+            await self.close(previous, "superseded")
+        last_seq = await self._ingestor.last_seq(agent_id)
+        log.info("agent %s connected (sid %s, last_seq %d)", agent_id, sid, last_seq)
+        # hello must follow the CONNECT packet, which is sent after this handler returns.
+        self.server.start_background_task(self._hello, sid, agent_id, last_seq)
+
+    async def _hello(self, sid: str, agent_id: str, last_seq: int) -> None:
+        hello = {
+            "agent_id": agent_id,
+            "server_time": time.time(),
+            "heartbeat_interval_s": self._settings.heartbeat_interval_s,
+            "max_batch": self._settings.max_batch_events,
+            "last_seq": last_seq,
+        }
+        await self.emit("hello", hello, to=sid)
+
+    async def on_events(self, sid: str, payload: Any = None) -> dict[str, Any]:
+        agent_id = self._agents.get(sid)
+        if agent_id is None:
+            return error_ack(InvalidInput("this socket is not connected as an agent"))
+        try:
+            return dict(await self._ingestor.ingest(agent_id, payload))
+        except HubError as error:
+            return error_ack(error)
+
+    async def on_heartbeat(self, sid: str, payload: Any = None) -> dict[str, Any]:
+        agent_id = self._agents.get(sid)
+        if agent_id is None:
+            return error_ack(InvalidInput("this socket is not connected as an agent"))
+        try:
+            beat = HEARTBEAT_ADAPTER.validate_python(payload)
+        except ValidationError as exc:
+            return error_ack(InvalidInput(f"invalid heartbeat: {exc.errors()[0]['msg']}"))
+        return await self._presence.heartbeat(agent_id, sid, beat)
+
+    async def on_disconnect(self, sid: str, reason: str = "") -> None:
+        agent_id = self._agents.pop(sid, None)
+        why = self._closing.pop(sid, None) or _REASONS.get(reason, "transport_lost")
+        if agent_id is not None:
+            log.info("agent %s disconnected (%s)", agent_id, why)
+            await self._presence.disconnect(agent_id, sid, why)
+
+    async def close(self, sid: str, reason: PresenceReason) -> None:
+        """Disconnect the socket `sid`, recording why."""
+        self._closing[sid] = reason
+        await self.disconnect(sid)
+
+    async def close_all(self, reason: PresenceReason) -> None:
+        """Disconnect every agent (shutdown)."""
+        for sid in list(self._agents):
+            await self.close(sid, reason)

@@ -1,0 +1,121 @@
+"""The spool: seq assignment, persistence, acks and the size bound."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent_client.spool import Spool
+
+
+def _events(count: int, start: int = 0) -> list[dict[str, object]]:
+    return [{"ts": 1.0 + i, "kind": "custom", "pid": start + i} for i in range(count)]
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    opened = Spool(tmp_path / "spool.db")
+    yield opened
+    opened.close()
+
+
+def test_seq_is_strictly_increasing(spool: Spool) -> None:
+    first = spool.append(_events(3))
+    second = spool.append(_events(2))
+    assert first == [1, 2, 3]
+    assert second == [4, 5]
+    assert spool.depth() == 5
+
+
+def test_seq_survives_reopen_even_when_everything_was_acked(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = Spool(path)
+    spool.append(_events(4))
+    spool.ack_through(4)
+    spool.close()
+
+    reopened = Spool(path)
+    try:
+        assert reopened.depth() == 0
+        assert reopened.append(_events(1)) == [5]
+    finally:
+        reopened.close()
+
+
+def test_pending_returns_full_events_in_order(spool: Spool) -> None:
+    spool.append(_events(5))
+    pending = spool.pending(after_seq=2, limit=2)
+    assert pending == [
+        {"seq": 3, "ts": 3.0, "kind": "custom", "pid": 2},
+        {"seq": 4, "ts": 4.0, "kind": "custom", "pid": 3},
+    ]
+    assert spool.pending(after_seq=5, limit=10) == []
+
+
+def test_seq_given_by_the_caller_is_ignored(spool: Spool) -> None:
+    assert spool.append([{"seq": 99, "ts": 1.0, "kind": "custom", "pid": 1}]) == [1]
+    assert spool.pending(0, 10)[0]["seq"] == 1
+
+
+def test_ack_through_deletes_up_to_seq(spool: Spool) -> None:
+    spool.append(_events(5))
+    spool.ack_through(3)
+    assert spool.depth() == 2
+    assert [event["seq"] for event in spool.pending(0, 10)] == [4, 5]
+
+
+def test_ack_through_never_lets_seq_go_back(spool: Spool) -> None:
+    spool.append(_events(2))
+    spool.ack_through(10)
+    assert spool.depth() == 0
+    assert spool.append(_events(1)) == [11]
+    spool.ack_through(3)  # an old ack changes nothing
+    assert spool.append(_events(1)) == [12]
+
+
+def test_overflow_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = Spool(path, max_events=3)
+    spool.append(_events(2))
+    spool.append(_events(3, start=10))
+    assert spool.depth() == 3
+    assert spool.dropped() == 2
+    assert [event["pid"] for event in spool.pending(0, 10)] == [10, 11, 12]
+    spool.close()
+
+    reopened = Spool(path, max_events=3)
+    try:
+        assert reopened.dropped() == 2
+        assert reopened.depth() == 3
+        reopened.append(_events(1, start=20))
+        assert reopened.dropped() == 3
+        assert [event["seq"] for event in reopened.pending(0, 10)] == [4, 5, 6]
+    finally:
+        reopened.close()
+
+
+def test_resume_drops_what_the_hub_has(spool: Spool) -> None:
+    spool.append(_events(5))
+    spool.resume(3)
+    assert [event["seq"] for event in spool.pending(0, 10)] == [4, 5]
+
+
+def test_resume_renumbers_when_the_hub_is_ahead_of_a_lost_spool(spool: Spool) -> None:
+    spool.append(_events(3))
+    spool.resume(500)
+    assert [event["seq"] for event in spool.pending(0, 10)] == [501, 502, 503]
+    assert [event["pid"] for event in spool.pending(0, 10)] == [0, 1, 2]
+    assert spool.append(_events(1)) == [504]
+
+
+def test_resume_on_an_empty_spool_moves_next_seq(spool: Spool) -> None:
+    spool.resume(42)
+    assert spool.append(_events(1)) == [43]
+
+
+def test_uses_wal_and_full_sync(spool: Spool) -> None:
+    db = spool._db
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL

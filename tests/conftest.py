@@ -1,0 +1,192 @@
+"""Fixtures that start the real hub (TLS, SQLite, Socket.IO) on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import socketio
+from aiohttp import web
+
+from hub.app import create_app
+from hub.certs import create_ca, init_pki, issue_agent
+from hub.config import Settings
+from hub.keys import INGESTOR, SCORING, STORE
+from hub.tokens import create_token
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate and a few agent certificates, made once per run."""
+    certs = tmp_path_factory.mktemp("certs")
+    init_pki(certs, ["localhost", "127.0.0.1"])
+    for agent_id in ("agent-1", "agent-2", "agent-3"):
+        issue_agent(certs, agent_id)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    issue_agent(certs, "expired-agent", days=1, not_before=past)
+    return certs
+
+
+@pytest.fixture(scope="session")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, unrelated CA with an agent certificate the hub must not trust."""
+    certs = tmp_path_factory.mktemp("other-ca")
+    create_ca(certs, common_name="Someone Else's CA")
+    issue_agent(certs, "agent-1")
+    return certs
+
+
+@pytest.fixture
+def settings(tmp_path: Path, pki: Path) -> Settings:
+    return Settings(
+        host="127.0.0.1",
+        port=0,
+        data_dir=tmp_path / "data",
+        certs_dir=pki,
+        jwt_secret="test-secret-" + "x" * 40,
+        heartbeat_interval_s=30.0,
+    )
+
+
+@dataclass
+class RunningHub:
+    app: web.Application
+    url: str
+    settings: Settings
+    certs: Path
+
+    @property
+    def store(self) -> Any:
+        return self.app[STORE]
+
+    async def settle(self) -> None:
+        """Wait until everything stored has been scored and persisted."""
+        for _ in range(500):
+            if self.app[INGESTOR].in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        await self.app[SCORING].drain()
+
+    def token(self, *scopes: str) -> str:
+        return create_token(self.settings, scopes=list(scopes or ["hub:read"]), subject="tester")
+
+
+async def start_hub(settings: Settings) -> tuple[web.AppRunner, RunningHub]:
+    from hub.app import listener_ssl
+
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, 0, ssl_context=listener_ssl(settings))
+    await site.start()
+    port = runner.addresses[0][1]
+    scheme = "http" if settings.dev_insecure else "https"
+    return runner, RunningHub(app, f"{scheme}://127.0.0.1:{port}", settings, settings.certs_dir)
+
+
+@pytest.fixture
+async def hub(settings: Settings) -> AsyncIterator[RunningHub]:
+    runner, running = await start_hub(settings)
+    yield running
+    await runner.cleanup()
+
+
+def client_ssl(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+@dataclass
+class AgentConn:
+    """A stock python-socketio client connected to `/agent`, and what the hub sent it."""
+
+    sio: socketio.AsyncClient
+    session: aiohttp.ClientSession
+    hello: asyncio.Future[dict[str, Any]]
+    received: list[tuple[str, Any]]
+
+    async def send(self, payload: Any, event: str = "events") -> Any:
+        return await self.sio.call(event, payload, namespace="/agent", timeout=30)
+
+    async def close(self) -> None:
+        if self.sio.connected:
+            await self.sio.disconnect()
+        await self.session.close()
+
+
+ConnectAgent = Callable[..., Awaitable[AgentConn]]
+
+
+@pytest.fixture
+async def connect_agent(hub: RunningHub) -> AsyncIterator[ConnectAgent]:
+    """Connect real agents with client certificates: `await connect_agent("agent-1")`."""
+    opened: list[AgentConn] = []
+
+    async def connect(
+        agent_id: str | None = "agent-1",
+        *,
+        certs: Path | None = None,
+        auth: dict[str, Any] | None = None,
+    ) -> AgentConn:
+        folder = certs or hub.certs
+        cert = folder / f"{agent_id}.pem" if agent_id else None
+        key = folder / f"{agent_id}.key" if agent_id else None
+        context = client_ssl(hub.certs / "ca.pem", cert, key)
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
+        sio = socketio.AsyncClient(http_session=session, reconnection=False)
+        hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        received: list[tuple[str, Any]] = []
+
+        async def on_hello(data: dict[str, Any]) -> None:
+            received.append(("hello", data))
+            if not hello.done():
+                hello.set_result(data)
+
+        sio.on("hello", on_hello, namespace="/agent")
+        conn = AgentConn(sio, session, hello, received)
+        opened.append(conn)
+        await sio.connect(
+            hub.url,
+            namespaces=["/agent"],
+            transports=["websocket"],
+            auth=auth or {},
+            wait_timeout=10,
+        )
+        await asyncio.wait_for(hello, 10)
+        return conn
+
+    yield connect
+    for conn in opened:
+        await conn.close()
+
+
+@pytest.fixture
+async def http(hub: RunningHub) -> AsyncIterator[aiohttp.ClientSession]:
+    """An operator's HTTP client trusting the hub CA, without a client certificate."""
+    context = client_ssl(hub.certs / "ca.pem")
+    async with aiohttp.ClientSession(
+        base_url=hub.url, connector=aiohttp.TCPConnector(ssl=context)
+    ) as session:
+        yield session
+
+
+def make_events(start: int, count: int, *, pid: int = 1000, kind: str = "file_open") -> list[dict[str, Any]]:
+    return [
+        {
+            "seq": seq,
+            "ts": 1_700_000_000.0 + seq / 1000,
+            "kind": kind,
+            "pid": pid,
+            "path": f"/tmp/f{seq}",
+        }
+        for seq in range(start, start + count)
+    ]

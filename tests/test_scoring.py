@@ -1,0 +1,212 @@
+"""Live risk scoring end to end: the scripted attack, its explanation, alert and push; replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from hub.config import Settings
+from hub.rules import load_rules
+from hub.scoring import RiskEngine, RiskParams, recalculate
+from tests.conftest import ConnectAgent, RunningHub, client_ssl
+
+T0 = 1_700_000_000.0
+
+
+def attack(start_seq: int = 1, t0: float = T0) -> list[dict[str, Any]]:
+    """A web server spawns a shell, which calls a reverse-shell port and reads /etc/shadow."""
+    events = [
+        {
+            "kind": "process_start",
+            "pid": 100,
+            "ppid": 1,
+            "exe": "/usr/sbin/nginx",
+            "comm": "nginx",
+            "argv": ["nginx", "-g", "daemon off;"],
+            "uid": 33,
+        },
+        {
+            "kind": "process_start",
+            "pid": 200,
+            "ppid": 100,
+            "exe": "/bin/sh",
+            "comm": "sh",
+            "argv": ["sh", "-c", "id"],
+            "uid": 33,
+        },
+        {
+            "kind": "net_connect",
+            "pid": 200,
+            "dst_ip": "203.0.113.7",
+            "dst_port": 4444,
+            "protocol": "tcp",
+        },
+        {"kind": "file_open", "pid": 200, "path": "/etc/shadow"},
+    ]
+    return [{"seq": start_seq + i, "ts": t0 + i, **event} for i, event in enumerate(events)]
+
+
+async def open_dashboard(hub: RunningHub, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
+    ws = await session.ws_connect(f"{hub.url}/ws/live", headers={"Authorization": f"Bearer {hub.token()}"})
+    first = await ws.receive_json(timeout=5)
+    assert first["type"] == "snapshot"
+    return ws
+
+
+async def next_of(ws: aiohttp.ClientWebSocketResponse, kind: str, match: Any = None) -> dict[str, Any]:
+    while True:
+        message = await ws.receive_json(timeout=5)
+        if message["type"] == kind and (match is None or match(message["data"])):
+            data: dict[str, Any] = message["data"]
+            return data
+
+
+async def test_attack_scores_above_80_explains_alerts_and_pushes(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem"))
+    ) as session:
+        ws = await open_dashboard(hub, session)
+        agent = await connect_agent("agent-1")
+        ack = await agent.send({"events": attack()})
+        assert ack["accepted"] == 4
+
+        score = await next_of(ws, "score", lambda d: d["pid"] == 200 and d["risk_score"] > 80)
+        assert score["process_id"] == "agent-1:200"
+        rules = {c["rule_id"] for c in score["explanation"]}
+        assert {"shell-from-web-server", "reverse-shell-port", "shadow-read"} <= rules
+        alert = await next_of(ws, "alert", lambda d: d["pid"] == 200)
+        assert alert["agent_id"] == "agent-1"
+        assert alert["severity"] in ("HIGH", "CRITICAL")
+        assert alert["mitre"]
+        await ws.close()
+
+    await hub.settle()
+    page = await hub.store.list_scores(risk_min=80, agent_id=None, cursor=None, limit=10)
+    assert [item["process_id"] for item in page.items] == ["agent-1:200"]
+    alerts = await hub.store.list_alerts(agent_id="agent-1", severity=None, cursor=None, limit=50)
+    raised = {a["rule_id"] for a in alerts.items}
+    assert "risk-threshold-80" in raised
+    assert "shadow-read" in raised
+
+
+async def test_threshold_alert_fires_once_with_hysteresis(settings: Settings) -> None:
+    engine = RiskEngine(load_rules(settings.rule_files), RiskParams.from_settings(settings))
+    changed: dict[str, Any] = {}
+    alerts = []
+    for event in attack():
+        alerts += engine.apply("a", event, changed)
+    crossings = [a.threshold for a in alerts if a.threshold is not None]
+    assert crossings == [50.0, 80.0]
+    # More of the same keeps the score high: no second crossing alert.
+    more = {"seq": 9, "ts": T0 + 10, "kind": "file_open", "pid": 200, "path": "/etc/shadow"}
+    assert [a for a in engine.apply("a", more, changed) if a.threshold is not None] == []
+    # After a long quiet time the score decays below the hysteresis band and re-arms.
+    later = {"seq": 10, "ts": T0 + 30 * 600, "kind": "file_open", "pid": 200, "path": "/etc/shadow"}
+    rearmed = [a.threshold for a in engine.apply("a", later, changed) if a.threshold is not None]
+    assert rearmed == [50.0]
+
+
+async def test_child_inherits_part_of_parent_risk(settings: Settings) -> None:
+    engine = RiskEngine(load_rules(settings.rule_files), RiskParams.from_settings(settings))
+    changed: dict[str, Any] = {}
+    for event in attack():
+        engine.apply("a", event, changed)
+    child = {
+        "seq": 5,
+        "ts": T0 + 4,
+        "kind": "process_start",
+        "pid": 300,
+        "ppid": 200,
+        "exe": "/usr/bin/id",
+    }
+    engine.apply("a", child, changed)
+    view = engine.view(next(p for p in changed.values() if p.pid == 300))
+    assert 0 < view["risk_score"] < 100
+    assert view["explanation"][0]["rule_id"] == "inherited"
+    assert "agent-1" not in view["explanation"][0]["name"]
+    assert "a:200" in view["explanation"][0]["name"]
+
+
+async def test_replay_gives_the_same_scores_as_live(hub: RunningHub, connect_agent: ConnectAgent) -> None:
+    agent = await connect_agent("agent-2")
+    events = attack()
+    benign = [
+        {
+            "seq": 5 + i,
+            "ts": T0 + 5 + i,
+            "kind": "file_open",
+            "pid": 400 + i % 3,
+            "path": "/var/log/x",
+        }
+        for i in range(50)
+    ]
+    extra = [
+        {
+            "seq": 55,
+            "ts": T0 + 60,
+            "kind": "process_start",
+            "pid": 201,
+            "ppid": 200,
+            "exe": "/usr/bin/curl",
+        },
+        {"seq": 56, "ts": T0 + 61, "kind": "syscall", "pid": 201, "syscall": "ptrace"},
+        {
+            "seq": 57,
+            "ts": T0 + 900,
+            "kind": "file_write",
+            "pid": 200,
+            "path": "/root/.ssh/authorized_keys",
+        },
+        {"seq": 58, "ts": T0 + 901, "kind": "process_exit", "pid": 201},
+    ]
+    for batch in (events, benign, extra):
+        assert not (await agent.send({"events": batch}))["rejected"]
+    await hub.settle()
+    live = await hub.store.list_scores(risk_min=0, agent_id="agent-2", cursor=None, limit=100)
+    live_scores = {item["process_key"]: (item["risk_score"], item["explanation"]) for item in live.items}
+    assert len(live_scores) >= 2
+
+    count = await recalculate(
+        hub.store, load_rules(hub.settings.rule_files), RiskParams.from_settings(hub.settings)
+    )
+    assert count == 58
+    replayed = await hub.store.list_scores(risk_min=0, agent_id="agent-2", cursor=None, limit=100)
+    assert {
+        item["process_key"]: (item["risk_score"], item["explanation"]) for item in replayed.items
+    } == live_scores
+
+
+async def test_dashboard_sees_agent_presence(hub: RunningHub, connect_agent: ConnectAgent) -> None:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem"))
+    ) as session:
+        ws = await open_dashboard(hub, session)
+        agent = await connect_agent("agent-3")
+        online = await next_of(ws, "agent", lambda d: d["agent_id"] == "agent-3")
+        assert online["status"] == "online"
+        await agent.close()
+        offline = await next_of(
+            ws, "agent", lambda d: d["agent_id"] == "agent-3" and d["status"] == "offline"
+        )
+        # python-socketio's client closes the WebSocket without waiting for its DISCONNECT
+        # packet to flush, so the hub often sees the transport close first.
+        assert offline["reason"] in ("clean_disconnect", "transport_lost")
+        await ws.close()
+
+
+async def test_dashboard_without_token_is_refused(hub: RunningHub) -> None:
+    async with (
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem"))
+        ) as session,
+        session.get(f"{hub.url}/ws/live") as response,
+    ):
+        assert response.status == 401
+        body = json.loads(await response.text())
+        assert body["title"] == "Authentication required"
+    await asyncio.sleep(0)

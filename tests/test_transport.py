@@ -1,0 +1,167 @@
+"""The `/agent` namespace over real mTLS sockets: hello, events, acks, dedupe, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+
+from tests.conftest import ConnectAgent, RunningHub, make_events
+
+
+async def test_hello_reports_last_stored_seq(hub: RunningHub, connect_agent: ConnectAgent) -> None:
+    agent = await connect_agent("agent-1")
+    hello = agent.hello.result()
+    assert hello["agent_id"] == "agent-1"
+    assert hello["last_seq"] == 0
+    assert hello["max_batch"] == 1000
+    assert hello["heartbeat_interval_s"] == 30.0
+
+    ack = await agent.send({"events": make_events(1, 25)})
+    assert ack == {"accepted": 25, "duplicates": 0, "rejected": [], "last_seq": 25}
+    await agent.close()
+
+    again = await connect_agent("agent-1")
+    assert again.hello.result()["last_seq"] == 25
+
+
+async def test_stream_10000_with_server_cut_stores_each_exactly_once(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    produced = make_events(1, 10_000)
+    batches = [produced[i : i + 100] for i in range(0, len(produced), 100)]
+    agent = await connect_agent("agent-1")
+    acked_through = 0
+    for index, batch in enumerate(batches[:40]):
+        ack = await agent.send({"events": batch})
+        assert ack["accepted"] == len(batch)
+        acked_through = ack["last_seq"]
+        if index == 39:
+            # Cut from the server side while the agent has a batch in flight.
+            in_flight = asyncio.ensure_future(
+                agent.sio.call("events", {"events": batches[40]}, namespace="/agent", timeout=2)
+            )
+            await _cut(hub, "agent-1")
+            with pytest.raises(Exception):  # noqa: B017, PT011 - the client raises its own disconnect error
+                await in_flight
+    # The agent resends everything after hello.last_seq, which may include the cut batch.
+    agent = await connect_agent("agent-1")
+    resume = agent.hello.result()["last_seq"]
+    assert resume >= acked_through
+    remaining = [event for event in produced if event["seq"] > resume]
+    # Resend one already-stored batch too: it must count as duplicates, not be stored twice.
+    dup_ack = await agent.send({"events": batches[0]})
+    assert dup_ack["accepted"] == 0
+    assert dup_ack["duplicates"] == 100
+    for start in range(0, len(remaining), 100):
+        ack = await agent.send({"events": remaining[start : start + 100]})
+        assert not ack["rejected"]
+    assert ack["last_seq"] == 10_000
+    assert await hub.store.count_events("agent-1") == 10_000
+
+
+async def _cut(hub: RunningHub, agent_id: str) -> None:
+    from hub.app import NAMESPACE_KEY
+    from hub.keys import PRESENCE
+
+    sid = hub.app[PRESENCE].sid_of(agent_id)
+    assert sid is not None
+    await hub.app[NAMESPACE_KEY].close(sid, "transport_lost")
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "words"),
+    [
+        ([1, 2, 3], "invalid_input", "must be an object"),
+        ({"events": {"seq": 1}}, "invalid_input", "'events' must be a list"),
+        ({"nothing": []}, "invalid_input", "'events' must be a list"),
+        ({"events": make_events(1, 1001)}, "batch_too_large", "limit is 1000"),
+        (b"\xc1\xc1 not msgpack", "invalid_input", "not valid msgpack"),
+        ("a string", "invalid_input", "must be an object"),
+    ],
+)
+async def test_malformed_batch_gets_error_and_socket_stays_up(
+    hub: RunningHub, connect_agent: ConnectAgent, payload: object, code: str, words: str
+) -> None:
+    agent = await connect_agent("agent-2")
+    answer = await agent.send(payload)
+    assert answer["error"]["code"] == code
+    assert words in answer["error"]["message"]
+    ack = await agent.send({"events": make_events(1, 3)})
+    assert ack["accepted"] == 3
+    assert await hub.store.count_events("agent-2") == 3
+
+
+async def test_bad_events_are_rejected_one_by_one(hub: RunningHub, connect_agent: ConnectAgent) -> None:
+    agent = await connect_agent("agent-1")
+    events = make_events(1, 5)
+    events[1]["pid"] = "not-a-pid"
+    events[3]["kind"] = "teleport"
+    events[4]["surprise"] = True
+    ack = await agent.send({"events": events})
+    assert ack["accepted"] == 2
+    assert [r["index"] for r in ack["rejected"]] == [1, 3, 4]
+    assert [r["seq"] for r in ack["rejected"]] == [2, 4, 5]
+    assert "pid" in ack["rejected"][0]["error"]
+    assert "kind" in ack["rejected"][1]["error"]
+    assert "surprise" in ack["rejected"][2]["error"]
+    assert await hub.store.count_events("agent-1") == 2
+
+
+async def test_msgpack_batches_are_accepted(hub: RunningHub, connect_agent: ConnectAgent) -> None:
+    agent = await connect_agent("agent-3")
+    ack = await agent.send(msgpack.packb({"events": make_events(1, 50)}))
+    assert ack["accepted"] == 50
+    ack = await agent.send(msgpack.packb({"events": make_events(41, 20)}))
+    assert ack == {"accepted": 10, "duplicates": 10, "rejected": [], "last_seq": 60}
+
+
+async def test_oversized_msgpack_batch_is_refused_by_size(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent("agent-3")
+    big = make_events(1, 10)
+    big[0]["argv"] = ["x" * 1_100_000]
+    answer = await agent.send(msgpack.packb({"events": big}))
+    assert answer["error"]["code"] == "batch_too_large"
+    assert "max_batch_bytes" in answer["error"]["message"]
+
+
+async def test_oversized_event_and_deep_metadata_are_rejected(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent("agent-1")
+    events = make_events(1, 3)
+    events[0]["argv"] = ["y" * 20_000]
+    deep: dict[str, object] = {}
+    node = deep
+    for _ in range(20):
+        node["d"] = {}
+        node = node["d"]  # type: ignore[assignment]
+    events[1]["metadata"] = deep
+    ack = await agent.send({"events": events})
+    assert ack["accepted"] == 1
+    assert "max_event_bytes" in ack["rejected"][0]["error"]
+    assert "nested deeper" in ack["rejected"][1]["error"]
+
+
+async def test_heartbeat_is_acked_and_stored(hub: RunningHub, connect_agent: ConnectAgent) -> None:
+    agent = await connect_agent("agent-1")
+    beat = {
+        "ts": 1.0,
+        "cpu_percent": 3.5,
+        "mem_percent": 40.0,
+        "disk_percent": 50.0,
+        "spool_depth": 7,
+        "dropped": 2,
+        "uptime_s": 12.0,
+    }
+    ack = await agent.send(beat, event="heartbeat")
+    assert ack["next_in_s"] == 30.0
+    stored = await hub.store.get_agent("agent-1")
+    assert stored["status"] == "online"
+    assert stored["heartbeat"]["spool_depth"] == 7
+    assert stored["heartbeat"]["dropped"] == 2
+    bad = await agent.send({"ts": "yesterday"}, event="heartbeat")
+    assert bad["error"]["code"] == "invalid_input"

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hub.certs import CA_CERT, SERVER_CERT, SERVER_KEY, is_valid_agent_id
+from hub.certs import CA_CERT, SERVER_CERT, SERVER_KEY, CertificateError, is_valid_agent_id
 from hub.store import Store
 
 
@@ -40,6 +40,12 @@ def server_ssl_context(certs_dir: Path) -> ssl.SSLContext:
     a presented certificate that does not chain to the CA (or has expired) still fails the
     handshake. The `/agent` namespace refuses connections that presented none.
     """
+    missing = [name for name in (CA_CERT, SERVER_CERT, SERVER_KEY) if not (certs_dir / name).is_file()]
+    if missing:
+        raise CertificateError(
+            f"{', '.join(missing)} not found in {certs_dir}: run 'agenthub certs init --dir {certs_dir}' "
+            "or point HUB_CERTS_DIR at the folder that holds them"
+        )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs_dir / CA_CERT))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_OPTIONAL

@@ -169,7 +169,8 @@ class ScoreView(TypedDict):
 
 def score_view(record: dict[str, Any]) -> ScoreView:
     """Pick the public fields of a stored process record."""
-    return ScoreView(**{name: record[name] for name in ScoreView.__annotations__})  # type: ignore[typeddict-item]
+    view: ScoreView = {name: record[name] for name in ScoreView.__annotations__}  # type: ignore[assignment]
+    return view
 
 
 class AlertView(TypedDict):

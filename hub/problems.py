@@ -6,6 +6,7 @@ import logging
 from typing import Any, ClassVar
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 log = logging.getLogger(__name__)
 PROBLEM_TYPE_BASE = "https://agenthub.dev/problems/"
@@ -117,7 +118,7 @@ def problem_response(error: HubError, *, instance: str | None = None) -> web.Res
 
 
 @web.middleware
-async def problem_middleware(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every `HubError` and aiohttp HTTP error as a problem; hide internal errors."""
     try:
         return await handler(request)

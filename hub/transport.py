@@ -29,7 +29,7 @@ _REASONS: dict[str, PresenceReason] = {
 }
 
 
-class AgentNamespace(socketio.AsyncNamespace):
+class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio ships no types
     """Every agent-facing handler; each parses, calls one service, returns the ack."""
 
     def __init__(self, settings: Settings, store: Store, ingestor: Ingestor, presence: Presence) -> None:

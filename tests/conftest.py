@@ -126,42 +126,50 @@ class AgentConn:
 ConnectAgent = Callable[..., Awaitable[AgentConn]]
 
 
+async def open_agent(
+    hub: RunningHub,
+    agent_id: str | None = "agent-1",
+    *,
+    certs: Path | None = None,
+    auth: dict[str, Any] | None = None,
+) -> AgentConn:
+    """Connect a real agent to `hub` with the client certificate of `agent_id`; wait for hello."""
+    folder = certs or hub.certs
+    cert = folder / f"{agent_id}.pem" if agent_id else None
+    key = folder / f"{agent_id}.key" if agent_id else None
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem", cert, key))
+    )
+    sio = socketio.AsyncClient(http_session=session, reconnection=False)
+    hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    received: list[tuple[str, Any]] = []
+
+    async def on_hello(data: dict[str, Any]) -> None:
+        received.append(("hello", data))
+        if not hello.done():
+            hello.set_result(data)
+
+    sio.on("hello", on_hello, namespace="/agent")
+    conn = AgentConn(sio, session, hello, received)
+    try:
+        await sio.connect(
+            hub.url, namespaces=["/agent"], transports=["websocket"], auth=auth or {}, wait_timeout=10
+        )
+        await asyncio.wait_for(hello, 10)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
 @pytest.fixture
 async def connect_agent(hub: RunningHub) -> AsyncIterator[ConnectAgent]:
     """Connect real agents with client certificates: `await connect_agent("agent-1")`."""
     opened: list[AgentConn] = []
 
-    async def connect(
-        agent_id: str | None = "agent-1",
-        *,
-        certs: Path | None = None,
-        auth: dict[str, Any] | None = None,
-    ) -> AgentConn:
-        folder = certs or hub.certs
-        cert = folder / f"{agent_id}.pem" if agent_id else None
-        key = folder / f"{agent_id}.key" if agent_id else None
-        context = client_ssl(hub.certs / "ca.pem", cert, key)
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
-        sio = socketio.AsyncClient(http_session=session, reconnection=False)
-        hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        received: list[tuple[str, Any]] = []
-
-        async def on_hello(data: dict[str, Any]) -> None:
-            received.append(("hello", data))
-            if not hello.done():
-                hello.set_result(data)
-
-        sio.on("hello", on_hello, namespace="/agent")
-        conn = AgentConn(sio, session, hello, received)
+    async def connect(agent_id: str | None = "agent-1", **options: Any) -> AgentConn:
+        conn = await open_agent(hub, agent_id, **options)
         opened.append(conn)
-        await sio.connect(
-            hub.url,
-            namespaces=["/agent"],
-            transports=["websocket"],
-            auth=auth or {},
-            wait_timeout=10,
-        )
-        await asyncio.wait_for(hello, 10)
         return conn
 
     yield connect

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, cast
@@ -427,14 +426,6 @@ def test_other_rule_matches_attack(default: RuleSet, rule_id: str, event: Event)
 def test_every_shipped_rule_has_a_hit_case(default: RuleSet) -> None:
     covered = {case[0] for case in HITS} | {case[0] for case in OTHER_HITS}
     assert covered == {rule.id for rule in default}
-
-
-def test_crafted_huge_argv_stays_cheap(default: RuleSet) -> None:
-    # 256 items of 4 KiB, the wire maximum, built to make `curl[^|]*\|` backtrack.
-    argv = ["curl " * 819] * 256
-    started = time.perf_counter()
-    default.match(ev("process_start", exe="/usr/bin/bash", argv=argv), NO_CTX)
-    assert time.perf_counter() - started < 1.0
 
 
 # --- the condition language ----------------------------------------------------------------

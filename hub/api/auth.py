@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from hub.keys import PRINCIPAL, VERIFIER
 from hub.problems import Unauthorized
@@ -42,7 +43,7 @@ def _bearer(request: web.Request) -> str | None:
 
 
 @web.middleware
-async def auth_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate every protected path and check the handler's declared scope."""
     if not request.path.startswith(_PROTECTED_PREFIXES):
         return await handler(request)

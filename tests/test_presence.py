@@ -1,0 +1,83 @@
+"""Agent liveness: online, late and offline with their reasons, stored and pushed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from hub.config import Settings
+from tests.conftest import ConnectAgent, RunningHub, make_events, open_agent, start_hub
+
+BEAT = {"ts": 1.0, "cpu_percent": 1.0, "mem_percent": 2.0, "disk_percent": 3.0,
+        "spool_depth": 0, "dropped": 0, "uptime_s": 1.0}  # fmt: skip
+
+
+@pytest.fixture
+async def hub(settings: Settings) -> AsyncIterator[RunningHub]:
+    """A hub expecting heartbeats every 0.2 s: late after 0.3 s, offline after 0.6 s."""
+    runner, running = await start_hub(settings.model_copy(update={"heartbeat_interval_s": 0.2}))
+    yield running
+    await runner.cleanup()
+
+
+async def _status_becomes(hub: RunningHub, agent_id: str, status: str) -> dict[str, object]:
+    for _ in range(200):
+        agent = await hub.store.get_agent(agent_id)
+        if agent and agent["status"] == status:
+            return agent
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{agent_id} never became {status}")
+
+
+async def test_silent_agent_goes_late_then_offline_and_is_disconnected(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent("agent-1")
+    late = await _status_becomes(hub, "agent-1", "late")
+    assert late["status_reason"] == "missed_heartbeats"
+    offline = await _status_becomes(hub, "agent-1", "offline")
+    assert offline["status_reason"] == "missed_heartbeats"
+    for _ in range(100):
+        if not agent.sio.connected:
+            break
+        await asyncio.sleep(0.02)
+    assert not agent.sio.connected
+
+
+async def test_a_heartbeat_brings_a_late_agent_back_online(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent("agent-2")
+    await _status_becomes(hub, "agent-2", "late")
+    await agent.send(BEAT, event="heartbeat")
+    back = await _status_becomes(hub, "agent-2", "online")
+    assert back["status_reason"] == "heartbeat"
+
+
+async def test_heartbeating_agent_stays_online(hub: RunningHub, connect_agent: ConnectAgent) -> None:
+    agent = await connect_agent("agent-3")
+    for _ in range(10):
+        await agent.send(BEAT, event="heartbeat")
+        await asyncio.sleep(0.1)
+    assert (await hub.store.get_agent("agent-3"))["status"] == "online"
+
+
+async def test_restart_keeps_acked_events_and_marks_agents_offline(settings: Settings) -> None:
+    runner, first = await start_hub(settings)
+    agent = await open_agent(first, "agent-1")
+    ack = await agent.send({"events": make_events(1, 500)})
+    assert ack["accepted"] == 500
+    await runner.cleanup()  # the agent is still connected when the hub stops
+    await agent.close()
+
+    runner, second = await start_hub(settings)
+    try:
+        assert await second.store.count_events("agent-1") == 500
+        assert (await second.store.get_agent("agent-1"))["status"] == "offline"
+        again = await open_agent(second, "agent-1")
+        assert again.hello.result()["last_seq"] == 500
+        await again.close()
+    finally:
+        await runner.cleanup()

@@ -12,15 +12,15 @@ from hub.keys import PRINCIPAL, VERIFIER
 from hub.problems import Unauthorized
 from hub.tokens import Principal
 
-Handler = TypeVar("Handler", bound=Callable[..., Awaitable[web.StreamResponse]])
+RouteHandler = TypeVar("RouteHandler", bound=Callable[..., Awaitable[web.StreamResponse]])
 _PROTECTED_PREFIXES = ("/api/", "/ws/")
 _SCOPE_ATTR = "_hub_scope"
 
 
-def requires(scope: str | None) -> Callable[[Handler], Handler]:
+def requires(scope: str | None) -> Callable[[RouteHandler], RouteHandler]:
     """Declare the scope a handler needs; `None` marks it public."""
 
-    def mark(handler: Handler) -> Handler:
+    def mark(handler: RouteHandler) -> RouteHandler:
         setattr(handler, _SCOPE_ATTR, scope)
         return handler
 

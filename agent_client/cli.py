@@ -50,9 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="agenthub-agent", description="Agent Hub agent: stream host events to a hub."
-    )
+    parser = _Parser(prog="agenthub-agent", description="Agent Hub agent: stream host events to a hub.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(command=None, debug=False)
     commands = parser.add_subparsers(title="commands", dest="command", parser_class=_Parser)
@@ -69,16 +67,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     hub = run.add_argument_group("hub and identity")
-    hub.add_argument(
-        "--hub", required=True, metavar="URL", help="hub base URL, e.g. https://hub:8443"
-    )
+    hub.add_argument("--hub", required=True, metavar="URL", help="hub base URL, e.g. https://hub:8443")
     hub.add_argument("--cert", required=True, metavar="FILE", help="this agent's certificate (PEM)")
-    hub.add_argument(
-        "--key", required=True, metavar="FILE", help="the certificate's private key (PEM)"
-    )
-    hub.add_argument(
-        "--ca", required=True, metavar="FILE", help="CA bundle that signed the hub (PEM)"
-    )
+    hub.add_argument("--key", required=True, metavar="FILE", help="the certificate's private key (PEM)")
+    hub.add_argument("--ca", required=True, metavar="FILE", help="CA bundle that signed the hub (PEM)")
     hub.add_argument("--hostname", metavar="NAME", help="hostname to report (default: this host's)")
     events = run.add_argument_group("events")
     events.add_argument(
@@ -99,9 +91,7 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         metavar="FILE.jsonl",
         help="send the events of a JSONL file instead of collecting",
     )
-    events.add_argument(
-        "--replay-rate", type=_positive(float), metavar="N", help="replay at most N events/s"
-    )
+    events.add_argument("--replay-rate", type=_positive(float), metavar="N", help="replay at most N events/s")
     events.add_argument(
         "--exit-when-drained",
         action="store_true",
@@ -145,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_run_arguments(args: argparse.Namespace) -> None:
     if urlsplit(args.hub).scheme not in ("https", "http"):
-        raise ValueError(f"--hub must be an https:// URL, not {args.hub!r}")
+        raise ValueError(f"--hub must be an https:// URL (http:// for a development hub), not {args.hub!r}")
     if args.exit_when_drained and not args.replay:
         raise ValueError("--exit-when-drained needs --replay (collecting never ends)")
     if args.replay_rate and not args.replay:

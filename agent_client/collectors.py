@@ -6,7 +6,7 @@ import asyncio
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -53,7 +53,7 @@ class HostCollector:
         self._listeners: set[_Socket] = set()
         self._net_denied = False
 
-    async def stream(self) -> AsyncIterator[Event]:
+    async def stream(self) -> AsyncGenerator[Event, None]:
         """Yield events forever, one scan per `interval`; the first reports running processes."""
         loop = asyncio.get_running_loop()
         while True:

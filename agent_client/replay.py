@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from os import PathLike
 from pathlib import Path
 
@@ -33,7 +33,7 @@ def count_events(path: str | PathLike[str]) -> int:
     return sum(1 for _ in read_events(path))
 
 
-async def replay(path: str | PathLike[str], *, rate: float | None = None) -> AsyncIterator[Event]:
+async def replay(path: str | PathLike[str], *, rate: float | None = None) -> AsyncGenerator[Event, None]:
     """Yield a JSONL file's events, at most `rate` per second when given."""
     if rate is not None and rate <= 0:
         raise ValueError("rate must be positive")

@@ -22,7 +22,7 @@ from agent_client import __version__
 from agent_client.collectors import host_stats
 from agent_client.commands import execute
 from agent_client.spool import Spool
-from agent_client.tls import client_context, diagnose
+from agent_client.tls import CertificateError, Diagnosis, check_validity, client_context, diagnose
 from agent_client.wire import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BATCH_BYTES,
@@ -40,9 +40,10 @@ log = logging.getLogger("agent_client.session")
 # python-socketio logs every packet at INFO; keep that for --debug
 SOCKETIO_LOG: Final = logging.getLogger("agent_client.socketio")
 ENGINEIO_LOG: Final = logging.getLogger("agent_client.engineio")
-for _lib_log in (SOCKETIO_LOG, ENGINEIO_LOG):
+# and engineio warns about ordinary closes; the session logs what matters in its own words
+for _lib_log, _level in ((SOCKETIO_LOG, logging.WARNING), (ENGINEIO_LOG, logging.ERROR)):
     if _lib_log.level == logging.NOTSET:
-        _lib_log.setLevel(logging.WARNING)
+        _lib_log.setLevel(_level)
 
 DEFAULT_HEARTBEAT_S: Final = 15.0
 _PUMP_CHUNK: Final = 1000
@@ -94,6 +95,9 @@ class AgentSession:
         self.max_batch_bytes = max_batch_bytes
         # without a certificate only a hub in its development mode will talk to us
         self._ssl = client_context(cert, key, ca) if cert and key and ca else None
+        self._cert = cert
+        if cert:
+            check_validity(cert)
         self._owns_spool = not isinstance(spool, Spool)
         self.spool = spool if isinstance(spool, Spool) else Spool(spool)
 
@@ -228,6 +232,16 @@ class AgentSession:
             await client.wait()
             if not self._stop_requested.is_set():
                 log.info("the hub ended the session; connecting again")
+                await self._settle(client)
+                await asyncio.sleep(self.reconnection_delay)
+
+    async def _settle(self, client: socketio.AsyncClient) -> None:
+        """Wait for the library to finish closing; it refuses to connect until then."""
+        for _ in range(100):
+            if client.eio.state == "disconnected":
+                return
+            await asyncio.sleep(0.05)
+        await client.eio.disconnect(abort=True)
 
     async def _connect(self) -> None:
         client = self._require_client()
@@ -245,12 +259,8 @@ class AgentSession:
             except socketio.exceptions.ConnectionError as exc:
                 if self._stop_requested.is_set():
                     return
-                log.warning(
-                    "cannot connect to %s (%s); retrying in about %.0fs", self.hub_url, exc, delay
-                )
-                await asyncio.sleep(
-                    delay * (1 + self.randomization_factor * (2 * random.random() - 1))
-                )
+                log.warning("cannot connect to %s (%s); retrying in about %.0fs", self.hub_url, exc, delay)
+                await asyncio.sleep(delay * (1 + self.randomization_factor * (2 * random.random() - 1)))
                 delay = min(delay * 2, self.reconnection_delay_max)
             else:
                 return
@@ -279,10 +289,21 @@ class AgentSession:
             log.warning("the hub refused the connection (%s): %s; will retry", code, message)
 
     async def _on_disconnect(self, reason: Any = None) -> None:
-        level = logging.INFO if self._stop_requested.is_set() else logging.WARNING
-        log.log(level, "disconnected from %s (%s)", self.hub_url, reason or "no reason given")
         self._namespace_up.clear()
         self._cancel_streams()
+        if not self._stop_requested.is_set():
+            log.warning("disconnected from %s (%s)", self.hub_url, reason or "no reason given")
+            return
+        log.info("disconnecting from %s", self.hub_url)
+        # python-socketio closes the WebSocket right after this handler returns, before its
+        # writer has sent the DISCONNECT packet; let it flush so the hub sees a clean goodbye.
+        # (Not queue.join(): the library leaves tasks undone after a broken connection.)
+        queue = self._require_client().eio.queue
+        for _ in range(200):
+            if queue.empty():
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0)
 
     async def _on_revoked(self, data: Any = None) -> None:
         reason = data.get("reason") if isinstance(data, dict) else None
@@ -303,30 +324,43 @@ class AgentSession:
 
     async def _diagnose(self) -> None:
         assert self._ssl is not None
+        assert self._cert is not None
         try:
-            reason = await diagnose(self.hub_url, self._ssl)
-            if reason:
-                log.warning("cannot connect to %s: %s", self.hub_url, reason)
+            check_validity(self._cert)
+            found = await diagnose(self.hub_url, self._ssl)
+        except CertificateError as exc:  # expired while running: no hub will take it
+            found = Diagnosis("cert_expired", str(exc))
         finally:
             self._diagnosing = False
+        if found is None:
+            return
+        if found.code in FATAL_CONNECT_CODES:
+            log.error("%s (%s); giving up", found.message, found.code)
+            self._give_up(HubRefusalError(found.code, found.message))
+        else:
+            log.warning("cannot connect to %s: %s", self.hub_url, found.message)
 
     async def _shutdown(self, http: aiohttp.ClientSession) -> None:
         self._stop_requested.set()
-        self._cancel_streams()
-        await _cancel_all(self._tasks | self._streams)
         client = self._require_client()
         client.reconnection = False
-        with contextlib.suppress(Exception):
-            await client.shutdown()
-        if client.eio.state != "disconnected":
+        try:
+            self._cancel_streams()
+            # disconnect before cancelling the connection task: cancelling its wait on the
+            # library's read loop would drop the socket without a clean DISCONNECT
             with contextlib.suppress(Exception):
-                await client.eio.disconnect(abort=True)
-        await http.close()
-        if self._owns_spool:
-            await asyncio.to_thread(self.spool.close)
-        self._namespace_up.clear()
-        self._running = False
-        self._finished.set()
+                await client.shutdown()
+            await _cancel_all(self._tasks | self._streams)
+            if client.eio.state != "disconnected":
+                with contextlib.suppress(Exception):
+                    await client.eio.disconnect(abort=True)
+            await http.close()
+            if self._owns_spool:
+                await asyncio.to_thread(self.spool.close)
+        finally:
+            self._namespace_up.clear()
+            self._running = False
+            self._finished.set()
 
     # --- hub events ---------------------------------------------------------------------
 
@@ -352,9 +386,7 @@ class AgentSession:
             log.error("ignoring a malformed config from the hub: %r", data)
             return
         self._adopt(data)
-        log.info(
-            "new config: heartbeat=%.1fs max_batch=%d", self.heartbeat_interval_s, self.max_batch
-        )
+        log.info("new config: heartbeat=%.1fs max_batch=%d", self.heartbeat_interval_s, self.max_batch)
         self._heartbeat_now.set()
 
     async def _on_command(self, data: Any = None) -> dict[str, Any]:
@@ -459,11 +491,7 @@ class AgentSession:
         low, high = events[0]["seq"], events[-1]["seq"]
         while True:
             ack = await self._call("events", payload)
-            error = (
-                ack.get("error")
-                if isinstance(ack, dict)
-                else {"code": "bad_ack", "message": repr(ack)}
-            )
+            error = ack.get("error") if isinstance(ack, dict) else {"code": "bad_ack", "message": repr(ack)}
             if not error:
                 self._refused_below.discard(low)
                 _log_rejections(ack, low, high)
@@ -517,6 +545,7 @@ class AgentSession:
             return interval
         except socketio.exceptions.SocketIOError:
             return interval
+        log.debug("heartbeat acked: %r", ack)
         next_in = ack.get("next_in_s") if isinstance(ack, dict) else None
         if isinstance(next_in, int | float) and not isinstance(next_in, bool) and next_in > 0:
             return float(next_in)
@@ -542,9 +571,12 @@ class AgentSession:
             self._source_done = True
             self._check_drained()
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+            elif not reader.cancelled():
+                reader.exception()  # already raised above, or lost to our own cancellation
 
     def _check_drained(self) -> None:
         if self._source_done and self.spool.depth() == 0:
@@ -630,8 +662,6 @@ def _log_rejections(ack: dict[str, Any], low: int, high: int) -> None:
     if not isinstance(rejected, list) or not rejected:
         return
     sample = "; ".join(
-        f"seq {item.get('seq')}: {item.get('error')}"
-        for item in rejected[:5]
-        if isinstance(item, dict)
+        f"seq {item.get('seq')}: {item.get('error')}" for item in rejected[:5] if isinstance(item, dict)
     )
     log.warning("hub rejected %d event(s) of seq %d-%d: %s", len(rejected), low, high, sample)

@@ -31,9 +31,7 @@ EVENT_KINDS: Final = frozenset(
 )
 
 # A connect refusal with one of these codes will not heal by retrying.
-FATAL_CONNECT_CODES: Final = frozenset(
-    {"cert_revoked", "cert_untrusted", "cn_invalid", "cert_expired"}
-)
+FATAL_CONNECT_CODES: Final = frozenset({"cert_revoked", "cert_untrusted", "cn_invalid", "cert_expired"})
 
 # The hub keeps nothing of a batch answered with these codes; the agent retries it.
 RETRYABLE_CODES: Final = frozenset({"unavailable", "overloaded"})

@@ -73,7 +73,14 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/", _live_page)
     app.router.add_static("/static/", WEB_DIR / "static")
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_disconnect_agents)
     return app
+
+
+async def _disconnect_agents(app: web.Application) -> None:
+    # on_shutdown runs before aiohttp waits for open connections: agents learn at once that
+    # the hub is going, instead of timing out; whatever they had in flight they resend.
+    await app[NAMESPACE_KEY].close_all("server_shutdown")
 
 
 async def _live_page(request: web.Request) -> web.Response:
@@ -82,17 +89,15 @@ async def _live_page(request: web.Request) -> web.Response:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store, scoring, presence = app[STORE], app[SCORING], app[PRESENCE]
-    namespace = app[NAMESPACE_KEY]
     await store.open()
     # No agent is connected to a hub that is just starting, whatever the last run left.
     await store.mark_all_offline("transport_lost", time.time())
     tasks = {
         asyncio.create_task(scoring.run(), name="scoring"),
-        asyncio.create_task(presence.watch(namespace.close), name="presence"),
+        asyncio.create_task(presence.watch(app[NAMESPACE_KEY].close), name="presence"),
     }
     yield
     # Stop in order: no new work, score what was stored, then close the store.
-    await namespace.close_all("server_shutdown")
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -27,6 +27,7 @@ class Subscriber:
         self._pending: dict[str, bytes] = {}
         self._max_pending = max_pending
         self.ready = asyncio.Event()
+        self.ready.set()  # the first thing to send is a snapshot
         self.needs_snapshot = True
         self.coalesced = 0
         self.resyncs = 0
@@ -40,6 +41,8 @@ class Subscriber:
             self._pending.clear()
             self.needs_snapshot = True
             self.resyncs += 1
+            self.ready.set()
+            return
         self._pending[key] = message
         self.ready.set()
 
@@ -101,12 +104,13 @@ async def serve_dashboard(
 
 async def _send_updates(ws: web.WebSocketResponse, subscriber: Subscriber, snapshot: SnapshotSource) -> None:
     while not ws.closed:
+        await subscriber.ready.wait()
         if subscriber.needs_snapshot:
+            # Updates arriving while the snapshot is read are queued and sent after it.
             subscriber.needs_snapshot = False
             subscriber.take()
             data = await snapshot()
             await ws.send_frame(orjson.dumps({"type": "snapshot", "data": data}), WSMsgType.TEXT)
             continue
-        await subscriber.ready.wait()
         for message in subscriber.take():
             await ws.send_frame(message, WSMsgType.TEXT)

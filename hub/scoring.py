@@ -100,16 +100,6 @@ class ProcessRisk:
 _RECORD_FIELDS = tuple(ProcessRisk.__dataclass_fields__)
 
 
-@dataclass(frozen=True, slots=True)
-class RaisedAlert:
-    """An alert the engine decided to raise; the service stores and publishes it."""
-
-    process: ProcessRisk
-    rule: Rule | None
-    threshold: float | None
-    ts: float
-
-
 class RiskEngine:
     """Apply rules to events and keep every live process's risk; no I/O."""
 
@@ -132,7 +122,7 @@ class RiskEngine:
         for table in self._live.values():
             yield from table.values()
 
-    def apply(self, agent_id: str, event: Event, changed: dict[str, ProcessRisk]) -> list[RaisedAlert]:
+    def apply(self, agent_id: str, event: Event, changed: dict[str, ProcessRisk]) -> list[dict[str, Any]]:
         """Score one event; put every process it changed into `changed`; return new alerts."""
         table = self._live.setdefault(agent_id, {})
         kind = event["kind"]
@@ -204,7 +194,7 @@ class RiskEngine:
         table[process.pid] = process
         return process
 
-    def _add(self, process: ProcessRisk, matched: list[Rule], ts: float) -> list[RaisedAlert]:
+    def _add(self, process: ProcessRisk, matched: list[Rule], ts: float) -> list[dict[str, Any]]:
         process.decay_to(ts, self.params.half_life_s)
         self._rearm(process, self._score(process.raw()))
         alerts = []
@@ -217,7 +207,7 @@ class RiskEngine:
                 and rule.id not in process.alerted_rules
             ):
                 process.alerted_rules.append(rule.id)
-                alerts.append(RaisedAlert(process, rule, None, ts))
+                alerts.append(self._alert(process, ts, rule=rule))
         process.risk_score = self._score(process.raw())
         alerts += self._crossings(process, ts)
         return alerts
@@ -228,14 +218,13 @@ class RiskEngine:
             t for t in process.fired_thresholds if decayed_score >= t - self.params.hysteresis
         ]
 
-    def _crossings(self, process: ProcessRisk, ts: float) -> list[RaisedAlert]:
-        score = process.risk_score
-        alerts = []
-        for threshold in self.params.thresholds:
-            if score >= threshold and threshold not in process.fired_thresholds:
-                process.fired_thresholds.append(threshold)
-                alerts.append(RaisedAlert(process, None, threshold, ts))
-        return alerts
+    def _crossings(self, process: ProcessRisk, ts: float) -> list[dict[str, Any]]:
+        crossed = [
+            t for t in self.params.thresholds if process.risk_score >= t and t not in process.fired_thresholds
+        ]
+        process.fired_thresholds += crossed
+        # One jump over several thresholds is one alert, for the highest.
+        return [self._alert(process, ts, threshold=crossed[-1])] if crossed else []
 
     def _score(self, raw: float) -> float:
         return round(100.0 * (1.0 - math.exp(-raw / self.params.k)), 2)
@@ -283,20 +272,20 @@ class RiskEngine:
         """Render a process for the store: its view plus the state to restore it."""
         return {**process.to_record(), **self.view(process)}
 
-    def alert_record(self, alert: RaisedAlert) -> dict[str, Any]:
-        """Render a raised alert for the store and the dashboard."""
-        process = alert.process
-        if alert.rule is not None:
-            severity, rule_id, mitre = alert.rule.severity, alert.rule.id, alert.rule.mitre
-            title = f"{alert.rule.name} ({process.exe or process.comm or 'pid ' + str(process.pid)})"
+    def _alert(
+        self, process: ProcessRisk, ts: float, *, rule: Rule | None = None, threshold: float | None = None
+    ) -> dict[str, Any]:
+        """Render an alert as it stands when raised: the score and explanation of that moment."""
+        explanation = self.explain(process)
+        if rule is not None:
+            severity, rule_id, mitre = rule.severity, rule.id, rule.mitre
+            title = f"{rule.name} ({process.exe or process.comm or f'pid {process.pid}'})"
         else:
-            assert alert.threshold is not None
-            severity = "CRITICAL" if alert.threshold >= max(self.params.thresholds) else "HIGH"
-            rule_id, mitre = (
-                f"risk-threshold-{alert.threshold:g}",
-                sorted({m for c in self.explain(process) for m in c["mitre"]}),
-            )
-            title = f"Risk of {process.process_id} crossed {alert.threshold:g} ({process.risk_score:.1f})"
+            assert threshold is not None
+            severity = "CRITICAL" if threshold >= max(self.params.thresholds) else "HIGH"
+            rule_id = f"risk-threshold-{threshold:g}"
+            mitre = sorted({m for line in explanation for m in line["mitre"]})
+            title = f"Risk of {process.process_id} crossed {threshold:g} ({process.risk_score:.1f})"
         return {
             "agent_id": process.agent_id,
             "pid": process.pid,
@@ -307,10 +296,10 @@ class RiskEngine:
             "title": title,
             "mitre": mitre,
             "risk_score": process.risk_score,
-            "threshold": alert.threshold,
-            "ts": alert.ts,
+            "threshold": threshold,
+            "ts": ts,
             "status": "open",
-            "explanation": self.explain(process),
+            "explanation": explanation,
         }
 
 
@@ -372,7 +361,7 @@ class ScoringService:
             work.append(self._queue.popleft())
             taken += len(work[-1][1])
         changed: dict[str, ProcessRisk] = {}
-        alerts: list[RaisedAlert] = []
+        alerts: list[dict[str, Any]] = []
         for agent_id, events in work:
             if not self.engine.knows(agent_id):
                 self.engine.restore(agent_id, await self._store.load_processes(agent_id))
@@ -384,12 +373,11 @@ class ScoringService:
             self._room.set()
         await self._flush(changed, alerts)
 
-    async def _flush(self, changed: dict[str, ProcessRisk], alerts: list[RaisedAlert]) -> None:
+    async def _flush(self, changed: dict[str, ProcessRisk], alerts: list[dict[str, Any]]) -> None:
         records = [self.engine.record(p) for p in changed.values()]
-        alert_records = [self.engine.alert_record(a) for a in alerts]
         # Persist before publishing so a dashboard never shows what a restart would forget.
         await self._store.save_processes(records)
-        stored_alerts = await self._store.insert_alerts(alert_records)
+        stored_alerts = await self._store.insert_alerts(alerts)
         for record in records:
             self._publish("score", record["process_key"], dict(score_view(record)))
         for alert in stored_alerts:

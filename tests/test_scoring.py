@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 
 from hub.config import Settings
-from hub.rules import load_rules
+from hub.rules import RuleSet, load_rules, parse_rules
 from hub.scoring import RiskEngine, RiskParams, recalculate
 from tests.conftest import ConnectAgent, RunningHub, client_ssl
 
@@ -100,14 +100,14 @@ async def test_threshold_alert_fires_once_with_hysteresis(settings: Settings) ->
     alerts = []
     for event in attack():
         alerts += engine.apply("a", event, changed)
-    crossings = [a.threshold for a in alerts if a.threshold is not None]
+    crossings = [a["threshold"] for a in alerts if a["threshold"] is not None]
     assert crossings == [50.0, 80.0]
     # More of the same keeps the score high: no second crossing alert.
     more = {"seq": 9, "ts": T0 + 10, "kind": "file_open", "pid": 200, "path": "/etc/shadow"}
-    assert [a for a in engine.apply("a", more, changed) if a.threshold is not None] == []
+    assert [a for a in engine.apply("a", more, changed) if a["threshold"] is not None] == []
     # After a long quiet time the score decays below the hysteresis band and re-arms.
     later = {"seq": 10, "ts": T0 + 30 * 600, "kind": "file_open", "pid": 200, "path": "/etc/shadow"}
-    rearmed = [a.threshold for a in engine.apply("a", later, changed) if a.threshold is not None]
+    rearmed = [a["threshold"] for a in engine.apply("a", later, changed) if a["threshold"] is not None]
     assert rearmed == [50.0]
 
 
@@ -210,3 +210,17 @@ async def test_dashboard_without_token_is_refused(hub: RunningHub) -> None:
         body = json.loads(await response.text())
         assert body["title"] == "Authentication required"
     await asyncio.sleep(0)
+
+
+async def test_one_jump_over_both_thresholds_is_one_alert(settings: Settings) -> None:
+    rules = RuleSet(
+        parse_rules(
+            '[[rule]]\nid = "big"\nname = "Big"\nseverity = "LOW"\nweight = 100\n'
+            '[rule.when]\nkind = "custom"\n'
+        )
+    )
+    engine = RiskEngine(rules, RiskParams.from_settings(settings))
+    alerts = engine.apply("a", {"seq": 1, "ts": T0, "kind": "custom", "pid": 1}, {})
+    assert [(a["rule_id"], a["severity"], a["risk_score"]) for a in alerts] == [
+        ("risk-threshold-80", "CRITICAL", 86.47)
+    ]

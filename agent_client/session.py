@@ -295,10 +295,17 @@ class AgentSession:
             log.warning("disconnected from %s (%s)", self.hub_url, reason or "no reason given")
             return
         log.info("disconnecting from %s", self.hub_url)
+        if reason != socketio.AsyncClient.reason.CLIENT_DISCONNECT:
+            return  # the hub or the network ended it: nothing of ours to flush
+        client = self._require_client()
+        # The library calls this handler while iterating `client.namespaces`; a DISCONNECT
+        # from the hub arriving during our wait below deletes from that dict. Give the
+        # library a copy to delete from, so its iteration stays valid.
+        client.namespaces = dict(client.namespaces)
         # python-socketio closes the WebSocket right after this handler returns, before its
         # writer has sent the DISCONNECT packet; let it flush so the hub sees a clean goodbye.
         # (Not queue.join(): the library leaves tasks undone after a broken connection.)
-        queue = self._require_client().eio.queue
+        queue = client.eio.queue
         for _ in range(200):
             if queue.empty():
                 break

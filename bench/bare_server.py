@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import msgpack
 import socketio
 from aiohttp import web
 
@@ -27,7 +28,9 @@ def build() -> web.Application:
         )
 
     @sio.on("events", namespace="/agent")
-    async def events(sid: str, payload: dict[str, list[object]]) -> dict[str, int]:
+    async def events(sid: str, payload: dict[str, list[object]] | bytes) -> dict[str, int]:
+        if isinstance(payload, bytes):
+            payload = msgpack.unpackb(payload)
         batch = payload["events"]
         counted["events"] += len(batch)
         return {"accepted": len(batch), "duplicates": 0, "last_seq": 0}

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     scoring_wait_s: float = Field(
         5.0, gt=0, description="longest a batch waits for scoring before 'overloaded'"
     )
-    commit_max_events: int = Field(20_000, gt=0, description="most events in one group commit")
+    commit_max_events: int = Field(5_000, gt=0, description="most events in one group commit")
     retry_after_ms: int = Field(1000, gt=0)
 
     # liveness

@@ -121,7 +121,7 @@ _Candidates = tuple[tuple[Rule, tuple[tuple[Check, ...], ...]], ...]
 class RuleSet:
     """An immutable collection of rules, indexed by event kind for matching."""
 
-    __slots__ = ("_by_id", "_by_kind", "rules")
+    __slots__ = ("_by_id", "_by_kind", "_gates", "rules")
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         by_id: dict[str, Rule] = {}
@@ -132,6 +132,7 @@ class RuleSet:
         self.rules: tuple[Rule, ...] = tuple(rules)
         self._by_id = by_id
         self._by_kind = _index_by_kind(self.rules)
+        self._gates = _gates_by_kind(self.rules)
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -143,8 +144,18 @@ class RuleSet:
         """Return the rule with this id, if any."""
         return self._by_id.get(rule_id)
 
+    def may_match(self, event: Event) -> bool:
+        """Return False when no rule can match `event`, whatever its process: a cheap pre-check."""
+        kind = event.get("kind", "")
+        if kind not in self._by_kind:
+            return False
+        gate = self._gates.get(kind)
+        return gate is None or gate(event)
+
     def match(self, event: Event, ctx: ProcessContext) -> list[Rule]:
         """Return the rules the event matches, in rule-set order."""
+        if not self.may_match(event):
+            return []
         matched: list[Rule] = []
         # Hot path: loops are inlined rather than calling Condition.test, a frame per condition.
         for rule, conditions in self._by_kind.get(event.get("kind", ""), ()):
@@ -166,6 +177,39 @@ def _index_by_kind(rules: Sequence[Rule]) -> dict[str, _Candidates]:
             conditions = tuple(c.checks for c in rule.conditions if kind in c.kinds)
             index.setdefault(kind, []).append((rule, conditions))
     return {kind: tuple(entries) for kind, entries in index.items()}
+
+
+def _gates_by_kind(rules: Sequence[Rule]) -> dict[str, Callable[[Event], bool]]:
+    # Most events match nothing. When every condition for a kind constrains the same field
+    # (file rules all name paths), the union of those constraints is a necessary test that
+    # one C-level regex or set look-up answers, before any rule runs.
+    sources: dict[str, list[Mapping[str, Any]]] = {}
+    for rule in rules:
+        for condition in rule.conditions:
+            for kind in condition.kinds:
+                sources.setdefault(kind, []).append(condition.source)
+    gates = {}
+    for kind, whens in sources.items():
+        gate = _gate(whens)
+        if gate is not None:
+            gates[kind] = gate
+    return gates
+
+
+def _listed(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _gate(whens: list[Mapping[str, Any]]) -> Callable[[Event], bool] | None:
+    if all("path" in when for when in whens):
+        globs = [glob for when in whens for glob in _listed(when["path"])]
+        union = re.compile("|".join(f"(?:{fnmatch.translate(glob)})" for glob in globs)).match
+        return lambda event: (path := event.get("path")) is not None and union(path) is not None
+    for name in ("dst_port", "syscall"):
+        if all(name in when for when in whens):
+            allowed = frozenset(value for when in whens for value in _listed(when[name]))
+            return lambda event, name=name, allowed=allowed: event.get(name) in allowed  # type: ignore[misc]
+    return None
 
 
 # --- loading -------------------------------------------------------------------------------

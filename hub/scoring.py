@@ -23,6 +23,7 @@ from hub.store import Store
 
 log = logging.getLogger(__name__)
 INHERITED = "inherited"
+_LIFECYCLE = frozenset({"process_start", "process_exit"})
 _DIRECT_ALERT_SEVERITY = SEVERITY_ORDER["HIGH"]
 
 
@@ -124,8 +125,10 @@ class RiskEngine:
 
     def apply(self, agent_id: str, event: Event, changed: dict[str, ProcessRisk]) -> list[dict[str, Any]]:
         """Score one event; put every process it changed into `changed`; return new alerts."""
-        table = self._live.setdefault(agent_id, {})
         kind = event["kind"]
+        if kind not in _LIFECYCLE and not self.rules.may_match(event):
+            return []  # most events: no rule can match, and only starts and exits shape the tree
+        table = self._live.setdefault(agent_id, {})
         if kind == "process_start":
             process = self._start(agent_id, table, event, changed)
         else:

@@ -680,3 +680,13 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
     path = tmp_path / "rules.toml"
     path.write_text('[rules]\nid = "x"\n', encoding="utf-8")
     assert_rule_error(path, "'rules'")
+
+
+@pytest.mark.parametrize(("rule_id", "event"), [*((c[0], c[1]) for c in HITS), *OTHER_HITS])
+def test_the_prefilter_never_hides_a_match(default: RuleSet, rule_id: str, event: Event) -> None:
+    assert default.may_match(event)
+
+
+def test_the_prefilter_passes_over_benign_events(default: RuleSet) -> None:
+    assert not default.may_match(ev("file_open", path="/var/lib/app/12.dat"))
+    assert not default.may_match(ev("custom"))

@@ -32,6 +32,7 @@ from hub.store import EventBatch, Page, decode_cursor, encode_cursor
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], Any]
+_CHECKPOINT_EVERY_S = 0.5
 
 
 @dataclass(slots=True)
@@ -57,6 +58,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA journal_size_limit=67108864")  # truncate a WAL that grew past 64 MiB
     return conn
 
 
@@ -72,16 +74,19 @@ def _migrate(conn: sqlite3.Connection) -> None:
 class SqliteStore:
     """The embedded store; see the module docstring for how writes are made durable."""
 
-    def __init__(self, path: Path, *, commit_max_events: int = 20_000, retry_after_ms: int = 1000):
+    def __init__(self, path: Path, *, commit_max_events: int = 5_000, retry_after_ms: int = 1000):
         self._path = path
         self._commit_max = commit_max_events
         self._retry_after_ms = retry_after_ms
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+        self._checkpoint_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
         self._writer_conn: sqlite3.Connection | None = None
         self._reader_conn: sqlite3.Connection | None = None
         self._jobs: asyncio.Queue[_WriteJob] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
         self.commits = 0
 
     # lifecycle ---------------------------------------------------------------------------
@@ -91,19 +96,27 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         self._writer_conn = await loop.run_in_executor(self._write_thread, _connect, self._path)
         await loop.run_in_executor(self._write_thread, _migrate, self._writer_conn)
+        # Checkpoints run in their own thread, beside the writer: an automatic checkpoint
+        # inside COMMIT would stall every ack waiting on that commit.
+        self._writer_conn.execute("PRAGMA wal_autocheckpoint=0")
         self._reader_conn = await loop.run_in_executor(self._read_thread, _connect, self._path)
+        self._checkpoint_conn = await loop.run_in_executor(self._checkpoint_thread, _connect, self._path)
         self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+        self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="sqlite-checkpoint")
 
     async def close(self) -> None:
         if self._writer_task:
             # Drain: every queued job is committed before the connection closes.
             await self._jobs.join()
-            self._writer_task.cancel()
-            await asyncio.gather(self._writer_task, return_exceptions=True)
+        for task in (self._writer_task, self._checkpoint_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         loop = asyncio.get_running_loop()
         for conn, thread in (
-            (self._writer_conn, self._write_thread),
+            (self._checkpoint_conn, self._checkpoint_thread),
             (self._reader_conn, self._read_thread),
+            (self._writer_conn, self._write_thread),  # last: closing it checkpoints the WAL
         ):
             if conn is not None:
                 await loop.run_in_executor(thread, conn.close)
@@ -147,6 +160,20 @@ class SqliteStore:
                     else:
                         job.future.set_exception(value)
                 self._jobs.task_done()
+
+    async def _checkpoint_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        conn = self._checkpoint_conn
+        assert conn is not None
+        while True:
+            await asyncio.sleep(_CHECKPOINT_EVERY_S)
+            try:
+                # PASSIVE copies what it can without blocking the writer or readers.
+                await loop.run_in_executor(
+                    self._checkpoint_thread, lambda: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                )
+            except sqlite3.Error as exc:
+                log.warning("WAL checkpoint failed (will retry): %s", exc)
 
     def _run_group(self, group: list[_WriteJob]) -> list[tuple[bool, Any]]:
         conn = self._writer_conn

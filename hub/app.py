@@ -92,16 +92,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await store.open()
     # No agent is connected to a hub that is just starting, whatever the last run left.
     await store.mark_all_offline("transport_lost", time.time())
-    tasks = {
-        asyncio.create_task(scoring.run(), name="scoring"),
-        asyncio.create_task(presence.watch(app[NAMESPACE_KEY].close), name="presence"),
-    }
+    scorer = asyncio.create_task(scoring.run(), name="scoring")
+    watcher = asyncio.create_task(presence.watch(app[NAMESPACE_KEY].close), name="presence")
     yield
-    # Stop in order: no new work, score what was stored, then close the store.
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await scoring.drain()
+    # Stop in order: no new work, score and persist what was stored, then close the store.
+    watcher.cancel()
+    scoring.stop()
+    await asyncio.gather(watcher, scorer, return_exceptions=True)
     await store.close()
 
 

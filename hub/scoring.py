@@ -88,6 +88,10 @@ class ProcessRisk:
     def to_record(self) -> dict[str, Any]:
         # Not dataclasses.asdict: its recursive deep copy dominated scoring passes.
         record = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        # Copies: a record waits for its commit while the next pass changes the process.
+        record["contributions"] = {rule: list(entry) for rule, entry in self.contributions.items()}
+        record["fired_thresholds"] = list(self.fired_thresholds)
+        record["alerted_rules"] = list(self.alerted_rules)
         record["process_key"] = self.process_key
         record["process_id"] = self.process_id
         return record
@@ -323,6 +327,8 @@ class ScoringService:
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        self._flushing: asyncio.Task[None] | None = None
+        self._stopping = False
         self._pass = asyncio.Lock()  # one scoring pass at a time; drain() waits for it
         self.backlog = 0  # events handed over and not yet scored
         self.scored = 0
@@ -343,17 +349,24 @@ class ScoringService:
             await self._room.wait()
 
     async def run(self) -> None:
-        """Score forever; each pass takes everything queued so pushes and writes batch up."""
-        while True:
+        """Score until `stop()`; each pass takes what is queued so pushes and writes batch up."""
+        while not self._stopping:
             await self._wakeup.wait()
             self._wakeup.clear()
             await self.drain()
+
+    def stop(self) -> None:
+        """Ask `run()` to finish: it scores and persists what is queued, then returns."""
+        self._stopping = True
+        self._wakeup.set()
 
     async def drain(self) -> None:
         """Score and persist everything queued, including a pass already under way."""
         while True:
             async with self._pass:
                 if not self._queue:
+                    if self._flushing is not None:
+                        await self._flushing
                     return
                 await self._score_pending()
 
@@ -374,10 +387,14 @@ class ScoringService:
             self.scored += len(events)
         if self.backlog < self._max_backlog:
             self._room.set()
-        await self._flush(changed, alerts)
-
-    async def _flush(self, changed: dict[str, ProcessRisk], alerts: list[dict[str, Any]]) -> None:
         records = [self.engine.record(p) for p in changed.values()]
+        # One flush in flight: this pass's writes commit while the next pass scores, so
+        # scoring does not stand still for every fsync, and flushes stay in order.
+        if self._flushing is not None:
+            await self._flushing
+        self._flushing = asyncio.create_task(self._flush(records, alerts))
+
+    async def _flush(self, records: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> None:
         # Persist before publishing so a dashboard never shows what a restart would forget.
         await self._store.save_processes(records)
         stored_alerts = await self._store.insert_alerts(alerts)

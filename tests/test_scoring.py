@@ -11,7 +11,7 @@ import aiohttp
 from hub.config import Settings
 from hub.rules import RuleSet, load_rules, parse_rules
 from hub.scoring import RiskEngine, RiskParams, recalculate
-from tests.conftest import ConnectAgent, RunningHub, client_ssl
+from tests.conftest import ConnectAgent, RunningHub, client_ssl, open_agent, start_hub
 
 T0 = 1_700_000_000.0
 
@@ -224,3 +224,17 @@ async def test_one_jump_over_both_thresholds_is_one_alert(settings: Settings) ->
     assert [(a["rule_id"], a["severity"], a["risk_score"]) for a in alerts] == [
         ("risk-threshold-80", "CRITICAL", 86.47)
     ]
+
+
+async def test_scores_of_acked_events_survive_an_immediate_shutdown(settings: Settings) -> None:
+    runner, first = await start_hub(settings)
+    agent = await open_agent(first, "agent-1")
+    assert (await agent.send({"events": attack()}))["accepted"] == 4
+    await runner.cleanup()  # no settling: shutdown itself must score and persist
+    await agent.close()
+    runner, second = await start_hub(settings)
+    try:
+        page = await second.store.list_scores(risk_min=80, agent_id="agent-1", cursor=None, limit=10)
+        assert [item["process_id"] for item in page.items] == ["agent-1:200"]
+    finally:
+        await runner.cleanup()

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 help:
 	@echo "make run          hub on https://127.0.0.1:8443 with a demo agent (SQLite, dev certificates)"
-	@echo "make test         ruff, then the whole test suite"
+	@echo "make test         ruff, mypy, then the whole test suite"
 	@echo "make bench        ingest benchmark: the hub against a bare python-socketio server"
 	@echo "make bench-quick  the same, shorter"
 	@echo "make typecheck    mypy on hub/ and agent_client/"
@@ -33,7 +33,7 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint
+test: lint typecheck
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

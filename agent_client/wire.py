@@ -7,6 +7,8 @@ from typing import Any, Final, Literal, TypeAlias
 import msgpack
 import orjson
 
+from hub.models import EVENT_KINDS as _HUB_EVENT_KINDS
+
 Event: TypeAlias = dict[str, Any]
 """One event as PROTOCOL.md describes it; `seq` is added by the spool."""
 
@@ -14,21 +16,7 @@ Encoding: TypeAlias = Literal["json", "msgpack"]
 
 NAMESPACE: Final = "/agent"
 
-EVENT_KINDS: Final = frozenset(
-    {
-        "process_start",
-        "process_exit",
-        "syscall",
-        "net_connect",
-        "net_listen",
-        "file_open",
-        "file_write",
-        "file_delete",
-        "module_load",
-        "login",
-        "custom",
-    }
-)
+EVENT_KINDS: Final = frozenset(_HUB_EVENT_KINDS)  # one list, the hub's
 
 # A connect refusal with one of these codes will not heal by retrying.
 FATAL_CONNECT_CODES: Final = frozenset({"cert_revoked", "cert_untrusted", "cn_invalid", "cert_expired"})

@@ -6,29 +6,11 @@ measurably cheaper than BaseModel instances and the result is the plain dict we 
 
 from __future__ import annotations
 
-from typing import (
-    Annotated,
-    Any,
-    Literal,
-    Required,  # pydantic needs this TypedDict on 3.11
-)
+from typing import Annotated, Any, Literal, Required, get_args
 
 from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, with_config
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
 
-EVENT_KINDS = (
-    "process_start",
-    "process_exit",
-    "syscall",
-    "net_connect",
-    "net_listen",
-    "file_open",
-    "file_write",
-    "file_delete",
-    "module_load",
-    "login",
-    "custom",
-)
 EventKind = Literal[
     "process_start",
     "process_exit",
@@ -42,6 +24,7 @@ EventKind = Literal[
     "login",
     "custom",
 ]
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 # Fixed field bounds; the configurable size of a whole event (`max_event_bytes`) is checked
 # by `hub.ingest` on the stored encoding, one length test that bounds every field at once.

@@ -136,7 +136,7 @@ class RiskEngine:
         if kind == "process_start":
             process = self._start(agent_id, table, event, changed)
         else:
-            process = table.get(event["pid"]) or self._implicit(agent_id, table, event)
+            process = table.get(event["pid"]) or self._new_process(agent_id, table, event)
         parent = table.get(process.ppid) if process.ppid is not None else None
         context = ProcessContext(
             exe=process.exe,
@@ -166,16 +166,7 @@ class RiskEngine:
         if previous is not None:  # the pid was reused: the old process is gone
             previous.exited = True
             changed[previous.process_key] = previous
-        process = ProcessRisk(
-            agent_id=agent_id,
-            pid=event["pid"],
-            start_ts=event["ts"],
-            ppid=event.get("ppid"),
-            exe=event.get("exe"),
-            comm=event.get("comm"),
-            updated_ts=event["ts"],
-        )
-        table[process.pid] = process
+        process = self._new_process(agent_id, table, event)
         parent = table.get(process.ppid) if process.ppid is not None else None
         if parent is not None and self.params.inherit_fraction > 0:
             parent.decay_to(event["ts"], self.params.half_life_s)
@@ -187,8 +178,9 @@ class RiskEngine:
                 changed[process.process_key] = process
         return process
 
-    def _implicit(self, agent_id: str, table: dict[int, ProcessRisk], event: Event) -> ProcessRisk:
-        # We never saw this process start (it predates the agent): key it by first sight.
+    @staticmethod
+    def _new_process(agent_id: str, table: dict[int, ProcessRisk], event: Event) -> ProcessRisk:
+        # For a process we never saw start (it predates the agent) this keys it by first sight.
         process = ProcessRisk(
             agent_id=agent_id,
             pid=event["pid"],

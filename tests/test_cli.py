@@ -31,9 +31,18 @@ def agenthub(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subpro
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["serve"], ["certs"], ["certs", "init"], ["certs", "issue"], ["token"], ["token", "create"],
-     ["recalculate"], ["demo"]],
-)  # fmt: skip
+    [
+        [],
+        ["serve"],
+        ["certs"],
+        ["certs", "init"],
+        ["certs", "issue"],
+        ["token"],
+        ["token", "create"],
+        ["recalculate"],
+        ["demo"],
+    ],
+)
 def test_every_command_has_help(tmp_path: Path, command: list[str]) -> None:
     result = agenthub(*command, "--help", cwd=tmp_path)
     assert result.returncode == 0
@@ -86,8 +95,21 @@ def test_certs_issue_without_a_ca_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_token_create_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
-    result = agenthub("token", "create", "--scope", "hub:read", "--scope", "hub:write", "--ttl", "120",
-                      "--subject", "alice", "--data-dir", "state", cwd=tmp_path)  # fmt: skip
+    result = agenthub(
+        "token",
+        "create",
+        "--scope",
+        "hub:read",
+        "--scope",
+        "hub:write",
+        "--ttl",
+        "120",
+        "--subject",
+        "alice",
+        "--data-dir",
+        "state",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     secret = tmp_path / "state" / "jwt.secret"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600

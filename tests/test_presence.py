@@ -10,8 +10,15 @@ import pytest
 from hub.config import Settings
 from tests.conftest import ConnectAgent, RunningHub, make_events, open_agent, start_hub
 
-BEAT = {"ts": 1.0, "cpu_percent": 1.0, "mem_percent": 2.0, "disk_percent": 3.0,
-        "spool_depth": 0, "dropped": 0, "uptime_s": 1.0}  # fmt: skip
+BEAT = {
+    "ts": 1.0,
+    "cpu_percent": 1.0,
+    "mem_percent": 2.0,
+    "disk_percent": 3.0,
+    "spool_depth": 0,
+    "dropped": 0,
+    "uptime_s": 1.0,
+}
 
 
 @pytest.fixture

@@ -1,0 +1,74 @@
+"""The shipped systemd units: valid for systemd, hardened, restart policy sane."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+ANALYZE = shutil.which("systemd-analyze")
+needs_systemd = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed on this machine")
+
+
+def _local_copy(unit: str, folder: Path) -> Path:
+    # verify checks that ExecStart exists: point it at this checkout's installed scripts.
+    scripts = Path(sys.executable).parent
+    text = (UNITS / unit).read_text().replace("/opt/agenthub/.venv/bin/", f"{scripts}/")
+    copy = folder / unit
+    copy.write_text(text)
+    return copy
+
+
+@needs_systemd
+@pytest.mark.parametrize("unit", ["agenthub.service", "agenthub-agent.service"])
+def test_unit_passes_systemd_analyze_verify(unit: str, tmp_path: Path) -> None:
+    assert ANALYZE is not None
+    result = subprocess.run(
+        [ANALYZE, "verify", str(_local_copy(unit, tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert unit not in result.stderr, result.stderr
+
+
+@needs_systemd
+@pytest.mark.parametrize(("unit", "worst"), [("agenthub.service", 2.0), ("agenthub-agent.service", 3.0)])
+def test_unit_exposure_stays_low(unit: str, worst: float, tmp_path: Path) -> None:
+    assert ANALYZE is not None
+    result = subprocess.run(
+        [ANALYZE, "security", "--offline=true", str(_local_copy(unit, tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    assert float(found.group(1)) <= worst
+
+
+@pytest.mark.parametrize("unit", ["agenthub.service", "agenthub-agent.service"])
+def test_unit_is_confined_to_its_own_state(unit: str) -> None:
+    text = (UNITS / unit).read_text()
+    for directive in (
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "UMask=0077",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=2",
+        "StartLimitBurst=",
+        "User=",
+    ):
+        assert directive in text, directive
+    writable = re.findall(r"^ReadWritePaths=(.+)$", text, re.MULTILINE)
+    assert writable == [f"/var/lib/{unit.removesuffix('.service')}"]
+    assert re.search(r"^CapabilityBoundingSet=", text, re.MULTILINE)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
+import shutil
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +22,16 @@ from hub.certs import create_ca, init_pki, issue_agent
 from hub.config import Settings
 from hub.keys import INGESTOR, SCORING, STORE
 from hub.tokens import create_token
+
+
+def require_tool(name: str) -> str:
+    """Return the path of a program a test needs: skip without it here, fail without it in CI."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI but is not installed; .ci/run should install it")
+        pytest.skip(f"{name} is not installed on this machine")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_tool
+
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
-ANALYZE = shutil.which("systemd-analyze")
-needs_systemd = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed on this machine")
 
 
 def _local_copy(unit: str, folder: Path) -> Path:
@@ -24,12 +23,10 @@ def _local_copy(unit: str, folder: Path) -> Path:
     return copy
 
 
-@needs_systemd
 @pytest.mark.parametrize("unit", ["agenthub.service", "agenthub-agent.service"])
 def test_unit_passes_systemd_analyze_verify(unit: str, tmp_path: Path) -> None:
-    assert ANALYZE is not None
     result = subprocess.run(
-        [ANALYZE, "verify", str(_local_copy(unit, tmp_path))],
+        [require_tool("systemd-analyze"), "verify", str(_local_copy(unit, tmp_path))],
         capture_output=True,
         text=True,
         timeout=60,
@@ -39,12 +36,10 @@ def test_unit_passes_systemd_analyze_verify(unit: str, tmp_path: Path) -> None:
     assert unit not in result.stderr, result.stderr
 
 
-@needs_systemd
 @pytest.mark.parametrize(("unit", "worst"), [("agenthub.service", 2.0), ("agenthub-agent.service", 3.0)])
 def test_unit_exposure_stays_low(unit: str, worst: float, tmp_path: Path) -> None:
-    assert ANALYZE is not None
     result = subprocess.run(
-        [ANALYZE, "security", "--offline=true", str(_local_copy(unit, tmp_path))],
+        [require_tool("systemd-analyze"), "security", "--offline=true", str(_local_copy(unit, tmp_path))],
         capture_output=True,
         text=True,
         timeout=60,

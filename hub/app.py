@@ -97,6 +97,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     # Stop in order: no new work, score and persist what was stored, then close the store.
     watcher.cancel()
+    await app[INGESTOR].close()  # batches under way commit and reach scoring first
     scoring.stop()
     await asyncio.gather(watcher, scorer, return_exceptions=True)
     await store.close()

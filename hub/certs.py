@@ -20,6 +20,7 @@ from hub.problems import HubError
 AGENT_ID_RE = re.compile(AGENT_ID_PATTERN)
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
+_RESERVED_IDS = frozenset({"ca", "server"})  # agent files share the folder with ca.* and server.*
 _CA_DAYS = 3650
 _SERVER_DAYS = 825
 
@@ -191,6 +192,8 @@ def issue_agent(
             f"invalid agent id {agent_id!r}: use 1-64 characters of A-Z a-z 0-9 . _ -, "
             "not starting with a dot"
         )
+    if agent_id.lower() in _RESERVED_IDS:
+        raise CertificateError(f"{agent_id!r} names the hub's own certificate files; choose another agent id")
     if days <= 0:
         raise CertificateError("--days must be a positive number of days")
     cert, key = _leaf(

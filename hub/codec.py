@@ -10,8 +10,18 @@ import orjson
 from hub.problems import BatchTooLarge, InvalidInput
 
 
+class WirePayload(dict[str, Any]):
+    """An object argument of a Socket.IO event, with the size of the text it arrived in."""
+
+    wire_bytes: int = 0
+
+
 class SocketJson:
-    """orjson in the shape python-socketio expects of its `json` module (2.6x on batches)."""
+    """orjson in the shape python-socketio expects of its `json` module (2.6x on batches).
+
+    python-socketio passes `loads` the text of each packet, which is the only place a JSON
+    batch's size is known; the object argument of an event remembers it.
+    """
 
     @staticmethod
     def dumps(obj: Any, **_: Any) -> str:
@@ -19,13 +29,22 @@ class SocketJson:
 
     @staticmethod
     def loads(data: str | bytes, **_: Any) -> Any:
-        return orjson.loads(data)
+        value = orjson.loads(data)
+        if isinstance(value, list) and len(value) == 2 and type(value[1]) is dict:
+            payload = WirePayload(value[1])
+            payload.wire_bytes = (
+                len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
+            )
+            value[1] = payload
+        return value
 
 
 def decode_batch(payload: Any, *, max_events: int, max_bytes: int) -> list[Any]:
     """Return the raw event list of an `events` payload (a JSON object or msgpack bytes)."""
     if isinstance(payload, bytes | bytearray):
         payload = _unpack(bytes(payload), max_bytes)
+    elif isinstance(payload, WirePayload) and payload.wire_bytes > max_bytes:
+        raise _too_many_bytes(payload.wire_bytes, max_bytes)
     if not isinstance(payload, dict):
         raise InvalidInput(f'a batch must be an object {{"events": [...]}}, got {_json_type(payload)}')
     events = payload.get("events")
@@ -41,15 +60,18 @@ def decode_batch(payload: Any, *, max_events: int, max_bytes: int) -> list[Any]:
 
 def _unpack(data: bytes, max_bytes: int) -> Any:
     if len(data) > max_bytes:
-        raise BatchTooLarge(
-            f"the batch is {len(data)} bytes; the limit is {max_bytes} (max_batch_bytes)",
-            limit=max_bytes,
-        )
+        raise _too_many_bytes(len(data), max_bytes)
     try:
         # unpackb bounds every string, array and map length by the buffer's own size.
         return msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise InvalidInput(f"the payload is not valid msgpack: {exc}") from exc
+
+
+def _too_many_bytes(size: int, max_bytes: int) -> BatchTooLarge:
+    return BatchTooLarge(
+        f"the batch is {size} bytes; the limit is {max_bytes} (max_batch_bytes)", limit=max_bytes
+    )
 
 
 def _json_type(value: Any) -> str:
@@ -65,17 +87,15 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def depth(value: Any, limit: int) -> int:
-    """Return the nesting depth of `value`, stopping early once it passes `limit`."""
-    if isinstance(value, dict):
-        children: Any = value.values()
-    elif isinstance(value, list):
-        children = value
-    else:
-        return 0
-    deepest = 0
-    for child in children:
-        deepest = max(deepest, depth(child, limit))
-        if deepest >= limit:
-            break
-    return deepest + 1
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Return whether containers in `value` nest more than `limit` levels (no recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        node, level = pending.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if level > limit:
+            return True
+        pending.extend((child, level + 1) for child in children)
+    return False

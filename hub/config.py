@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     )
     commit_max_events: int = Field(5_000, gt=0, description="most events in one group commit")
     retry_after_ms: int = Field(1000, gt=0)
+    max_batches_in_flight: int = Field(
+        16, gt=0, description="unacked batches one agent socket may have before 'overloaded'"
+    )
+    max_processes_per_agent: int = Field(
+        50_000, gt=0, description="live processes scored per agent; the oldest riskless go first"
+    )
 
     # liveness
     heartbeat_interval_s: float = Field(10.0, gt=0)

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
 import msgpack
 from pydantic import ValidationError
 
-from hub.codec import decode_batch, depth
+from hub.codec import decode_batch, nested_deeper_than
 from hub.config import Settings
 from hub.models import EVENT_ADAPTER, EVENT_LIST_ADAPTER, BatchAck, Event, Rejection
-from hub.problems import Overloaded
+from hub.problems import Overloaded, Unavailable
 from hub.scoring import ScoringService
 from hub.store import EventBatch, Store
+
+_CLOSE_WAIT_S = 10.0  # longest shutdown waits for batches under way
 
 
 class Ingestor:
@@ -27,7 +30,10 @@ class Ingestor:
         self._last_seq: dict[str, int] = {}
         # Stored bodies are msgpack: a reused Packer costs a sixth of a per-call orjson.dumps.
         self._packer = msgpack.Packer()
-        self.in_flight = 0  # events waiting for their commit
+        self.in_flight = 0  # events taken in and not yet acked
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.accepted = 0
         self.duplicates = 0
         self.rejected = 0
@@ -42,21 +48,32 @@ class Ingestor:
         """Store a batch durably and return its ack; raise `HubError` for a bad or untimely one."""
         settings = self._settings
         raw = decode_batch(payload, max_events=settings.max_batch_events, max_bytes=settings.max_batch_bytes)
+        if self._closing:
+            raise Unavailable("the hub is shutting down", retry_after_ms=settings.retry_after_ms)
         if self.in_flight + self._scoring.backlog + len(raw) > settings.ingest_max_pending_events:
             raise Overloaded("the hub's ingest queue is full", retry_after_ms=settings.retry_after_ms)
+        # Counted from here: batches waiting for scoring hold memory too.
+        self.in_flight += len(raw)
+        self._idle.clear()
         try:
-            await asyncio.wait_for(self._scoring.wait_for_room(), settings.scoring_wait_s)
-        except TimeoutError:
-            raise Overloaded("scoring is behind", retry_after_ms=settings.retry_after_ms) from None
+            return await self._commit(agent_id, raw)
+        finally:
+            self.in_flight -= len(raw)
+            if not self.in_flight:
+                self._idle.set()
+
+    async def _commit(self, agent_id: str, raw: list[Any]) -> BatchAck:
+        settings = self._settings
+        if self._scoring.full:
+            try:
+                await asyncio.wait_for(self._scoring.wait_for_room(), settings.scoring_wait_s)
+            except TimeoutError:
+                raise Overloaded("scoring is behind", retry_after_ms=settings.retry_after_ms) from None
         events, bodies, rejected = self._validate(raw)
         previous = await self.last_seq(agent_id)
-        self.in_flight += len(events)
-        try:
-            new_seqs = await self._store.commit_events(
-                EventBatch(agent_id, events, bodies, received_at=time.time())
-            )
-        finally:
-            self.in_flight -= len(events)
+        new_seqs = await self._store.commit_events(
+            EventBatch(agent_id, events, bodies, received_at=time.time())
+        )
         new_events = [event for event in events if event["seq"] in new_seqs]
         self._scoring.submit(agent_id, new_events)
         # Another batch of this agent may have committed meanwhile: never move backwards.
@@ -72,6 +89,13 @@ class Ingestor:
             last_seq=last,
         )
 
+    async def close(self) -> None:
+        """Refuse new batches (agents retry elsewhere or later) and wait for those under way."""
+        self._closing = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_WAIT_S):
+                await self._idle.wait()
+
     def _validate(self, raw: list[Any]) -> tuple[list[Event], list[bytes], list[Rejection]]:
         try:
             candidates: list[tuple[int, Event]] = list(enumerate(EVENT_LIST_ADAPTER.validate_python(raw)))
@@ -82,8 +106,12 @@ class Ingestor:
         bodies: list[bytes] = []
         limit = self._settings.max_event_bytes
         pack = self._packer.pack
+        seen: set[int] = set()
         for index, event in candidates:
             problem = self._check(event)
+            if event["seq"] in seen:
+                problem = f"seq {event['seq']} appears twice in this batch"
+            seen.add(event["seq"])
             body = b""
             if problem is None:
                 try:
@@ -113,10 +141,7 @@ class Ingestor:
 
     def _check(self, event: Event) -> str | None:
         metadata = event.get("metadata")
-        if (
-            metadata
-            and depth(metadata, self._settings.max_metadata_depth) > self._settings.max_metadata_depth
-        ):
+        if metadata and nested_deeper_than(metadata, self._settings.max_metadata_depth):
             return f"metadata is nested deeper than {self._settings.max_metadata_depth} levels"
         return None
 

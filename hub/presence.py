@@ -47,7 +47,6 @@ class Presence:
     async def connect(self, agent_id: str, sid: str, info: ConnectInfo, fingerprint: str) -> None:
         """Record a new connection of `agent_id` as online."""
         now = time.time()
-        self._live[agent_id] = _Live(sid, "online", now)
         await self._change(
             agent_id,
             "online",
@@ -57,6 +56,7 @@ class Presence:
             cert_fingerprint=fingerprint,
             **info,
         )
+        self._live[agent_id] = _Live(sid, "online", now)  # only once the store has it
 
     async def heartbeat(self, agent_id: str, sid: str, beat: Heartbeat) -> dict[str, float]:
         """Record a heartbeat and return its ack."""
@@ -88,15 +88,21 @@ class Presence:
         """Mark agents late, then offline, when heartbeats stop; runs until cancelled."""
         while True:
             await asyncio.sleep(min(1.0, self._interval / 4))
-            now = time.time()
-            for agent_id, live in list(self._live.items()):
-                silent = now - live.last_heartbeat
-                if silent > self._offline_after:
-                    log.warning("agent %s missed its heartbeats for %.1fs: disconnecting", agent_id, silent)
-                    await disconnect(live.sid, "missed_heartbeats")
-                elif silent > self._late_after and live.status == "online":
-                    live.status = "late"
-                    await self._change(agent_id, "late", "missed_heartbeats", now)
+            try:
+                await self._check(disconnect)
+            except Exception:  # the store failed: liveness must keep being watched
+                log.exception("liveness check failed; will retry")
+
+    async def _check(self, disconnect: Disconnector) -> None:
+        now = time.time()
+        for agent_id, live in list(self._live.items()):
+            silent = now - live.last_heartbeat
+            if silent > self._offline_after:
+                log.warning("agent %s missed its heartbeats for %.1fs: disconnecting", agent_id, silent)
+                await disconnect(live.sid, "missed_heartbeats")
+            elif silent > self._late_after and live.status == "online":
+                live.status = "late"
+                await self._change(agent_id, "late", "missed_heartbeats", now)
 
     async def _change(
         self, agent_id: str, status: AgentStatus, reason: PresenceReason, now: float, **fields: Any

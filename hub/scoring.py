@@ -35,6 +35,7 @@ class RiskParams:
     thresholds: tuple[float, ...]
     hysteresis: float
     explanation_top: int
+    max_processes: int = 50_000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RiskParams:
@@ -45,6 +46,7 @@ class RiskParams:
             thresholds=tuple(settings.risk_thresholds),
             hysteresis=settings.risk_hysteresis,
             explanation_top=settings.explanation_top,
+            max_processes=settings.max_processes_per_agent,
         )
 
 
@@ -178,9 +180,10 @@ class RiskEngine:
                 changed[process.process_key] = process
         return process
 
-    @staticmethod
-    def _new_process(agent_id: str, table: dict[int, ProcessRisk], event: Event) -> ProcessRisk:
+    def _new_process(self, agent_id: str, table: dict[int, ProcessRisk], event: Event) -> ProcessRisk:
         # For a process we never saw start (it predates the agent) this keys it by first sight.
+        if len(table) >= self.params.max_processes:
+            _evict_one(table)
         process = ProcessRisk(
             agent_id=agent_id,
             pid=event["pid"],
@@ -302,9 +305,17 @@ class RiskEngine:
         }
 
 
+def _evict_one(table: dict[int, ProcessRisk]) -> None:
+    # Bounded memory per agent: forget the oldest process that carries no risk (dicts keep
+    # insertion order), or the oldest of all when every one carries some.
+    victim = next((pid for pid, process in table.items() if process.risk_score == 0), next(iter(table)))
+    del table[victim]
+
+
 Publisher = Callable[[str, str, dict[str, Any]], None]
 # Events scored per pass: a pass runs on the event loop, so a bound keeps acks flowing.
 PASS_EVENTS = 2000
+_RETRY_S = 1.0
 
 
 class ScoringService:
@@ -334,6 +345,10 @@ class ScoringService:
                 self._room.clear()
             self._wakeup.set()
 
+    @property
+    def full(self) -> bool:
+        return self.backlog >= self._max_backlog
+
     async def wait_for_room(self) -> None:
         """Return once the backlog is below its bound: ingest's backpressure, so pushes stay live."""
         while self.backlog >= self._max_backlog:
@@ -345,7 +360,12 @@ class ScoringService:
         while not self._stopping:
             await self._wakeup.wait()
             self._wakeup.clear()
-            await self.drain()
+            try:
+                await self.drain()
+            except Exception:  # the store failed: the work went back in the queue; retry
+                log.exception("scoring pass failed; retrying in %.0f s", _RETRY_S)
+                await asyncio.sleep(_RETRY_S)
+                self._wakeup.set()
 
     def stop(self) -> None:
         """Ask `run()` to finish: it scores and persists what is queued, then returns."""
@@ -368,13 +388,20 @@ class ScoringService:
         while self._queue and taken < PASS_EVENTS:
             work.append(self._queue.popleft())
             taken += len(work[-1][1])
+        try:
+            for agent_id in {agent_id for agent_id, _ in work if not self.engine.knows(agent_id)}:
+                self.engine.restore(agent_id, await self._store.load_processes(agent_id))
+        except Exception:
+            self._queue.extendleft(reversed(work))  # nothing was scored: try the same work again
+            raise
         changed: dict[str, ProcessRisk] = {}
         alerts: list[dict[str, Any]] = []
         for agent_id, events in work:
-            if not self.engine.knows(agent_id):
-                self.engine.restore(agent_id, await self._store.load_processes(agent_id))
             for event in events:
-                alerts += self.engine.apply(agent_id, event, changed)
+                try:
+                    alerts += self.engine.apply(agent_id, event, changed)
+                except Exception:  # a bug must cost one event's score, not the scorer
+                    log.exception("scoring failed for %s seq %s", agent_id, event.get("seq"))
             self.backlog -= len(events)
             self.scored += len(events)
         if self.backlog < self._max_backlog:
@@ -387,9 +414,16 @@ class ScoringService:
         self._flushing = asyncio.create_task(self._flush(records, alerts))
 
     async def _flush(self, records: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> None:
-        # Persist before publishing so a dashboard never shows what a restart would forget.
-        await self._store.save_processes(records)
-        stored_alerts = await self._store.insert_alerts(alerts)
+        # Persist before publishing so a dashboard never shows what a restart would forget;
+        # the state is already in memory, so a failing store is retried until it takes it.
+        while True:
+            try:
+                await self._store.save_processes(records)
+                stored_alerts = await self._store.insert_alerts(alerts)
+                break
+            except Exception:
+                log.exception("persisting scores failed; retrying in %.0f s", _RETRY_S)
+                await asyncio.sleep(_RETRY_S)
         for record in records:
             self._publish("score", record["process_key"], dict(score_view(record)))
         for alert in stored_alerts:

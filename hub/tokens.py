@@ -45,7 +45,7 @@ def load_secret(settings: Settings) -> str:
         return settings.jwt_secret.get_secret_value()
     path = settings.data_dir / _SECRET_FILE
     if not path.is_file():
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         _create_secret_file(path)
     return path.read_text().strip()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -9,12 +10,13 @@ from typing import Any
 import socketio
 from pydantic import ValidationError
 
+from hub.certs import is_valid_agent_id
 from hub.config import Settings
 from hub.identity import AgentIdentity, IdentityError, identify, peer_certificate
 from hub.ingest import Ingestor
 from hub.models import CONNECT_INFO_ADAPTER, HEARTBEAT_ADAPTER, ConnectInfo, PresenceReason
 from hub.presence import Presence
-from hub.problems import HubError, InvalidInput, error_ack
+from hub.problems import HubError, InternalError, InvalidInput, Overloaded, error_ack
 from hub.store import Store
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         self._presence = presence
         self._agents: dict[str, str] = {}  # sid -> agent id
         self._closing: dict[str, PresenceReason] = {}  # sid -> why the hub closed it
+        self._in_flight: dict[str, int] = {}  # sid -> batches not yet answered
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         try:
@@ -55,7 +58,15 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             raise socketio.exceptions.ConnectionRefusedError(
                 message, {"code": "auth_invalid", "message": message}
             ) from None
-        await self._admit(sid, identity, info)
+        try:
+            await self._admit(sid, identity, info)
+        except Exception:
+            self._agents.pop(sid, None)
+            log.exception("admitting agent %s failed", identity.agent_id)
+            message = "The hub cannot admit agents right now; retry later."
+            raise socketio.exceptions.ConnectionRefusedError(
+                message, {"code": "unavailable", "message": message}
+            ) from None
 
     async def _identify(self, environ: dict[str, Any], auth: Any) -> AgentIdentity:
         cert = peer_certificate(environ["aiohttp.request"])
@@ -63,6 +74,8 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             agent_id = auth.get("agent_id") if isinstance(auth, dict) else None
             log.warning("DEV MODE: agent %r connected WITHOUT a client certificate", agent_id)
             if isinstance(agent_id, str):
+                if not is_valid_agent_id(agent_id):
+                    raise IdentityError("cn_invalid", f"{agent_id!r} is not a valid agent id.")
                 return AgentIdentity(agent_id=agent_id, fingerprint="insecure", serial="")
         return await identify(cert, self._store)
 
@@ -92,10 +105,25 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         agent_id = self._agents.get(sid)
         if agent_id is None:
             return error_ack(InvalidInput("this socket is not connected as an agent"))
+        # python-socketio runs every message as its own task: bound what one socket can pile up.
+        if self._in_flight.get(sid, 0) >= self._settings.max_batches_in_flight:
+            return error_ack(
+                Overloaded(
+                    f"more than {self._settings.max_batches_in_flight} batches in flight on this socket "
+                    "(max_batches_in_flight)",
+                    retry_after_ms=self._settings.retry_after_ms,
+                )
+            )
+        self._in_flight[sid] = self._in_flight.get(sid, 0) + 1
         try:
             return dict(await self._ingestor.ingest(agent_id, payload))
         except HubError as error:
             return error_ack(error)
+        except Exception:  # every call gets an ack, or the agent waits for nothing
+            log.exception("events from %s failed", agent_id)
+            return error_ack(InternalError("the hub failed to process this batch; retry it"))
+        finally:
+            self._in_flight[sid] -= 1
 
     async def on_heartbeat(self, sid: str, payload: Any = None) -> dict[str, Any]:
         agent_id = self._agents.get(sid)
@@ -105,10 +133,17 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             beat = HEARTBEAT_ADAPTER.validate_python(payload)
         except ValidationError as exc:
             return error_ack(InvalidInput(f"invalid heartbeat: {exc.errors()[0]['msg']}"))
-        return await self._presence.heartbeat(agent_id, sid, beat)
+        try:
+            return await self._presence.heartbeat(agent_id, sid, beat)
+        except HubError as error:
+            return error_ack(error)
+        except Exception:
+            log.exception("heartbeat from %s failed", agent_id)
+            return error_ack(InternalError("the hub failed to record this heartbeat"))
 
     async def on_disconnect(self, sid: str, reason: str = "") -> None:
         agent_id = self._agents.pop(sid, None)
+        self._in_flight.pop(sid, None)
         why = self._closing.pop(sid, None) or _REASONS.get(reason, "transport_lost")
         if agent_id is not None:
             log.info("agent %s disconnected (%s)", agent_id, why)
@@ -121,5 +156,4 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
 
     async def close_all(self, reason: PresenceReason) -> None:
         """Disconnect every agent (shutdown)."""
-        for sid in list(self._agents):
-            await self.close(sid, reason)
+        await asyncio.gather(*(self.close(sid, reason) for sid in list(self._agents)))

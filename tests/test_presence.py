@@ -88,3 +88,16 @@ async def test_restart_keeps_acked_events_and_marks_agents_offline(settings: Set
         await again.close()
     finally:
         await runner.cleanup()
+
+
+async def test_the_database_is_readable_by_its_owner_only(settings: Settings) -> None:
+    runner, running = await start_hub(settings)
+    try:
+        agent = await open_agent(running, "agent-1")
+        await agent.send({"events": make_events(1, 3)})
+        await agent.close()
+        for path in settings.data_dir.glob("hub.db*"):
+            assert path.stat().st_mode & 0o077 == 0, path
+        assert settings.data_dir.stat().st_mode & 0o077 == 0
+    finally:
+        await runner.cleanup()

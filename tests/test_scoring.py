@@ -238,3 +238,17 @@ async def test_scores_of_acked_events_survive_an_immediate_shutdown(settings: Se
         assert [item["process_id"] for item in page.items] == ["agent-1:200"]
     finally:
         await runner.cleanup()
+
+
+async def test_tracked_processes_per_agent_are_bounded(settings: Settings) -> None:
+    params = RiskParams.from_settings(settings.model_copy(update={"max_processes_per_agent": 3}))
+    engine = RiskEngine(load_rules(settings.rule_files), params)
+    for event in attack():  # pid 200 becomes risky
+        engine.apply("a", event, {})
+    for pid in range(300, 310):
+        engine.apply(
+            "a", {"seq": pid, "ts": T0 + pid, "kind": "process_start", "pid": pid, "exe": "/bin/true"}, {}
+        )
+    live = {p.pid: p.risk_score for p in engine.processes()}
+    assert len(live) == 3
+    assert live[200] > 80

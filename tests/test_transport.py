@@ -6,8 +6,10 @@ import asyncio
 
 import msgpack
 import pytest
+import socketio
 
-from tests.conftest import ConnectAgent, RunningHub, make_events
+from hub.config import Settings
+from tests.conftest import ConnectAgent, RunningHub, make_events, open_agent, start_hub
 
 
 async def test_hello_reports_last_stored_seq(hub: RunningHub, connect_agent: ConnectAgent) -> None:
@@ -165,3 +167,87 @@ async def test_heartbeat_is_acked_and_stored(hub: RunningHub, connect_agent: Con
     assert stored["heartbeat"]["dropped"] == 2
     bad = await agent.send({"ts": "yesterday"}, event="heartbeat")
     assert bad["error"]["code"] == "invalid_input"
+
+
+async def test_a_seq_twice_in_one_batch_is_rejected_not_counted(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent("agent-1")
+    events = make_events(1, 3)
+    events.append({**events[1], "path": "/tmp/other"})
+    ack = await agent.send({"events": events})
+    assert ack["accepted"] == 3
+    assert ack["rejected"] == [{"index": 3, "seq": 2, "error": "seq 2 appears twice in this batch"}]
+    await hub.settle()
+    assert await hub.store.count_events("agent-1") == 3
+
+
+async def test_absurdly_deep_metadata_is_rejected_without_harm(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent("agent-1")
+    deep: list[object] = []
+    for _ in range(900):
+        deep = [deep]
+    events = make_events(1, 2)
+    events[0]["metadata"] = {"x": deep}
+    ack = await agent.send(msgpack.packb({"events": events}))
+    assert ack["accepted"] == 1
+    assert "nested deeper" in ack["rejected"][0]["error"]
+
+
+async def test_json_batch_over_the_byte_limit_gets_an_error_and_the_socket_stays(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent("agent-2")
+    events = make_events(1, 100)
+    for event in events:
+        event["argv"] = ["z" * 12_000]  # 1.2 MB of JSON: over max_batch_bytes, under the frame limit
+    answer = await agent.send({"events": events})
+    assert answer["error"]["code"] == "batch_too_large"
+    assert "max_batch_bytes" in answer["error"]["message"]
+    assert (await agent.send({"events": make_events(1, 2)}))["accepted"] == 2
+
+
+async def test_batches_larger_than_one_sqlite_statement_are_stored(settings: Settings) -> None:
+    runner, big = await start_hub(settings.model_copy(update={"max_batch_events": 6000}))
+    try:
+        agent = await open_agent(big, "agent-1")
+        ack = await agent.send({"events": make_events(1, 6000)})
+        assert (ack["accepted"], ack["last_seq"]) == (6000, 6000)
+        again = await agent.send({"events": make_events(1, 6000)})
+        assert again["duplicates"] == 6000
+        await agent.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_dev_mode_still_checks_the_agent_id(settings: Settings) -> None:
+    runner, dev = await start_hub(settings.model_copy(update={"dev_insecure": True}))
+    try:
+        good = await open_agent(dev, None, auth={"agent_id": "lab-box"})
+        assert good.hello.result()["agent_id"] == "lab-box"
+        await good.close()
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await open_agent(dev, None, auth={"agent_id": "../etc"})
+        assert await dev.store.get_agent("../etc") is None
+    finally:
+        await runner.cleanup()
+
+
+async def test_one_socket_cannot_pile_up_unbounded_batches(settings: Settings) -> None:
+    runner, small = await start_hub(settings.model_copy(update={"max_batches_in_flight": 2}))
+    try:
+        agent = await open_agent(small, "agent-1")
+        answers = await asyncio.gather(
+            *(agent.send({"events": make_events(1 + 10 * i, 10)}) for i in range(30))
+        )
+        refused = [a for a in answers if "error" in a]
+        assert refused
+        assert {a["error"]["code"] for a in refused} == {"overloaded"}
+        assert "max_batches_in_flight" in refused[0]["error"]["message"]
+        stored = sum(a.get("accepted", 0) for a in answers)
+        assert await small.store.count_events("agent-1") == stored
+        await agent.close()
+    finally:
+        await runner.cleanup()

@@ -12,6 +12,7 @@ a group commit is then one thread hop instead of one per statement.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import time
@@ -92,9 +93,11 @@ class SqliteStore:
     # lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         loop = asyncio.get_running_loop()
         self._writer_conn = await loop.run_in_executor(self._write_thread, _connect, self._path)
+        # Event bodies hold command lines: owner only (SQLite gives -wal and -shm the same mode).
+        self._path.chmod(0o600)
         await loop.run_in_executor(self._write_thread, _migrate, self._writer_conn)
         # Checkpoints run in their own thread, beside the writer: an automatic checkpoint
         # inside COMMIT would stall every ack waiting on that commit.
@@ -157,6 +160,10 @@ class SqliteStore:
                 if not job.future.done():
                     if ok:
                         job.future.set_result(value)
+                    elif isinstance(value, sqlite3.Error):  # disk full, I/O error: retryable
+                        job.future.set_exception(
+                            Unavailable(f"storage unavailable: {value}", retry_after_ms=self._retry_after_ms)
+                        )
                     else:
                         job.future.set_exception(value)
                 self._jobs.task_done()
@@ -201,22 +208,17 @@ class SqliteStore:
 
     async def commit_events(self, batch: EventBatch) -> set[int]:
         def insert(conn: sqlite3.Connection) -> set[int]:
-            rows: list[Any] = []
-            for event, body in zip(batch.events, batch.bodies, strict=True):
-                rows += (
-                    batch.agent_id,
-                    event["seq"],
-                    event["ts"],
-                    event["kind"],
-                    event["pid"],
-                    batch.received_at,
-                    body,
-                )
-            # One multi-row INSERT per batch; only placeholders are interpolated.
-            values = ",".join(["(?,?,?,?,?,?,?)"] * len(batch.events))
-            sql = f"INSERT INTO events (agent_id, seq, ts, kind, pid, received_at, body) VALUES {values} "  # noqa: S608
-            cursor = conn.execute(sql + "ON CONFLICT (agent_id, seq) DO NOTHING RETURNING seq", rows)
-            return {row[0] for row in cursor.fetchall()}
+            new: set[int] = set()
+            # One multi-row INSERT per chunk, within SQLite's limit on bound parameters.
+            for start in range(0, len(batch.events), _ROWS_PER_INSERT):
+                rows: list[Any] = []
+                events = batch.events[start : start + _ROWS_PER_INSERT]
+                for event, body in zip(events, batch.bodies[start : start + _ROWS_PER_INSERT], strict=True):
+                    rows += (batch.agent_id, event["seq"], event["ts"], event["kind"], event["pid"],
+                             batch.received_at, body)  # fmt: skip
+                cursor = conn.execute(_insert_events_sql(len(events)), rows)
+                new.update(row[0] for row in cursor.fetchall())
+            return new
 
         if not batch.events:
             return set()
@@ -416,6 +418,18 @@ class SqliteStore:
                 (fingerprint, serial, agent_id, reason, time.time()),
             )
         )
+
+
+_ROWS_PER_INSERT = 4000  # 7 parameters a row; SQLite allows 32,766 per statement
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_events_sql(rows: int) -> str:
+    values = ",".join(["(?,?,?,?,?,?,?)"] * rows)  # only placeholders are interpolated
+    return (
+        f"INSERT INTO events (agent_id, seq, ts, kind, pid, received_at, body) VALUES {values} "  # noqa: S608
+        "ON CONFLICT (agent_id, seq) DO NOTHING RETURNING seq"
+    )
 
 
 def _upsert_processes(conn: sqlite3.Connection, states: list[dict[str, Any]]) -> None:

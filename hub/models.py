@@ -116,13 +116,6 @@ Severity = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
 SEVERITY_ORDER: dict[str, int] = {"LOW": 1, "MEDIUM": 2, "HIGH": 3, "CRITICAL": 4}
 
 
-class StoredEvent(TypedDict):
-    """An accepted event on its way from the store to scoring."""
-
-    agent_id: str
-    event: Event
-
-
 class Contribution(TypedDict):
     """One line of a score's explanation."""
 
@@ -154,22 +147,3 @@ def score_view(record: dict[str, Any]) -> ScoreView:
     """Pick the public fields of a stored process record."""
     view: ScoreView = {name: record[name] for name in ScoreView.__annotations__}  # type: ignore[assignment]
     return view
-
-
-class AlertView(TypedDict):
-    """A raised alert as the API and the dashboard show it."""
-
-    id: str
-    agent_id: str
-    pid: int
-    process_id: str
-    process_key: str
-    severity: str
-    rule_id: str
-    title: str
-    mitre: list[str]
-    risk_score: float
-    threshold: float | None
-    ts: float
-    status: str
-    explanation: list[Contribution]

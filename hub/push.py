@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -20,27 +21,35 @@ log = logging.getLogger(__name__)
 SnapshotSource = Callable[[], Awaitable[dict[str, Any]]]
 
 
+@dataclass(slots=True)
+class PushStats:
+    """Counters over every subscriber, for operators."""
+
+    published: int = 0
+    coalesced: int = 0
+    resyncs: int = 0
+
+
 class Subscriber:
     """One dashboard connection's pending updates."""
 
-    def __init__(self, max_pending: int) -> None:
+    def __init__(self, max_pending: int, stats: PushStats) -> None:
         self._pending: dict[str, bytes] = {}
         self._max_pending = max_pending
+        self._stats = stats
         self.ready = asyncio.Event()
         self.ready.set()  # the first thing to send is a snapshot
         self.needs_snapshot = True
-        self.coalesced = 0
-        self.resyncs = 0
 
     def offer(self, key: str, message: bytes) -> None:
         if self.needs_snapshot:
             return  # the coming snapshot includes this update
         if key in self._pending:
-            self.coalesced += 1
+            self._stats.coalesced += 1
         elif len(self._pending) >= self._max_pending:
             self._pending.clear()
             self.needs_snapshot = True
-            self.resyncs += 1
+            self._stats.resyncs += 1
             self.ready.set()
             return
         self._pending[key] = message
@@ -58,7 +67,7 @@ class PushBus:
     def __init__(self, *, max_pending: int) -> None:
         self._subscribers: set[Subscriber] = set()
         self._max_pending = max_pending
-        self.published = 0
+        self.stats = PushStats()
 
     @property
     def subscriber_count(self) -> int:
@@ -72,10 +81,10 @@ class PushBus:
         slot = f"{kind}:{key}"
         for subscriber in self._subscribers:
             subscriber.offer(slot, message)
-        self.published += 1
+        self.stats.published += 1
 
     def subscribe(self) -> Subscriber:
-        subscriber = Subscriber(self._max_pending)
+        subscriber = Subscriber(self._max_pending, self.stats)
         self._subscribers.add(subscriber)
         return subscriber
 

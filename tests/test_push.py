@@ -39,6 +39,12 @@ async def test_updates_to_one_process_coalesce_to_the_latest(hub: RunningHub) ->
         assert first == {"type": "score", "data": {"process_key": "a:1:0", "risk_score": 999}}
         assert second["type"] == "alert"
         await ws.close()
+        async with session.get(
+            f"{hub.url}/api/v1/stats", headers={"Authorization": f"Bearer {hub.token()}"}
+        ) as r:
+            stats = await r.json()
+        assert stats["push_published"] == 1001
+        assert stats["push_coalesced"] == 999
 
 
 async def test_subscriber_too_far_behind_gets_a_fresh_snapshot(hub: RunningHub) -> None:

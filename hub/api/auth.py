@@ -10,7 +10,6 @@ from aiohttp.typedefs import Handler
 
 from hub.keys import PRINCIPAL, VERIFIER
 from hub.problems import Unauthorized
-from hub.tokens import Principal
 
 RouteHandler = TypeVar("RouteHandler", bound=Callable[..., Awaitable[web.StreamResponse]])
 _PROTECTED_PREFIXES = ("/api/", "/ws/")
@@ -25,11 +24,6 @@ def requires(scope: str | None) -> Callable[[RouteHandler], RouteHandler]:
         return handler
 
     return mark
-
-
-def principal(request: web.Request) -> Principal:
-    """Return who made `request` (set by `auth_middleware`)."""
-    return request[PRINCIPAL]
 
 
 def _bearer(request: web.Request) -> str | None:

@@ -111,15 +111,19 @@ async def list_alerts(request: web.Request) -> web.Response:
 @requires("hub:read")
 async def stats(request: web.Request) -> web.Response:
     """Counters a dashboard or an operator checks first."""
-    ingestor, scoring = request.app[INGESTOR], request.app[SCORING]
+    ingestor, scoring, bus = request.app[INGESTOR], request.app[SCORING], request.app[BUS]
     return web.json_response(
         {
             "events_accepted": ingestor.accepted,
             "events_duplicate": ingestor.duplicates,
             "events_rejected": ingestor.rejected,
+            "events_scored": scoring.scored,
             "scoring_backlog": scoring.backlog,
             "agents_connected": request.app[PRESENCE].connected,
-            "dashboards": request.app[BUS].subscriber_count,
+            "dashboards": bus.subscriber_count,
+            "push_published": bus.stats.published,
+            "push_coalesced": bus.stats.coalesced,
+            "push_resyncs": bus.stats.resyncs,
         }
     )
 

@@ -88,7 +88,6 @@ class SqliteStore:
         self._writer_task: asyncio.Task[None] | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
-        self.commits = 0
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -155,7 +154,6 @@ class SqliteStore:
                 log.error("group commit of %d jobs failed: %s", len(group), exc)
                 failure = Unavailable(f"storage unavailable: {exc}", retry_after_ms=self._retry_after_ms)
                 outcomes = [(False, failure)] * len(group)
-            self.commits += 1
             for job, (ok, value) in zip(group, outcomes, strict=True):
                 if not job.future.done():
                     if ok:

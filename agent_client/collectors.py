@@ -25,6 +25,9 @@ _OUTBOUND_TCP_STATES: Final = frozenset({psutil.CONN_ESTABLISHED, psutil.CONN_SY
 _STARTED: Final = time.monotonic()
 
 
+_SETTLE_S = 1.0  # a process this young with no command line is still starting
+
+
 class _Proc(NamedTuple):
     comm: str | None
     exe: str | None
@@ -79,9 +82,12 @@ class HostCollector:
                 self._procs[pid] = _Proc(None, None, kernel=True)
                 continue
             event = _start_event(pid)
-            if event is not None:
-                self._procs[pid] = _Proc(event.get("comm"), event.get("exe"))
-                events.append(event)
+            if event is None:
+                continue
+            if "argv" not in event and now - event["ts"] < _SETTLE_S:
+                continue  # caught mid-exec (no command line yet): read it again next poll
+            self._procs[pid] = _Proc(event.get("comm"), event.get("exe"))
+            events.append(event)
         return [event for event in events if event is not None]
 
     def _poll_sockets(self) -> list[Event]:

@@ -28,13 +28,14 @@ from agent_client.wire import (
     DEFAULT_MAX_BATCH_BYTES,
     FATAL_CONNECT_CODES,
     NAMESPACE,
-    RETRYABLE_CODES,
+    PERMANENT_CODES,
     Encoding,
     Event,
     HubRefusalError,
     encode_batch,
     event_size,
 )
+from hub.codec import SocketJson
 
 log = logging.getLogger("agent_client.session")
 # python-socketio logs every packet at INFO; keep that for --debug
@@ -105,7 +106,7 @@ class AgentSession:
         self.max_batch = DEFAULT_MAX_BATCH
         self._last_hello: dict[str, Any] | None = None
         self._acked_seq = 0
-        self._refused_below: set[int] = set()
+        self._unconfirmed: set[int] = set()
         self._client: socketio.AsyncClient | None = None
         self._emit_lock = asyncio.Lock()
         self._streams: set[asyncio.Task[None]] = set()
@@ -207,6 +208,7 @@ class AgentSession:
             engineio_logger=ENGINEIO_LOG,
             handle_sigint=False,
             http_session=http,
+            json=SocketJson,  # orjson, as event_size() estimates; stdlib json escapes non-ASCII
         )
         handlers = {
             "connect": self._on_connect,
@@ -428,10 +430,11 @@ class AgentSession:
                 return
 
     async def _resume(self, last_seq: int) -> None:
-        # A batch answered "overloaded" is known to be missing even if a later batch was
-        # stored (so last_seq is beyond it): keep it and resend rather than drop it as acked.
-        floor = min(self._refused_below, default=None)
-        self._refused_below.clear()
+        # hello.last_seq is the highest seq the hub stored, not a promise that everything
+        # below it is stored: a batch sent and never acked may be missing while a later one
+        # committed. Keep everything from the lowest such batch; the hub dedupes resends.
+        floor = min(self._unconfirmed, default=None)
+        self._unconfirmed.clear()
         through = last_seq if floor is None else min(last_seq, floor - 1)
         await asyncio.to_thread(self.spool.resume, through)
         self._acked_seq = max(through, 0)
@@ -496,23 +499,31 @@ class AgentSession:
     async def _deliver(self, events: list[Event]) -> None:
         payload = encode_batch(events, self.encoding)
         low, high = events[0]["seq"], events[-1]["seq"]
+        self._unconfirmed.add(low)
         while True:
             ack = await self._call("events", payload)
             error = ack.get("error") if isinstance(ack, dict) else {"code": "bad_ack", "message": repr(ack)}
             if not error:
-                self._refused_below.discard(low)
+                self._unconfirmed.discard(low)
                 _log_rejections(ack, low, high)
                 return
             code = error.get("code") if isinstance(error, dict) else None
-            if code in RETRYABLE_CODES:
-                self._refused_below.add(low)
-                delay = _retry_after(error)
-                log.info("hub %s for seq %d-%d; retrying in %.2fs", code, low, high, delay)
-                await asyncio.sleep(delay)
-                continue
-            log.error("hub refused the batch seq %d-%d (%r); dropping it", low, high, error)
-            self._refused_below.discard(low)
-            return
+            if code == "batch_too_large" and len(events) > 1:
+                # The hub measures differently than our estimate: send the halves instead.
+                middle = len(events) // 2
+                await self._deliver(events[:middle])
+                await self._deliver(events[middle:])
+                self._unconfirmed.discard(low)
+                return
+            if code in PERMANENT_CODES:
+                log.error("hub refused the batch seq %d-%d for good (%r); dropping it", low, high, error)
+                self._unconfirmed.discard(low)
+                return
+            # unavailable, overloaded, internal, or an answer we do not understand: the hub
+            # may recover, and dropping would lose events it never stored. Keep and retry.
+            delay = _retry_after(error) if isinstance(error, dict) else 1.0
+            log.info("hub answered %s for seq %d-%d; retrying in %.2fs", code, low, high, delay)
+            await asyncio.sleep(delay)
 
     async def _call(self, event: str, data: Any, wait_s: float | None = None) -> Any:
         client = self._require_client()
@@ -618,11 +629,18 @@ class AgentSession:
 
 
 async def _read_source(source: AsyncIterator[Event], buffer: asyncio.Queue[Event | None]) -> None:
+    cancelled = False
     try:
         async for event in source:
             await buffer.put(event)
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
     finally:
-        await buffer.put(None)
+        # A source that ended or failed marks the end for the pump (which keeps taking, so
+        # this put gets room); a cancelled reader must not wait on a buffer nobody drains.
+        if not cancelled:
+            await buffer.put(None)
 
 
 async def _take(buffer: asyncio.Queue[Event | None], limit: int) -> list[Event | None]:

@@ -22,7 +22,8 @@ EVENT_KINDS: Final = frozenset(_HUB_EVENT_KINDS)  # one list, the hub's
 FATAL_CONNECT_CODES: Final = frozenset({"cert_revoked", "cert_untrusted", "cn_invalid", "cert_expired"})
 
 # The hub keeps nothing of a batch answered with these codes; the agent retries it.
-RETRYABLE_CODES: Final = frozenset({"unavailable", "overloaded"})
+# Error acks that resending the same batch cannot fix; every other error is retried.
+PERMANENT_CODES: Final = frozenset({"invalid_input", "batch_too_large"})
 
 # Hub defaults (PROTOCOL.md): 1,000 events and 1 MiB per batch; stay under the byte limit
 # with room for the Socket.IO framing and for JSON escaping that orjson does not do.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from agent_client.wire import HubRefusalError
 from hub.app import NAMESPACE_KEY, create_app, listener_ssl
 from hub.config import Settings
 from hub.keys import INGESTOR, PRESENCE, STORE
+from hub.problems import BatchTooLarge
 from tests.agent_client.conftest import QueueSource, StartAgent, generate, until
 from tests.conftest import RunningHub
 
@@ -99,6 +101,68 @@ async def test_an_overloaded_hub_gets_the_batch_again(
     await agent.drained()
     assert answers[:3] == ["overloaded", "overloaded", "ok"]
     assert await _stored_seqs(hub) == list(range(1, 51))
+
+
+async def test_internal_errors_are_retried_and_too_large_batches_split(
+    hub: RunningHub, start_agent: StartAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestor = hub.app[INGESTOR]
+    real_ingest = ingestor.ingest
+    answers: list[str] = []
+
+    async def flaky_then_small(agent_id: str, payload: Any) -> Any:
+        if not answers:
+            answers.append("internal")
+            raise RuntimeError("the hub tripped")  # answered as an 'internal' error ack
+        if len(payload["events"]) > 25:
+            answers.append("too large")
+            raise BatchTooLarge("pretend the limit is 25 events")
+        answers.append("ok")
+        return await real_ingest(agent_id, payload)
+
+    monkeypatch.setattr(ingestor, "ingest", flaky_then_small)
+    agent = await start_agent(generate(100), inflight=1)
+    await agent.drained()
+    assert answers[0] == "internal"
+    assert "too large" in answers
+    assert await _stored_seqs(hub) == list(range(1, 101))
+
+
+async def test_non_ascii_batches_are_sized_as_they_travel(
+    hub: RunningHub, start_agent: StartAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestor = hub.app[INGESTOR]
+    real_ingest = ingestor.ingest
+    refusals: list[str] = []
+
+    async def watching(agent_id: str, payload: Any) -> Any:
+        try:
+            return await real_ingest(agent_id, payload)
+        except BatchTooLarge as exc:
+            refusals.append(str(exc))
+            raise
+
+    async def cyrillic() -> AsyncIterator[dict[str, Any]]:
+        for index in range(120):  # ~600 kB as UTF-8 JSON, ~1.8 MB if every letter were escaped
+            yield {"ts": 1.0, "kind": "process_start", "pid": 10 + index, "argv": ["й" * 2500]}
+
+    monkeypatch.setattr(ingestor, "ingest", watching)
+    agent = await start_agent(cyrillic())
+    await agent.drained()
+    assert refusals == []
+    assert await _stored_seqs(hub) == list(range(1, 121))
+
+
+async def test_stop_returns_while_the_source_still_floods(hub: RunningHub, start_agent: StartAgent) -> None:
+    async def endless() -> AsyncIterator[dict[str, Any]]:
+        index = 0
+        while True:
+            index += 1
+            yield {"ts": 1.0, "kind": "file_open", "pid": 1, "path": f"/f{index}"}
+
+    agent = await start_agent(endless())
+    await asyncio.sleep(1.0)  # long enough for the source buffer to fill
+    await asyncio.wait_for(agent.stop(), 15)
 
 
 async def test_heartbeats_report_spool_and_host(

@@ -119,3 +119,11 @@ def test_uses_wal_and_full_sync(spool: Spool) -> None:
     db = spool._db
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_the_spool_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db")
+    spool.append([{"ts": 1.0, "kind": "custom", "pid": 1, "argv": ["mysql", "-psecret"]}])
+    for path in tmp_path.glob("spool.db*"):
+        assert path.stat().st_mode & 0o077 == 0, path
+    spool.close()

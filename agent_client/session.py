@@ -50,6 +50,7 @@ DEFAULT_HEARTBEAT_S: Final = 15.0
 _PUMP_CHUNK: Final = 1000
 _SOURCE_BUFFER: Final = 10_000
 _MAX_RETRY_AFTER_S: Final = 60.0
+_STABLE_SESSION_S: Final = 60.0  # a session this long resets the reconnect backoff
 
 
 @dataclass
@@ -225,17 +226,29 @@ class AgentSession:
 
     async def _stay_connected(self) -> None:
         client = self._require_client()
+        short_sessions = 0
         while not self._stop_requested.is_set():
             await self._connect()
             if self._stop_requested.is_set():
                 return
+            connected_at = time.monotonic()
             # returns once the connection is over and the library gave up reconnecting,
             # which it does when the hub (not the network) ended the session
             await client.wait()
             if not self._stop_requested.is_set():
-                log.info("the hub ended the session; connecting again")
+                # A hub ending many sessions at once (shutdown, two agents sharing a
+                # certificate) must not get every agent back at the same instant.
+                stable = time.monotonic() - connected_at >= _STABLE_SESSION_S
+                short_sessions = 0 if stable else short_sessions + 1
+                delay = self._backoff(short_sessions)
+                log.info("the hub ended the session; connecting again in %.1fs", delay)
                 await self._settle(client)
-                await asyncio.sleep(self.reconnection_delay)
+                await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        """Return the wait before reconnect `attempt` (0 first): capped, doubling, jittered."""
+        base: float = min(self.reconnection_delay * 2.0**attempt, self.reconnection_delay_max)
+        return base * (1 + self.randomization_factor * (2 * random.random() - 1))
 
     async def _settle(self, client: socketio.AsyncClient) -> None:
         """Wait for the library to finish closing; it refuses to connect until then."""
@@ -247,7 +260,7 @@ class AgentSession:
 
     async def _connect(self) -> None:
         client = self._require_client()
-        delay = self.reconnection_delay
+        attempt = 0
         while not self._stop_requested.is_set():
             try:
                 await client.connect(
@@ -261,9 +274,10 @@ class AgentSession:
             except socketio.exceptions.ConnectionError as exc:
                 if self._stop_requested.is_set():
                     return
-                log.warning("cannot connect to %s (%s); retrying in about %.0fs", self.hub_url, exc, delay)
-                await asyncio.sleep(delay * (1 + self.randomization_factor * (2 * random.random() - 1)))
-                delay = min(delay * 2, self.reconnection_delay_max)
+                delay = self._backoff(attempt)
+                attempt += 1
+                log.warning("cannot connect to %s (%s); retrying in %.1fs", self.hub_url, exc, delay)
+                await asyncio.sleep(delay)
             else:
                 return
 
@@ -595,6 +609,10 @@ class AgentSession:
                     await reader
             elif not reader.cancelled():
                 reader.exception()  # already raised above, or lost to our own cancellation
+            # A stop keeps what the source already handed over: spool it, it is sent next run.
+            leftover = [event for event in _take_ready(buffer) if event is not None]
+            if leftover:
+                await asyncio.to_thread(self.spool.append, leftover)
 
     def _check_drained(self) -> None:
         if self._source_done and self.spool.depth() == 0:
@@ -647,6 +665,13 @@ async def _take(buffer: asyncio.Queue[Event | None], limit: int) -> list[Event |
     """Wait for one item, then take whatever else is ready, up to `limit`."""
     items = [await buffer.get()]
     while len(items) < limit and items[-1] is not None and not buffer.empty():
+        items.append(buffer.get_nowait())
+    return items
+
+
+def _take_ready(buffer: asyncio.Queue[Event | None]) -> list[Event | None]:
+    items: list[Event | None] = []
+    while not buffer.empty():
         items.append(buffer.get_nowait())
     return items
 

@@ -19,7 +19,7 @@ DEFAULT_MAX_EVENTS: Final = 1_000_000
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1), ('dropped', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('next_seq', 1), ('dropped', 0), ('synced', 0);
 """
 
 
@@ -84,19 +84,25 @@ class Spool:
     def resume(self, last_seq: int) -> None:
         """Apply a hello's `last_seq`: forget what the hub has, keep (renumbered) what it lacks.
 
-        A hub ahead of this spool means the spool file was lost or replaced; the events in it
-        are new to the hub, so they move above `last_seq` instead of being dropped as acked.
+        Until a first hello has been applied to this file, its seqs are not the hub's: the
+        file is new, or was lost and replaced, so whatever it holds is new to the hub and
+        moves above `last_seq` (whether or not it has already grown past it). After that,
+        seqs are shared and `last_seq` simply retires what the hub has.
         """
-        if last_seq < self._next_seq:
+        with self._lock:
+            synced = bool(self._meta("synced"))
+        if synced:
             self.ack_through(last_seq)
             return
         with self._lock, self._transaction():
             first = self._db.execute("SELECT MIN(seq) FROM events").fetchone()[0]
-            shift = 0 if first is None else last_seq + 1 - first
-            # every new seq is above every old one, so the primary key never collides
-            self._db.execute("UPDATE events SET seq = seq + ?", (shift,))
+            shift = 0 if first is None or first > last_seq else last_seq + 1 - first
+            # Through negative seqs: old and new ranges may overlap, and the key must stay unique.
+            self._db.execute("UPDATE events SET seq = -seq")
+            self._db.execute("UPDATE events SET seq = ? - seq", (shift,))
             self._next_seq = max(self._next_seq + shift, last_seq + 1)
             self._set_meta("next_seq", self._next_seq)
+            self._set_meta("synced", 1)
 
     def depth(self) -> int:
         """Return how many events wait for the hub."""
@@ -132,11 +138,12 @@ class Spool:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._db.execute("COMMIT")  # inside: a failed commit must roll back too
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             self._load_state()
             raise
-        self._db.execute("COMMIT")
 
     def _load_state(self) -> None:
         self._count = self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]

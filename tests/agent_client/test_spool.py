@@ -97,9 +97,20 @@ def test_overflow_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
 
 
 def test_resume_drops_what_the_hub_has(spool: Spool) -> None:
+    spool.resume(0)  # the first hello: from now on seqs are shared with the hub
     spool.append(_events(5))
     spool.resume(3)
     assert [event["seq"] for event in spool.pending(0, 10)] == [4, 5]
+
+
+def test_a_replaced_spool_that_grew_past_the_hub_keeps_everything(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "new.db")  # the old spool file was lost; the hub has seqs 1..20
+    spool.append(_events(25))
+    spool.resume(20)
+    assert [event["seq"] for event in spool.pending(0, 100)] == list(range(21, 46))
+    spool.resume(30)  # synced now: a later hello retires what the hub has
+    assert spool.pending(0, 100)[0]["seq"] == 31
+    spool.close()
 
 
 def test_resume_renumbers_when_the_hub_is_ahead_of_a_lost_spool(spool: Spool) -> None:

@@ -48,7 +48,7 @@ for _lib_log, _level in ((SOCKETIO_LOG, logging.WARNING), (ENGINEIO_LOG, logging
 
 DEFAULT_HEARTBEAT_S: Final = 15.0
 _PUMP_CHUNK: Final = 1000
-_SOURCE_BUFFER: Final = 10_000
+_SOURCE_BUFFER: Final = 2_000  # events read ahead of the spool; bounds memory at the size caps
 _MAX_RETRY_AFTER_S: Final = 60.0
 _STABLE_SESSION_S: Final = 60.0  # a session this long resets the reconnect backoff
 

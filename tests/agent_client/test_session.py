@@ -85,8 +85,7 @@ async def test_a_lost_spool_continues_above_the_hubs_last_seq(
 async def test_an_overloaded_hub_gets_the_batch_again(
     hub: RunningHub, start_agent: StartAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ingestor = hub.app[INGESTOR]
-    real_ingest = ingestor.ingest
+    real_ingest = hub.app[INGESTOR].ingest
     answers: list[str] = []
 
     async def ingest_after_two_refusals(agent_id: str, payload: Any) -> Any:
@@ -96,7 +95,7 @@ async def test_an_overloaded_hub_gets_the_batch_again(
         answers.append("ok")
         return await real_ingest(agent_id, payload)
 
-    monkeypatch.setattr(ingestor, "ingest", ingest_after_two_refusals)
+    monkeypatch.setattr(hub.app[INGESTOR], "ingest", ingest_after_two_refusals)
     agent = await start_agent(generate(50), inflight=1)
     await agent.drained()
     assert answers[:3] == ["overloaded", "overloaded", "ok"]
@@ -106,8 +105,7 @@ async def test_an_overloaded_hub_gets_the_batch_again(
 async def test_internal_errors_are_retried_and_too_large_batches_split(
     hub: RunningHub, start_agent: StartAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ingestor = hub.app[INGESTOR]
-    real_ingest = ingestor.ingest
+    real_ingest = hub.app[INGESTOR].ingest
     answers: list[str] = []
 
     async def flaky_then_small(agent_id: str, payload: Any) -> Any:
@@ -120,7 +118,7 @@ async def test_internal_errors_are_retried_and_too_large_batches_split(
         answers.append("ok")
         return await real_ingest(agent_id, payload)
 
-    monkeypatch.setattr(ingestor, "ingest", flaky_then_small)
+    monkeypatch.setattr(hub.app[INGESTOR], "ingest", flaky_then_small)
     agent = await start_agent(generate(100), inflight=1)
     await agent.drained()
     assert answers[0] == "internal"
@@ -131,8 +129,7 @@ async def test_internal_errors_are_retried_and_too_large_batches_split(
 async def test_non_ascii_batches_are_sized_as_they_travel(
     hub: RunningHub, start_agent: StartAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ingestor = hub.app[INGESTOR]
-    real_ingest = ingestor.ingest
+    real_ingest = hub.app[INGESTOR].ingest
     refusals: list[str] = []
 
     async def watching(agent_id: str, payload: Any) -> Any:
@@ -146,7 +143,7 @@ async def test_non_ascii_batches_are_sized_as_they_travel(
         for index in range(120):  # ~600 kB as UTF-8 JSON, ~1.8 MB if every letter were escaped
             yield {"ts": 1.0, "kind": "process_start", "pid": 10 + index, "argv": ["й" * 2500]}
 
-    monkeypatch.setattr(ingestor, "ingest", watching)
+    monkeypatch.setattr(hub.app[INGESTOR], "ingest", watching)
     agent = await start_agent(cyrillic())
     await agent.drained()
     assert refusals == []
@@ -372,8 +369,7 @@ async def test_a_batch_refused_as_overloaded_survives_a_reconnect(
 ) -> None:
     # batch 1 is refused and waits to retry while batch 2 is stored; the hub's last_seq then
     # covers batch 1 although it was never stored, and the agent must resend it anyway
-    ingestor = hub.app[INGESTOR]
-    real_ingest = ingestor.ingest
+    real_ingest = hub.app[INGESTOR].ingest
     refused: list[int] = []
 
     async def refuse_the_first_batch_once(agent_id: str, payload: Any) -> Any:
@@ -382,7 +378,7 @@ async def test_a_batch_refused_as_overloaded_survives_a_reconnect(
             return {"error": {"code": "unavailable", "retry_after_ms": 60_000}}
         return await real_ingest(agent_id, payload)
 
-    monkeypatch.setattr(ingestor, "ingest", refuse_the_first_batch_once)
+    monkeypatch.setattr(hub.app[INGESTOR], "ingest", refuse_the_first_batch_once)
     agent = await start_agent(generate(1500), inflight=2)
     for _ in range(500):
         if await hub.store.count_events("agent-1") == 500:

@@ -70,14 +70,14 @@ class Ingestor:
             except TimeoutError:
                 raise Overloaded("scoring is behind", retry_after_ms=settings.retry_after_ms) from None
         events, bodies, rejected = self._validate(raw)
-        previous = await self.last_seq(agent_id)
+        await self.last_seq(agent_id)  # the stored high-water mark, read once per agent
         new_seqs = await self._store.commit_events(
             EventBatch(agent_id, events, bodies, received_at=time.time())
         )
         new_events = [event for event in events if event["seq"] in new_seqs]
         self._scoring.submit(agent_id, new_events)
         # Another batch of this agent may have committed meanwhile: never move backwards.
-        last = max([self._last_seq.get(agent_id, previous), *(event["seq"] for event in events)])
+        last = max([self._last_seq[agent_id], *(event["seq"] for event in events)])
         self._last_seq[agent_id] = last
         self.accepted += len(new_events)
         self.duplicates += len(events) - len(new_events)

@@ -153,9 +153,7 @@ class RuleSet:
         return gate is None or gate(event)
 
     def match(self, event: Event, ctx: ProcessContext) -> list[Rule]:
-        """Return the rules the event matches, in rule-set order."""
-        if not self.may_match(event):
-            return []
+        """Return the rules the event matches, in rule-set order (callers gate with `may_match`)."""
         matched: list[Rule] = []
         # Hot path: loops are inlined rather than calling Condition.test, a frame per condition.
         for rule, conditions in self._by_kind.get(event.get("kind", ""), ()):

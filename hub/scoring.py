@@ -132,21 +132,15 @@ class RiskEngine:
     def apply(self, agent_id: str, event: Event, changed: dict[str, ProcessRisk]) -> list[dict[str, Any]]:
         """Score one event; put every process it changed into `changed`; return new alerts."""
         kind = event["kind"]
-        if kind not in _LIFECYCLE and not self.rules.may_match(event):
+        possible = self.rules.may_match(event)
+        if not possible and kind not in _LIFECYCLE:
             return []  # most events: no rule can match, and only starts and exits shape the tree
         table = self._live.setdefault(agent_id, {})
         if kind == "process_start":
             process = self._start(agent_id, table, event, changed)
         else:
             process = table.get(event["pid"]) or self._new_process(agent_id, table, event)
-        parent = table.get(process.ppid) if process.ppid is not None else None
-        context = ProcessContext(
-            exe=process.exe,
-            comm=process.comm,
-            parent_exe=parent.exe if parent else None,
-            parent_comm=parent.comm if parent else None,
-        )
-        matched = self.rules.match(event, context)
+        matched = self.rules.match(event, self._context(table, process)) if possible else []
         alerts = self._add(process, matched, event["ts"]) if matched else []
         if matched:
             changed[process.process_key] = process
@@ -156,6 +150,16 @@ class RiskEngine:
             if process.risk_score > 0:  # riskless processes were never stored
                 changed[process.process_key] = process
         return alerts
+
+    @staticmethod
+    def _context(table: dict[int, ProcessRisk], process: ProcessRisk) -> ProcessContext:
+        parent = table.get(process.ppid) if process.ppid is not None else None
+        return ProcessContext(
+            exe=process.exe,
+            comm=process.comm,
+            parent_exe=parent.exe if parent else None,
+            parent_comm=parent.comm if parent else None,
+        )
 
     def _start(
         self,

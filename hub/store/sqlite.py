@@ -150,10 +150,9 @@ class SqliteStore:
                 size += job.size
             try:
                 outcomes = await loop.run_in_executor(self._write_thread, self._run_group, group)
-            except sqlite3.Error as exc:
+            except sqlite3.Error as exc:  # the commit itself failed: so did every job in it
                 log.error("group commit of %d jobs failed: %s", len(group), exc)
-                failure = Unavailable(f"storage unavailable: {exc}", retry_after_ms=self._retry_after_ms)
-                outcomes = [(False, failure)] * len(group)
+                outcomes = [(False, exc)] * len(group)
             for job, (ok, value) in zip(group, outcomes, strict=True):
                 if not job.future.done():
                     if ok:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import socketio
@@ -116,12 +117,10 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             )
         self._in_flight[sid] = self._in_flight.get(sid, 0) + 1
         try:
-            return dict(await self._ingestor.ingest(agent_id, payload))
-        except HubError as error:
-            return error_ack(error)
-        except Exception:  # every call gets an ack, or the agent waits for nothing
-            log.exception("events from %s failed", agent_id)
-            return error_ack(InternalError("the hub failed to process this batch; retry it"))
+            return await _answer(
+                self._ingestor.ingest(agent_id, payload), f"events from {agent_id}",
+                "the hub failed to process this batch; retry it",
+            )  # fmt: skip
         finally:
             self._in_flight[sid] -= 1
 
@@ -133,13 +132,10 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             beat = HEARTBEAT_ADAPTER.validate_python(payload)
         except ValidationError as exc:
             return error_ack(InvalidInput(f"invalid heartbeat: {exc.errors()[0]['msg']}"))
-        try:
-            return await self._presence.heartbeat(agent_id, sid, beat)
-        except HubError as error:
-            return error_ack(error)
-        except Exception:
-            log.exception("heartbeat from %s failed", agent_id)
-            return error_ack(InternalError("the hub failed to record this heartbeat"))
+        return await _answer(
+            self._presence.heartbeat(agent_id, sid, beat), f"heartbeat from {agent_id}",
+            "the hub failed to record this heartbeat",
+        )  # fmt: skip
 
     async def on_disconnect(self, sid: str, reason: str = "") -> None:
         agent_id = self._agents.pop(sid, None)
@@ -157,3 +153,14 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
     async def close_all(self, reason: PresenceReason) -> None:
         """Disconnect every agent (shutdown)."""
         await asyncio.gather(*(self.close(sid, reason) for sid in list(self._agents)))
+
+
+async def _answer(call: Awaitable[Mapping[str, Any]], what: str, failure: str) -> dict[str, Any]:
+    """Turn a service call into its ack: every call is answered, or the agent waits for nothing."""
+    try:
+        return dict(await call)
+    except HubError as error:
+        return error_ack(error)
+    except Exception:
+        log.exception("%s failed", what)
+        return error_ack(InternalError(failure))

@@ -16,6 +16,13 @@ from hub.config import Settings
 from hub.tokens import TokenVerifier
 
 
+def assert_user_error(result: subprocess.CompletedProcess[str], words: str) -> None:
+    """A user's mistake: exit code 2, a line naming what was wrong, never a traceback."""
+    assert result.returncode == 2
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def agenthub(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
     return subprocess.run(
@@ -89,9 +96,7 @@ def test_certs_issue_refuses_ids_that_are_not_safe_names(tmp_path: Path, agent_i
 
 def test_certs_issue_without_a_ca_says_what_to_do(tmp_path: Path) -> None:
     result = agenthub("certs", "issue", "web-01", "--dir", "nowhere", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "agenthub certs init" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_user_error(result, "agenthub certs init")
 
 
 def test_token_create_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
@@ -126,15 +131,12 @@ def test_token_create_signs_with_the_data_dir_secret(tmp_path: Path) -> None:
 
 def test_token_create_refuses_an_unknown_scope(tmp_path: Path) -> None:
     result = agenthub("token", "create", "--scope", "hub:everything", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "unknown scope 'hub:everything'" in result.stderr
+    assert_user_error(result, "unknown scope 'hub:everything'")
 
 
 def test_serve_without_certificates_explains(tmp_path: Path) -> None:
     result = agenthub("serve", "--port", "0", "--certs-dir", "missing", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "agenthub certs init" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_user_error(result, "agenthub certs init")
 
 
 def test_bad_rule_file_stops_start_up_naming_rule_and_field(tmp_path: Path) -> None:
@@ -145,13 +147,10 @@ def test_bad_rule_file_stops_start_up_naming_rule_and_field(tmp_path: Path) -> N
         '[rule.when]\nkind = "process_start"\nargv_regex = "(unclosed"\n'
     )
     result = agenthub("serve", "--port", "0", cwd=tmp_path, env={"HUB_RULE_FILES": f'["{rules}"]'})
-    assert result.returncode == 2
-    assert "broken-rule" in result.stderr
+    assert_user_error(result, "broken-rule")
     assert "argv_regex" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_bad_setting_is_named(tmp_path: Path) -> None:
     result = agenthub("serve", cwd=tmp_path, env={"HUB_PORT": "eighty"})
-    assert result.returncode == 2
-    assert "HUB_PORT" in result.stderr
+    assert_user_error(result, "HUB_PORT")

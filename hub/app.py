@@ -12,24 +12,54 @@ from pathlib import Path
 
 import aiohttp_jinja2
 import jinja2
+import orjson
 import socketio
+import swagger_ui_bundle
 from aiohttp import web
 
 from hub import __version__
+from hub.api import TABLES
+from hub.api.audit import audit_middleware
 from hub.api.auth import auth_middleware
-from hub.api.routes import routes as api_routes
+from hub.api.idempotency import IN_FLIGHT, idempotency_middleware
+from hub.api.live import routes as live_routes
+from hub.api.pagination import Cursors
+from hub.api.ratelimit import RATE_LIMITS, TokenBuckets, rate_limit_middleware
+from hub.api.signatures import SIGNATURES, SignatureVerifier
+from hub.api.spec import openapi_document
+from hub.audit import AuditLog
+from hub.certificates import CertificateService
 from hub.codec import SocketJson
+from hub.commands import CommandService
 from hub.config import Settings
-from hub.identity import server_ssl_context
+from hub.identity import AgentTrust
 from hub.ingest import Ingestor
-from hub.keys import BUS, INGESTOR, PRESENCE, SCORING, SETTINGS, STARTED_AT, STORE, VERIFIER
+from hub.jobs import Jobs
+from hub.keys import (
+    AGENT_TRUST,
+    AUDIT,
+    BUS,
+    CERTIFICATES,
+    COMMANDS,
+    CURSORS,
+    INGESTOR,
+    JOBS,
+    OPENAPI,
+    PRESENCE,
+    REVOKED_TOKENS,
+    SCORING,
+    SETTINGS,
+    STARTED_AT,
+    STORE,
+    VERIFIER,
+)
 from hub.presence import Presence
 from hub.problems import problem_middleware
 from hub.push import PushBus
 from hub.rules import load_rules
 from hub.scoring import RiskEngine, RiskParams, ScoringService
 from hub.store.sqlite import SqliteStore
-from hub.tokens import TokenVerifier
+from hub.tokens import RevokedTokens, TokenVerifier, load_secret
 from hub.transport import AgentNamespace
 
 log = logging.getLogger(__name__)
@@ -40,7 +70,18 @@ NAMESPACE_KEY = web.AppKey("namespace", AgentNamespace)
 def create_app(settings: Settings) -> web.Application:
     """Build the hub: every component, its routes and its lifecycle."""
     rules = load_rules(settings.rule_files)  # a bad rule file stops start-up here
-    app = web.Application(middlewares=[problem_middleware, auth_middleware])
+    # Audit inside auth (it names the actor) and rate limiting (refusals there stay cheap).
+    middlewares = [
+        problem_middleware,
+        auth_middleware,
+        rate_limit_middleware,
+        audit_middleware,
+        idempotency_middleware,
+    ]
+    # aiohttp's own body limit sits above every other (API bodies, Socket.IO polling frames);
+    # the API and ingest enforce their tighter, configurable limits themselves.
+    client_max_size = max(settings.api_max_body_bytes, settings.max_frame_bytes)
+    app = web.Application(middlewares=middlewares, client_max_size=client_max_size)
     store = SqliteStore(
         settings.db_path,
         commit_max_events=settings.commit_max_events,
@@ -51,11 +92,25 @@ def create_app(settings: Settings) -> web.Application:
     scoring = ScoringService(engine, store, bus.publish, max_backlog=settings.scoring_max_backlog)
     ingestor = Ingestor(settings, store, scoring)
     presence = Presence(settings, store, bus.publish)
-    namespace = AgentNamespace(settings, store, ingestor, presence)
+    trust = AgentTrust.from_settings(settings, store)
+    commands = CommandService(settings, store, bus.publish)
+    namespace = AgentNamespace(settings, store, ingestor, presence, commands=commands, trust=trust)
+    commands.attach(namespace)
+    app[COMMANDS] = commands
+    app[AGENT_TRUST] = trust
+    app[CERTIFICATES] = CertificateService(settings, store, trust, namespace.revoke)
 
     app[SETTINGS], app[STORE], app[BUS], app[SCORING] = settings, store, bus, scoring
     app[INGESTOR], app[PRESENCE], app[NAMESPACE_KEY] = ingestor, presence, namespace
     app[VERIFIER] = TokenVerifier(settings)
+    app[REVOKED_TOKENS] = RevokedTokens(store, ttl_s=settings.token_revocation_cache_s)
+    app[AUDIT] = AuditLog(store)
+    app[CURSORS] = Cursors(load_secret(settings))
+    app[JOBS] = Jobs()
+    app[SIGNATURES] = SignatureVerifier(store, max_skew_s=settings.hmac_max_skew_s)
+    app[RATE_LIMITS] = TokenBuckets(rate=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
+    app[IN_FLIGHT] = set()
+    app[OPENAPI] = orjson.dumps(openapi_document(TABLES, title="Agent Hub API", version=__version__))
     app[STARTED_AT] = time.time()
 
     sio = socketio.AsyncServer(
@@ -68,12 +123,17 @@ def create_app(settings: Settings) -> web.Application:
     sio.register_namespace(namespace)
     sio.attach(app)
 
-    app.add_routes(api_routes)
+    for table in TABLES:
+        table.add_to(app)
+    app.add_routes(live_routes)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(WEB_DIR / "templates"), autoescape=True)
     app.router.add_get("/", _live_page)
+    app.router.add_static("/static/swagger-ui/", swagger_ui_bundle.swagger_ui_path)
     app.router.add_static("/static/", WEB_DIR / "static")
     app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(_command_expiry)  # after _lifecycle: stopped before the store closes
     app.on_shutdown.append(_disconnect_agents)
+    app.on_shutdown.append(_answer_command_waiters)
     return app
 
 
@@ -83,6 +143,18 @@ async def _disconnect_agents(app: web.Application) -> None:
     await app[NAMESPACE_KEY].close_all("server_shutdown")
 
 
+async def _answer_command_waiters(app: web.Application) -> None:
+    # Operators waiting for acks get the commands' state now rather than a cut connection.
+    app[COMMANDS].release_waiters()
+
+
+async def _command_expiry(app: web.Application) -> AsyncIterator[None]:
+    expirer = asyncio.create_task(app[COMMANDS].expire_loop(), name="command-expiry")
+    yield
+    expirer.cancel()
+    await asyncio.gather(expirer, return_exceptions=True)
+
+
 async def _live_page(request: web.Request) -> web.Response:
     return aiohttp_jinja2.render_template("live.html", request, {"version": __version__})
 
@@ -90,6 +162,7 @@ async def _live_page(request: web.Request) -> web.Response:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store, scoring, presence = app[STORE], app[SCORING], app[PRESENCE]
     await store.open()
+    await app[AGENT_TRUST].load_uploaded()  # before the listener takes its first handshake
     # No agent is connected to a hub that is just starting, whatever the last run left.
     await store.mark_all_offline("transport_lost", time.time())
     scorer = asyncio.create_task(scoring.run(), name="scoring")
@@ -97,24 +170,26 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     # Stop in order: no new work, score and persist what was stored, then close the store.
     watcher.cancel()
+    await app[JOBS].close()
     await app[INGESTOR].close()  # batches under way commit and reach scoring first
     scoring.stop()
     await asyncio.gather(watcher, scorer, return_exceptions=True)
     await store.close()
 
 
-def listener_ssl(settings: Settings) -> ssl.SSLContext | None:
-    """Return the TLS context of the listener, or None in development plain-HTTP mode."""
-    if settings.dev_insecure:
+def listener_ssl(app: web.Application) -> ssl.SSLContext | None:
+    """Return the app's TLS context for its listener (uploads extend it), or None in plain-HTTP dev mode."""
+    context = app[AGENT_TRUST].context
+    if context is None:
         log.warning("DEV MODE: serving plain HTTP; agents are NOT authenticated by certificate")
-        return None
-    return server_ssl_context(settings.certs_dir)
+    return context
 
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
     """Run the hub until cancelled (SIGINT/SIGTERM cancel it from the CLI)."""
-    context = listener_ssl(settings)
-    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=10)
+    app = create_app(settings)
+    context = listener_ssl(app)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context, backlog=4096)
     await site.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hub.models import AGENT_ID_PATTERN
@@ -23,6 +25,7 @@ SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 _RESERVED_IDS = frozenset({"ca", "server"})  # agent files share the folder with ca.* and server.*
 _CA_DAYS = 3650
 _SERVER_DAYS = 825
+_MIN_RSA_BITS = 2048
 
 
 class CertificateError(HubError):
@@ -40,6 +43,37 @@ class IssuedFiles:
 def is_valid_agent_id(agent_id: str) -> bool:
     """Return True when `agent_id` is usable as a CN and as a file name (PROTOCOL.md)."""
     return AGENT_ID_RE.fullmatch(agent_id) is not None
+
+
+def check_agent_id(agent_id: str) -> None:
+    """Raise `CertificateError` unless `agent_id` is a valid agent id."""
+    if not is_valid_agent_id(agent_id):
+        raise CertificateError(
+            f"invalid agent id {agent_id!r}: use 1-64 characters of A-Z a-z 0-9 . _ -, "
+            "not starting with a dot"
+        )
+
+
+def agent_id_mismatch(agent_id: str, common_name: str) -> CertificateError:
+    """The refusal of a certificate or CSR whose CN is not the agent id it was sent for."""
+    # Operator tooling matches this sentence: keep its words.
+    return CertificateError(f"Agent ID mismatch: provided '{agent_id}' but certificate CN is '{common_name}'")
+
+
+def common_name(subject: x509.Name) -> str:
+    """Return the subject's CN, or "" unless it has exactly one."""
+    names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if len(names) == 1 else ""
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """Return the SHA-256 fingerprint of `cert` (DER), lowercase hex: how the hub names certificates."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    """Return the serial number of `cert` in hex."""
+    return format(cert.serial_number, "x")
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -123,22 +157,22 @@ def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
 
 
 def _leaf(
-    directory: Path,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     common_name: str,
+    public_key: CertificatePublicKeyTypes,
     *,
     days: int,
     usage: x509.ObjectIdentifier,
     alt_names: list[x509.GeneralName] | None = None,
     not_before: dt.datetime | None = None,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    ca_cert, ca_key = load_ca(directory)
-    key = _new_key()
+) -> x509.Certificate:
+    ca_cert, ca_key = ca
     start = not_before or _now() - dt.timedelta(minutes=5)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
@@ -150,7 +184,7 @@ def _leaf(
     )
     if alt_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
+    return builder.sign(ca_key, hashes.SHA256())
 
 
 def _save(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> IssuedFiles:
@@ -168,14 +202,32 @@ def issue_server(directory: Path, hostnames: list[str]) -> IssuedFiles:
             alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             alt_names.append(x509.DNSName(name))
-    cert, key = _leaf(
-        directory,
+    key = _new_key()
+    cert = _leaf(
+        load_ca(directory),
         hostnames[0],
+        key.public_key(),
         days=_SERVER_DAYS,
         usage=ExtendedKeyUsageOID.SERVER_AUTH,
         alt_names=alt_names,
     )
     return _save(directory, "server", cert, key)
+
+
+def _agent_certificate(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    agent_id: str,
+    public_key: CertificatePublicKeyTypes,
+    *,
+    days: int,
+    not_before: dt.datetime | None = None,
+) -> x509.Certificate:
+    """Build an agent's certificate: CN = `agent_id`, EKU clientAuth; the CLI and the API both use it."""
+    if days <= 0:
+        raise CertificateError("the validity must be a positive number of days")
+    return _leaf(
+        ca, agent_id, public_key, days=days, usage=ExtendedKeyUsageOID.CLIENT_AUTH, not_before=not_before
+    )
 
 
 def issue_agent(
@@ -186,20 +238,51 @@ def issue_agent(
     not_before: dt.datetime | None = None,
     out_dir: Path | None = None,
 ) -> IssuedFiles:
-    """Issue a client certificate with CN = `agent_id` and EKU clientAuth."""
-    if not is_valid_agent_id(agent_id):
-        raise CertificateError(
-            f"invalid agent id {agent_id!r}: use 1-64 characters of A-Z a-z 0-9 . _ -, "
-            "not starting with a dot"
-        )
+    """Issue a client certificate with CN = `agent_id` and EKU clientAuth, with a new key, as files."""
+    check_agent_id(agent_id)  # before the id becomes a file name
     if agent_id.lower() in _RESERVED_IDS:
         raise CertificateError(f"{agent_id!r} names the hub's own certificate files; choose another agent id")
-    if days <= 0:
-        raise CertificateError("--days must be a positive number of days")
-    cert, key = _leaf(
-        directory, agent_id, days=days, usage=ExtendedKeyUsageOID.CLIENT_AUTH, not_before=not_before
+    key = _new_key()
+    cert = _agent_certificate(
+        load_ca(directory), agent_id, key.public_key(), days=days, not_before=not_before
     )
     return _save(out_dir or directory, agent_id, cert, key)
+
+
+def sign_agent_csr(directory: Path, agent_id: str, csr_pem: str, *, days: int) -> x509.Certificate:
+    """Sign a PEM certificate signing request of `agent_id` with the CA in `directory`.
+
+    Only the CSR's public key is used: the subject, usages and validity are the hub's, exactly
+    as for certificates the CLI issues. The CSR must be signed by its own key (proof that the
+    requester holds it) and its CN must be `agent_id`.
+    """
+    check_agent_id(agent_id)
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except ValueError as exc:
+        raise CertificateError(f"csr is not a PEM certificate signing request: {exc}") from None
+    if not csr.is_signature_valid:
+        raise CertificateError("the CSR's signature does not verify with the public key it carries")
+    requested = common_name(csr.subject)
+    if requested != agent_id:
+        raise agent_id_mismatch(agent_id, requested)
+    public_key = csr.public_key()
+    _check_key_strength(public_key)
+    return _agent_certificate(load_ca(directory), agent_id, public_key, days=days)
+
+
+def _check_key_strength(public_key: CertificatePublicKeyTypes) -> None:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < _MIN_RSA_BITS:
+            raise CertificateError(
+                f"the CSR's RSA key has {public_key.key_size} bits; at least {_MIN_RSA_BITS} are needed"
+            )
+    elif not isinstance(
+        public_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+    ):
+        raise CertificateError(
+            f"the CSR's {type(public_key).__name__} key is not supported: use EC, Ed25519, Ed448 or RSA"
+        )
 
 
 def init_pki(directory: Path, hostnames: list[str]) -> bool:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -22,7 +23,12 @@ from hub.config import Settings
 from hub.problems import HubError
 from hub.rules import RuleError
 
+if TYPE_CHECKING:
+    from hub.audit import Action
+    from hub.store.sqlite import SqliteStore
+
 log = logging.getLogger("agenthub")
+T = TypeVar("T")
 DEMO_AGENT = "demo-agent"
 
 
@@ -44,14 +50,14 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise CliError(f"bad setting {field} (HUB_{field.upper()}): {first['msg']}") from None
 
 
-def _run_async(main: Coroutine[Any, Any, None]) -> None:
+def _run_async(main: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
 
-        runner: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
+        runner: Callable[[Coroutine[Any, Any, T]], T] = uvloop.run
     except ImportError:
         runner = asyncio.run
-    runner(main)
+    return runner(main)
 
 
 async def _serve_until_signal(settings: Settings) -> None:
@@ -79,22 +85,114 @@ def cmd_certs_init(args: argparse.Namespace) -> None:
 
 
 def cmd_certs_issue(args: argparse.Namespace) -> None:
+    from cryptography import x509
+
+    from hub.audit import cli_action
+    from hub.certs import fingerprint, serial_hex
+
     files = issue_agent(args.dir, args.agent_id, days=args.days)
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    target = {"agent_id": args.agent_id, "serial": serial_hex(cert), "fingerprint": fingerprint(cert)}
+    _audit(_settings(args), cli_action("issue_certificate", "agenthub certs issue", target))
     print(f"issued {files.cert} and {files.key}")
 
 
 def cmd_token_create(args: argparse.Namespace) -> None:
-    from hub.tokens import create_token
+    import json
 
+    from hub.audit import cli_action
+    from hub.tokens import issue_token
+
+    settings = _settings(args)
     try:
-        print(create_token(_settings(args), scopes=args.scope, subject=args.subject, ttl_s=args.ttl))
+        issued = issue_token(settings, scopes=args.scope, subject=args.subject, ttl_s=args.ttl)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(issued.expires_at))
+    target = {"jti": issued.jti, "subject": issued.subject, "scope": issued.scope, "expires_at": expires}
+    # Recorded before the token is shown: a token the log does not know is never handed out.
+    _audit(settings, cli_action("create_token", "agenthub token create", target))
+    if args.json:
+        print(json.dumps({"token": issued.token, **target}))
+        return
+    print(issued.token)
+    print(f"token id (jti) {issued.jti}, expires {expires}; revoke: agenthub token revoke {issued.jti}",
+          file=sys.stderr)  # fmt: skip
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> None:
+    import re
+
+    from hub.audit import AuditLog, cli_action
+    from hub.tokens import JTI_PATTERN, RevokedTokens
+
+    if not re.fullmatch(JTI_PATTERN, args.jti):
+        raise CliError(f"invalid token id {args.jti!r}: expected the jti `agenthub token create` printed")
+    settings = _settings(args)
+
+    async def run() -> dict[str, Any]:
+        async with _open_store(settings) as store:
+            record = await RevokedTokens(store, ttl_s=0).revoke(args.jti, reason=args.reason)
+            await AuditLog(store).append(
+                cli_action("revoke_token", "agenthub token revoke", {"jti": args.jti})
+            )
+            return record
+
+    record = _run_async(run())
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record["revoked_at"]))
+    print(f"token {args.jti} revoked at {when}; a running hub refuses it within seconds")
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> None:
+    from hub.audit import VERIFY_BATCH, AuditLog, ChainReport
+
+    settings = _settings(args)
+
+    def progress(count: int) -> None:
+        print(f"\rverified {count} entries", end="", file=sys.stderr, flush=True)
+
+    async def run() -> ChainReport:
+        async with _open_store(settings) as store:
+            return await AuditLog(store).verify(progress=progress)
+
+    report = _run_async(run())
+    if report.count >= VERIFY_BATCH:  # a progress line was shown: end it
+        print(file=sys.stderr)
+    if report.broken is None:
+        print(f"audit log intact: {report.count} entries, head hash {report.head}")
+        return
+    print(f"audit log BROKEN at entry {report.broken.entry_id}: {report.broken.reason} "
+          f"({report.count} entries before it verified)")  # fmt: skip
+    sys.exit(1)
+
+
+@contextlib.asynccontextmanager
+async def _open_store(settings: Settings) -> AsyncIterator[SqliteStore]:
+    """Open the hub's database beside a running hub (SQLite WAL lets both write)."""
+    from hub.store.sqlite import SqliteStore
+
+    store = SqliteStore(settings.db_path)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _audit(settings: Settings, action: Action) -> None:
+    """Append a CLI operator action to the hub's audit log."""
+    from hub.audit import AuditLog
+
+    async def run() -> None:
+        async with _open_store(settings) as store:
+            await AuditLog(store).append(action)
+
+    _run_async(run())
 
 
 def cmd_recalculate(args: argparse.Namespace) -> None:
     from hub.rules import load_rules
-    from hub.scoring import RiskParams, recalculate
+    from hub.scoring import RiskEngine, RiskParams, recalculate
     from hub.store.sqlite import SqliteStore
 
     settings = _settings(args)
@@ -105,8 +203,7 @@ def cmd_recalculate(args: argparse.Namespace) -> None:
         try:
             count = await recalculate(
                 store,
-                load_rules(settings.rule_files),
-                RiskParams.from_settings(settings),
+                RiskEngine(load_rules(settings.rule_files), RiskParams.from_settings(settings)),
                 progress=lambda n: print(f"\rreplayed {n} events", end="", file=sys.stderr, flush=True),
             )
         finally:
@@ -239,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("agent_id", metavar="AGENT_ID")
     issue.add_argument("--dir", type=Path, default=Path(os.environ.get("HUB_CERTS_DIR", "certs")))
     issue.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    issue.add_argument("--data-dir", type=Path, help="hub state folder for the audit log (HUB_DATA_DIR)")
     issue.set_defaults(func=cmd_certs_issue)
 
     token = commands.add_parser("token", help="operator tokens", description="Operator tokens.")
@@ -256,8 +354,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--ttl", type=int, help="lifetime in seconds (default 3600)")
     create.add_argument("--subject", default="operator", help="who the token is for")
+    create.add_argument(
+        "--json", action="store_true", help="print the token with its jti, subject, scope and expiry as JSON"
+    )
     _state_options(create)
     create.set_defaults(func=cmd_token_create)
+    revoke = token_commands.add_parser(
+        "revoke",
+        help="revoke an operator token by its id (jti)",
+        description="Refuse the token with this jti from now on (a running hub sees it within seconds).",
+    )
+    revoke.add_argument("jti", metavar="JTI", help="the token id `agenthub token create` printed")
+    revoke.add_argument("--reason", default="", help="why, kept with the revocation")
+    _state_options(revoke)
+    revoke.set_defaults(func=cmd_token_revoke)
+
+    audit = commands.add_parser("audit", help="the operator audit log", description="The operator audit log.")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    verify = audit_commands.add_parser(
+        "verify",
+        help="check the audit log's hash chain",
+        description="Walk the hash chain; exit 0 when intact, 1 naming the first broken entry.",
+    )
+    _state_options(verify)
+    verify.set_defaults(func=cmd_audit_verify)
 
     recalc = commands.add_parser(
         "recalculate",

@@ -30,11 +30,17 @@ class Settings(BaseSettings):
         False, description="plain HTTP, agents identified without a certificate: development only"
     )
 
+    # agent certificates
+    agent_cert_days: int = Field(365, gt=0, le=3650, description="validity of certificates the API signs")
+
     # operator tokens
     jwt_secret: SecretStr | None = None
     jwt_issuer: str = "agenthub"
     jwt_audience: str = "agenthub-api"
     token_default_ttl_s: int = Field(3600, gt=0)
+    token_revocation_cache_s: float = Field(
+        1.0, ge=0, description="how long a token is known not revoked before the store is asked again"
+    )
 
     # wire limits (PROTOCOL.md: 1,000 events and 1 MiB per batch)
     max_batch_events: int = Field(1000, gt=0)
@@ -86,6 +92,32 @@ class Settings(BaseSettings):
         10_000, gt=0, description="coalesced updates held per slow subscriber before dropping"
     )
 
+    # operator API
+    api_max_body_bytes: int = Field(
+        1024 * 1024 + 64 * 1024, gt=0, description="largest request body (a full events batch fits)"
+    )
+    rate_limit_per_s: float = Field(50.0, gt=0, description="requests a second each principal may sustain")
+    rate_limit_burst: int = Field(200, gt=0, description="requests a principal may make at once")
+    idempotency_ttl_s: float = Field(86_400.0, gt=0, description="how long an Idempotency-Key is remembered")
+    hmac_max_skew_s: float = Field(
+        300.0, gt=0, description="how far a signed agent request's timestamp may be from the hub's clock"
+    )
+
+    # agent commands
+    command_default_ttl_s: float = Field(
+        3600.0, gt=0, description="how long a command may wait for delivery and its ack before it expires"
+    )
+    command_max_ttl_s: float = Field(172_800.0, gt=0, description="the longest TTL a command may ask for")
+    command_default_wait_s: float = Field(
+        10.0, ge=0, description="how long a send request waits for the ack before answering"
+    )
+    command_max_wait_s: float = Field(60.0, ge=0, description="the longest wait a send request may ask for")
+    command_max_args_bytes: int = Field(16 * 1024, gt=0, description="largest command args, as JSON")
+    command_max_ack_bytes: int = Field(
+        64 * 1024, gt=0, description="largest agent ack, as JSON; a larger one fails the command"
+    )
+    command_sweep_interval_s: float = Field(1.0, gt=0, description="how often expired commands are swept")
+
     log_level: str = "INFO"
 
     @field_validator("risk_thresholds")
@@ -101,6 +133,14 @@ class Settings(BaseSettings):
             raise ValueError("heartbeat_offline_after must be larger than heartbeat_late_after")
         if self.max_frame_bytes < self.max_batch_bytes:
             raise ValueError("max_frame_bytes must be at least max_batch_bytes")
+        return self
+
+    @model_validator(mode="after")
+    def _command_defaults_within_limits(self) -> Settings:
+        if self.command_default_ttl_s > self.command_max_ttl_s:
+            raise ValueError("command_default_ttl_s must be at most command_max_ttl_s")
+        if self.command_default_wait_s > self.command_max_wait_s:
+            raise ValueError("command_default_wait_s must be at most command_max_wait_s")
         return self
 
     @property

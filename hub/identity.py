@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
+import logging
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from aiohttp import web
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from hub.certs import CA_CERT, SERVER_CERT, SERVER_KEY, CertificateError, is_valid_agent_id
+from hub.certs import (
+    CA_CERT,
+    SERVER_CERT,
+    SERVER_KEY,
+    CertificateError,
+    common_name,
+    fingerprint,
+    is_valid_agent_id,
+    serial_hex,
+)
+from hub.config import Settings
 from hub.store import Store
+
+log = logging.getLogger(__name__)
+CertificateSource = Literal["uploaded", "issued"]
 
 
 class IdentityError(Exception):
@@ -49,6 +65,9 @@ def server_ssl_context(certs_dir: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs_dir / CA_CERT))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_OPTIONAL
+    # Uploaded agent certificates become trust anchors of their own (`AgentTrust.trust`); one
+    # that is not self-signed can only anchor a chain that OpenSSL may end early.
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     context.load_cert_chain(certs_dir / SERVER_CERT, certs_dir / SERVER_KEY)
     return context
 
@@ -63,30 +82,123 @@ def peer_certificate(request: web.Request) -> x509.Certificate | None:
     return x509.load_der_x509_certificate(der) if der else None
 
 
-async def identify(cert: x509.Certificate | None, store: Store) -> AgentIdentity:
-    """Check a verified certificate against the hub's own rules; raise `IdentityError`."""
-    if cert is None:
-        raise IdentityError("cert_missing", "A client certificate is required to connect as an agent.")
-    now = dt.datetime.now(dt.UTC)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise IdentityError("cert_expired", "The client certificate is outside its validity period.")
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    agent_id = str(names[0].value) if len(names) == 1 else ""
+def check_agent_certificate(cert: x509.Certificate, now: dt.datetime) -> str:
+    """Return the agent id `cert` names, or raise `IdentityError` if it cannot identify an agent at `now`."""
+    if now < cert.not_valid_before_utc:
+        raise IdentityError(
+            "cert_expired", f"The certificate is not valid before {cert.not_valid_before_utc.isoformat()}."
+        )
+    if now > cert.not_valid_after_utc:
+        raise IdentityError(
+            "cert_expired", f"The certificate expired at {cert.not_valid_after_utc.isoformat()}."
+        )
+    agent_id = common_name(cert.subject)
     if not is_valid_agent_id(agent_id):
         raise IdentityError(
             "cn_invalid",
             f"The certificate CN {agent_id!r} is not a valid agent id "
             "(1-64 characters of A-Z a-z 0-9 . _ -, not starting with a dot).",
         )
-    try:
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        usages = None
+    usages = _extension(cert, x509.ExtendedKeyUsage)
     if usages is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
         raise IdentityError(
             "cert_untrusted", "The certificate's extended key usage does not allow clientAuth."
         )
-    fingerprint = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
-    if await store.is_revoked(fingerprint):
-        raise IdentityError("cert_revoked", f"The certificate of agent {agent_id} has been revoked.")
-    return AgentIdentity(agent_id=agent_id, fingerprint=fingerprint, serial=format(cert.serial_number, "x"))
+    key_usage = _extension(cert, x509.KeyUsage)
+    if key_usage is not None and not (key_usage.digital_signature or key_usage.key_agreement):
+        raise IdentityError(
+            "cert_untrusted",
+            "The certificate's key usage allows neither digitalSignature nor keyAgreement, "
+            "which a TLS client needs.",
+        )
+    return agent_id
+
+
+def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> Any:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def certificate_record(cert: x509.Certificate, *, source: CertificateSource, now: float) -> dict[str, Any]:
+    """Describe `cert` as the store keeps it."""
+    return {
+        "fingerprint": fingerprint(cert),
+        "agent_id": common_name(cert.subject),
+        "serial": serial_hex(cert),
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "not_before": cert.not_valid_before_utc.timestamp(),
+        "not_after": cert.not_valid_after_utc.timestamp(),
+        "source": source,
+        "created_at": now,
+        "pem": cert.public_bytes(Encoding.PEM).decode(),
+    }
+
+
+class AgentTrust:
+    """Which client certificates identify agents: issued by the hub CA, or uploaded for that agent.
+
+    Uploaded certificates are trusted by their exact fingerprint only, never as issuers. The
+    listener's TLS context (owned here, so an upload counts from the next handshake on) takes
+    each as a trust anchor, which lets a certificate it signed through the handshake too; so
+    `identify` refuses every certificate the hub CA did not sign itself unless that very
+    certificate was uploaded for the agent id it names.
+    """
+
+    def __init__(self, store: Store, ca: x509.Certificate | None, context: ssl.SSLContext | None) -> None:
+        self.context = context
+        self._ca = ca
+        self._store = store
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: Store) -> AgentTrust:
+        """Load the hub CA and build the listener's TLS context (none in plain-HTTP development mode)."""
+        context = None if settings.dev_insecure else server_ssl_context(settings.certs_dir)
+        ca_path = settings.certs_dir / CA_CERT
+        ca = x509.load_pem_x509_certificate(ca_path.read_bytes()) if ca_path.is_file() else None
+        return cls(store, ca, context)
+
+    async def load_uploaded(self) -> None:
+        """Trust every certificate operators uploaded (at start)."""
+        pems = await self._store.uploaded_certificates(time.time())
+        for pem in pems:
+            self.trust(pem)
+        log.info("trusting %d uploaded agent certificates", len(pems))
+
+    def trust(self, pem: str) -> None:
+        """Let the next TLS handshakes accept the certificate `pem` (a second time changes nothing)."""
+        if self.context is not None:
+            self.context.load_verify_locations(cadata=pem)
+
+    def issued_by_ca(self, cert: x509.Certificate) -> bool:
+        """Return True when the hub CA signed `cert`."""
+        if self._ca is None:
+            return False
+        try:
+            cert.verify_directly_issued_by(self._ca)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
+
+    async def identify(self, cert: x509.Certificate | None) -> AgentIdentity:
+        """Check a certificate TLS verified against the hub's own rules; raise `IdentityError`."""
+        if cert is None:
+            raise IdentityError("cert_missing", "A client certificate is required to connect as an agent.")
+        now = time.time()
+        agent_id = check_agent_certificate(cert, dt.datetime.fromtimestamp(now, dt.UTC))
+        identity = AgentIdentity(agent_id=agent_id, fingerprint=fingerprint(cert), serial=serial_hex(cert))
+        known = await self._store.get_certificate(identity.fingerprint)
+        if not self.issued_by_ca(cert) and not (
+            known is not None and known["source"] == "uploaded" and known["agent_id"] == agent_id
+        ):
+            raise IdentityError(
+                "cert_untrusted",
+                f"The certificate was neither issued by the hub's CA nor uploaded for {agent_id}.",
+            )
+        if await self._store.is_revoked(identity.fingerprint):
+            raise IdentityError("cert_revoked", f"The certificate of agent {agent_id} has been revoked.")
+        if known is None:  # first seen: remember it, so operators can list and revoke it
+            await self._store.save_certificate(certificate_record(cert, source="issued", now=now))
+        return identity

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -32,6 +33,7 @@ class Ingestor:
         self._packer = msgpack.Packer()
         self.in_flight = 0  # events taken in and not yet acked
         self._closing = False
+        self._paused: str | None = None  # why new batches are refused for now
         self._idle = asyncio.Event()
         self._idle.set()
         self.accepted = 0
@@ -50,6 +52,8 @@ class Ingestor:
         raw = decode_batch(payload, max_events=settings.max_batch_events, max_bytes=settings.max_batch_bytes)
         if self._closing:
             raise Unavailable("the hub is shutting down", retry_after_ms=settings.retry_after_ms)
+        if self._paused:
+            raise Overloaded(self._paused, retry_after_ms=settings.retry_after_ms)
         if self.in_flight + self._scoring.backlog + len(raw) > settings.ingest_max_pending_events:
             raise Overloaded("the hub's ingest queue is full", retry_after_ms=settings.retry_after_ms)
         # Counted from here: batches waiting for scoring hold memory too.
@@ -61,6 +65,16 @@ class Ingestor:
             self.in_flight -= len(raw)
             if not self.in_flight:
                 self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def paused(self, reason: str) -> AsyncIterator[None]:
+        """Refuse new batches as overloaded (agents resend them) and wait for those under way."""
+        self._paused = reason
+        try:
+            await self._idle.wait()
+            yield
+        finally:
+            self._paused = None
 
     async def _commit(self, agent_id: str, raw: list[Any]) -> BatchAck:
         settings = self._settings

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
+from hub.audit import AuditLog
+from hub.certificates import CertificateService
+from hub.commands import CommandService
 from hub.config import Settings
+from hub.identity import AgentTrust
 from hub.ingest import Ingestor
+from hub.jobs import Jobs
 from hub.presence import Presence
 from hub.push import PushBus
 from hub.scoring import ScoringService
 from hub.store import Store
-from hub.tokens import Principal, TokenVerifier
+from hub.tokens import Principal, RevokedTokens, TokenVerifier
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
@@ -19,6 +26,18 @@ SCORING = web.AppKey("scoring", ScoringService)
 INGESTOR = web.AppKey("ingestor", Ingestor)
 PRESENCE = web.AppKey("presence", Presence)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
+REVOKED_TOKENS = web.AppKey("revoked_tokens", RevokedTokens)
+AUDIT = web.AppKey("audit", AuditLog)
+COMMANDS = web.AppKey("commands", CommandService)
+AGENT_TRUST = web.AppKey("agent_trust", AgentTrust)  # owns the listener's TLS context
+CERTIFICATES = web.AppKey("certificates", CertificateService)
 STARTED_AT = web.AppKey("started_at", float)
+# Declared by annotation: the API modules that define these types import this module.
+CURSORS: web.AppKey[Cursors] = web.AppKey("cursors")
+JOBS = web.AppKey("jobs", Jobs)
+OPENAPI = web.AppKey("openapi", bytes)  # the rendered document, built once at start
+
+if TYPE_CHECKING:
+    from hub.api.pagination import Cursors
 
 PRINCIPAL = web.RequestKey("principal", Principal)

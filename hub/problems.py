@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -10,6 +11,22 @@ from aiohttp.typedefs import Handler
 
 log = logging.getLogger(__name__)
 PROBLEM_TYPE_BASE = "https://agenthub.dev/problems/"
+CORRELATION_ID = web.RequestKey("correlation_id", str)
+# Headers every answer to a request carries, problems included (rate limits, for one).
+RESPONSE_HEADERS = web.RequestKey("response_headers", dict[str, str])
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "An RFC 7807 problem; extra members (errors, retry_after_ms, ...) depend on the type.",
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "correlation_id": {"type": "string"},
+    },
+    "required": ["type", "title", "status", "detail"],
+}
 
 
 class HubError(Exception):
@@ -42,6 +59,30 @@ class BatchTooLarge(HubError):
     title = "Batch too large"
 
 
+class PayloadTooLarge(HubError):
+    status = 413
+    type = "payload-too-large"
+    title = "Request body too large"
+
+
+class UnsupportedMediaType(HubError):
+    status = 415
+    type = "unsupported-media-type"
+    title = "Unsupported media type"
+
+
+class BadCursor(HubError):
+    status = 400
+    type = "bad-cursor"
+    title = "Bad cursor"
+
+
+class Conflict(HubError):
+    status = 409
+    type = "conflict"
+    title = "Conflict"
+
+
 class Unauthorized(HubError):
     status = 401
     type = "unauthorized"
@@ -58,6 +99,22 @@ class NotFound(HubError):
     status = 404
     type = "not-found"
     title = "Not found"
+
+
+class MethodNotAllowed(HubError):
+    status = 405
+    type = "method-not-allowed"
+    title = "Method not allowed"
+
+
+class RateLimited(HubError):
+    status = 429
+    type = "rate-limited"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail, retry_after_s=retry_after_s)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(HubError):
@@ -102,45 +159,79 @@ def error_ack(error: HubError) -> dict[str, Any]:
     return {"error": body}
 
 
-def problem_response(error: HubError, *, instance: str | None = None) -> web.Response:
+def problem_response(
+    error: HubError, *, instance: str | None = None, correlation_id: str | None = None
+) -> web.Response:
     """Render `error` as an `application/problem+json` response."""
     headers = {}
     if isinstance(error, Unavailable):
         headers["Retry-After"] = str(max(1, error.retry_after_ms // 1000))
+    if isinstance(error, RateLimited):
+        headers["Retry-After"] = str(error.retry_after_s)
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="agenthub"'
+    body = problem(error, instance=instance)
+    if correlation_id:
+        body["correlation_id"] = correlation_id
     return web.json_response(
-        problem(error, instance=instance),
-        status=error.status,
-        content_type="application/problem+json",
-        headers=headers,
+        body, status=error.status, content_type="application/problem+json", headers=headers
     )
-
-
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every `HubError` and aiohttp HTTP error as a problem; hide internal errors."""
-    try:
-        return await handler(request)
-    except HubError as error:
-        return problem_response(error, instance=request.path)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        body = {
-            "type": "about:blank",
-            "title": exc.reason,
-            "status": exc.status,
-            "detail": exc.text or exc.reason,
-            "instance": request.path,
-        }
-        return web.json_response(body, status=exc.status, content_type="application/problem+json")
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return problem_response(InternalError("internal error; see the hub log"), instance=request.path)
 
 
 class InternalError(HubError):
     status = 500
     type = "internal"
     title = "Internal error"
+
+
+# aiohttp's own refusals (no route, wrong method, body over client_max_size), in our words.
+_HTTP_ERRORS: dict[int, type[HubError]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+}
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every error as a problem with a correlation id; never show internals."""
+    correlation_id = uuid.uuid4().hex
+    request[CORRELATION_ID] = correlation_id
+    request[RESPONSE_HEADERS] = {"X-Correlation-ID": correlation_id}
+    try:
+        response = await handler(request)
+    except HubError as error:
+        response = problem_response(error, instance=request.path, correlation_id=correlation_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = _HTTP_ERRORS.get(exc.status)
+        if kind is None:
+            response = problem_response(
+                _http_error(exc), instance=request.path, correlation_id=correlation_id
+            )
+        else:
+            detail = f"{request.method} {request.path}: {exc.reason.lower()}"
+            response = problem_response(kind(detail), instance=request.path, correlation_id=correlation_id)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+    except Exception:
+        log.exception(
+            "unhandled error on %s %s (correlation id %s)", request.method, request.path, correlation_id
+        )
+        hidden = InternalError(
+            f"internal error; the hub log has the details under correlation id {correlation_id}"
+        )
+        response = problem_response(hidden, instance=request.path, correlation_id=correlation_id)
+    if not response.prepared:  # a WebSocket has sent its headers already
+        response.headers.update(request[RESPONSE_HEADERS])
+    return response
+
+
+def _http_error(exc: web.HTTPException) -> HubError:
+    slug = exc.reason.lower().replace(" ", "-")
+    kind: type[HubError] = type(
+        "HttpError", (HubError,), {"status": exc.status, "type": slug, "title": exc.reason}
+    )
+    return kind(exc.text or exc.reason)

@@ -47,12 +47,16 @@ class Subscriber:
         if key in self._pending:
             self._stats.coalesced += 1
         elif len(self._pending) >= self._max_pending:
-            self._pending.clear()
-            self.needs_snapshot = True
-            self._stats.resyncs += 1
-            self.ready.set()
+            self.resync()
             return
         self._pending[key] = message
+        self.ready.set()
+
+    def resync(self) -> None:
+        """Drop what is pending and send a fresh snapshot instead."""
+        self._pending.clear()
+        self.needs_snapshot = True
+        self._stats.resyncs += 1
         self.ready.set()
 
     def take(self) -> list[bytes]:
@@ -82,6 +86,11 @@ class PushBus:
         for subscriber in self._subscribers:
             subscriber.offer(slot, message)
         self.stats.published += 1
+
+    def resync_all(self) -> None:
+        """Send every subscriber a fresh snapshot (after all scores changed at once)."""
+        for subscriber in self._subscribers:
+            subscriber.resync()
 
     def subscribe(self) -> Subscriber:
         subscriber = Subscriber(self._max_pending, self.stats)

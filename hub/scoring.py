@@ -436,14 +436,15 @@ class ScoringService:
 
 async def recalculate(
     store: Store,
-    rules: RuleSet,
-    params: RiskParams,
+    engine: RiskEngine,
     *,
     page: int = 5000,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Replay every stored event through `rules` and replace the stored scores; return the count."""
-    engine = RiskEngine(rules, params)
+    """Replay every stored event through a fresh `engine` and replace the stored scores; return the count.
+
+    Alerts the replay would raise are not raised again: those of the live run stay as they were.
+    """
     changed: dict[str, ProcessRisk] = {}
     after: tuple[str, int] | None = None
     count = 0

@@ -12,8 +12,9 @@ import socketio
 from pydantic import ValidationError
 
 from hub.certs import is_valid_agent_id
+from hub.commands import AckHandler, CommandMessage, CommandService
 from hub.config import Settings
-from hub.identity import AgentIdentity, IdentityError, identify, peer_certificate
+from hub.identity import AgentIdentity, AgentTrust, IdentityError, peer_certificate
 from hub.ingest import Ingestor
 from hub.models import CONNECT_INFO_ADAPTER, HEARTBEAT_ADAPTER, ConnectInfo, PresenceReason
 from hub.presence import Presence
@@ -35,8 +36,19 @@ _REASONS: dict[str, PresenceReason] = {
 class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio ships no types
     """Every agent-facing handler; each parses, calls one service, returns the ack."""
 
-    def __init__(self, settings: Settings, store: Store, ingestor: Ingestor, presence: Presence) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        ingestor: Ingestor,
+        presence: Presence,
+        *,
+        commands: CommandService,
+        trust: AgentTrust,
+    ) -> None:
         super().__init__(NAMESPACE)
+        self._commands = commands
+        self._greeted: set[str] = set()  # sids that got their hello: commands may follow it
         self._settings = settings
         self._store = store
         self._ingestor = ingestor
@@ -44,6 +56,9 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         self._agents: dict[str, str] = {}  # sid -> agent id
         self._closing: dict[str, PresenceReason] = {}  # sid -> why the hub closed it
         self._in_flight: dict[str, int] = {}  # sid -> batches not yet answered
+        self._trust = trust
+        self._certs: dict[str, str] = {}  # sid -> fingerprint of the certificate it connected with
+        self._revoked: dict[str, str] = {}  # fingerprint -> reason, for revocations while this hub runs
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         try:
@@ -63,6 +78,7 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             await self._admit(sid, identity, info)
         except Exception:
             self._agents.pop(sid, None)
+            self._certs.pop(sid, None)
             log.exception("admitting agent %s failed", identity.agent_id)
             message = "The hub cannot admit agents right now; retry later."
             raise socketio.exceptions.ConnectionRefusedError(
@@ -78,12 +94,13 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
                 if not is_valid_agent_id(agent_id):
                     raise IdentityError("cn_invalid", f"{agent_id!r} is not a valid agent id.")
                 return AgentIdentity(agent_id=agent_id, fingerprint="insecure", serial="")
-        return await identify(cert, self._store)
+        return await self._trust.identify(cert)
 
     async def _admit(self, sid: str, identity: AgentIdentity, info: ConnectInfo) -> None:
         agent_id = identity.agent_id
         previous = self._presence.sid_of(agent_id)
         self._agents[sid] = agent_id
+        self._certs[sid] = identity.fingerprint
         await self._presence.connect(agent_id, sid, info, identity.fingerprint)
         if previous is not None:  # one socket per agent: the newest wins
             await self.close(previous, "superseded")
@@ -93,6 +110,10 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         self.server.start_background_task(self._hello, sid, agent_id, last_seq)
 
     async def _hello(self, sid: str, agent_id: str, last_seq: int) -> None:
+        reason = self._revoked.get(self._certs.get(sid, ""))
+        if reason is not None:  # revoked while it was being admitted, when `revoke` could not close it
+            await self._revoke_socket(sid, reason)
+            return
         hello = {
             "agent_id": agent_id,
             "server_time": time.time(),
@@ -101,6 +122,9 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             "last_seq": last_seq,
         }
         await self.emit("hello", hello, to=sid)
+        if sid in self._agents:  # still connected: its queued commands follow the hello
+            self._greeted.add(sid)
+            await self._commands.deliver_queued(agent_id)
 
     async def on_events(self, sid: str, payload: Any = None) -> dict[str, Any]:
         agent_id = self._agents.get(sid)
@@ -140,6 +164,8 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
     async def on_disconnect(self, sid: str, reason: str = "") -> None:
         agent_id = self._agents.pop(sid, None)
         self._in_flight.pop(sid, None)
+        self._greeted.discard(sid)
+        self._certs.pop(sid, None)
         why = self._closing.pop(sid, None) or _REASONS.get(reason, "transport_lost")
         if agent_id is not None:
             log.info("agent %s disconnected (%s)", agent_id, why)
@@ -153,6 +179,33 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
     async def close_all(self, reason: PresenceReason) -> None:
         """Disconnect every agent (shutdown)."""
         await asyncio.gather(*(self.close(sid, reason) for sid in list(self._agents)))
+
+    async def revoke(self, fingerprint: str, reason: str) -> int:
+        """Send `revoked` to every socket using certificate `fingerprint` and close it; return how many."""
+        # A socket cannot be closed before its CONNECT packet is sent; `_hello` runs after that
+        # packet and checks `_revoked`, so every socket is caught here or there.
+        self._revoked[fingerprint] = reason
+        connected = self.server.manager.is_connected
+        sids = [sid for sid, used in self._certs.items() if used == fingerprint and connected(sid, NAMESPACE)]
+        await asyncio.gather(*(self._revoke_socket(sid, reason) for sid in sids))
+        return len(sids)
+
+    async def _revoke_socket(self, sid: str, reason: str) -> None:
+        log.warning("disconnecting agent %s: its certificate is revoked (%s)", self._agents.get(sid), reason)
+        await self.emit("revoked", {"reason": reason}, to=sid)
+        await self.close(sid, "revoked")
+
+    def reachable(self, agent_id: str) -> bool:
+        """Say whether `agent_id` has a socket on this node that got its hello."""
+        return self._presence.sid_of(agent_id) in self._greeted
+
+    async def send_command(self, agent_id: str, message: CommandMessage, on_ack: AckHandler) -> bool:
+        """Emit `command` to the agent's socket with `on_ack` for its ack; False if it has none here."""
+        sid = self._presence.sid_of(agent_id)
+        if sid not in self._greeted:
+            return False
+        await self.emit("command", message, to=sid, callback=on_ack)
+        return True
 
 
 async def _answer(call: Awaitable[Mapping[str, Any]], what: str, failure: str) -> dict[str, Any]:

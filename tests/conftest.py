@@ -96,7 +96,7 @@ async def start_hub(settings: Settings) -> tuple[web.AppRunner, RunningHub]:
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, 0, ssl_context=listener_ssl(settings))
+    site = web.TCPSite(runner, settings.host, 0, ssl_context=listener_ssl(app))
     await site.start()
     port = runner.addresses[0][1]
     scheme = "http" if settings.dev_insecure else "https"
@@ -144,8 +144,12 @@ async def open_agent(
     *,
     certs: Path | None = None,
     auth: dict[str, Any] | None = None,
+    handlers: dict[str, Callable[..., Awaitable[Any]]] | None = None,
 ) -> AgentConn:
-    """Connect a real agent to `hub` with the client certificate of `agent_id`; wait for hello."""
+    """Connect a real agent to `hub` with the client certificate of `agent_id`; wait for hello.
+
+    `handlers` answer hub events (such as `command`) from the first moment: events may follow hello at once.
+    """
     folder = certs or hub.certs
     cert = folder / f"{agent_id}.pem" if agent_id else None
     key = folder / f"{agent_id}.key" if agent_id else None
@@ -162,6 +166,8 @@ async def open_agent(
             hello.set_result(data)
 
     sio.on("hello", on_hello, namespace="/agent")
+    for event, handler in (handlers or {}).items():
+        sio.on(event, handler, namespace="/agent")
     conn = AgentConn(sio, session, hello, received)
     try:
         await sio.connect(

@@ -122,19 +122,23 @@ async def test_scores_and_alerts_carry_the_fields_clients_expect(
 
 
 @pytest.mark.parametrize(
-    ("params", "words"),
+    ("params", "location"),
     [
-        ({"limit": "0"}, "limit must be"),
-        ({"limit": "lots"}, "limit must be"),
-        ({"cursor": "!!garbage!!"}, "cursor"),
-        ({"risk_min": "high"}, "risk_min must be a number"),
+        ({"limit": "0"}, "query.limit"),
+        ({"limit": "lots"}, "query.limit"),
+        ({"risk_min": "high"}, "query.risk_min"),
+        ({"agent_id": "../../etc/x"}, "query.agent_id"),
+        ({"colour": "red"}, "query.colour"),
     ],
 )
 async def test_bad_query_parameters_are_named(
-    hub: RunningHub, http: aiohttp.ClientSession, params: dict[str, str], words: str
+    hub: RunningHub, http: aiohttp.ClientSession, params: dict[str, str], location: str
 ) -> None:
     async with http.get(
         "/api/v1/scores", params=params, headers={"Authorization": f"Bearer {hub.token()}"}
     ) as response:
         assert response.status == 422
-        assert words in (await response.json())["detail"]
+        body = await response.json()
+    assert body["detail"].startswith(location)
+    assert body["errors"][0]["location"] == location
+    assert body["correlation_id"] == response.headers["X-Correlation-ID"]

@@ -86,9 +86,9 @@ async def test_attack_scores_above_80_explains_alerts_and_pushes(
         await ws.close()
 
     await hub.settle()
-    page = await hub.store.list_scores(risk_min=80, agent_id=None, cursor=None, limit=10)
+    page = await hub.store.list_scores(risk_min=80, agent_id=None, after=None, limit=10)
     assert [item["process_id"] for item in page.items] == ["agent-1:200"]
-    alerts = await hub.store.list_alerts(agent_id="agent-1", severity=None, cursor=None, limit=50)
+    alerts = await hub.store.list_alerts(agent_id="agent-1", severity=None, after=None, limit=50)
     raised = {a["rule_id"] for a in alerts.items}
     assert "risk-threshold-80" in raised
     assert "shadow-read" in raised
@@ -167,7 +167,7 @@ async def test_replay_gives_the_same_scores_as_live(hub: RunningHub, connect_age
     for batch in (events, benign, extra):
         assert not (await agent.send({"events": batch}))["rejected"]
     await hub.settle()
-    live = await hub.store.list_scores(risk_min=0, agent_id="agent-2", cursor=None, limit=100)
+    live = await hub.store.list_scores(risk_min=0, agent_id="agent-2", after=None, limit=100)
     live_scores = {item["process_key"]: (item["risk_score"], item["explanation"]) for item in live.items}
     assert len(live_scores) >= 2
 
@@ -175,7 +175,7 @@ async def test_replay_gives_the_same_scores_as_live(hub: RunningHub, connect_age
         hub.store, load_rules(hub.settings.rule_files), RiskParams.from_settings(hub.settings)
     )
     assert count == 58
-    replayed = await hub.store.list_scores(risk_min=0, agent_id="agent-2", cursor=None, limit=100)
+    replayed = await hub.store.list_scores(risk_min=0, agent_id="agent-2", after=None, limit=100)
     assert {
         item["process_key"]: (item["risk_score"], item["explanation"]) for item in replayed.items
     } == live_scores
@@ -234,7 +234,7 @@ async def test_scores_of_acked_events_survive_an_immediate_shutdown(settings: Se
     await agent.close()
     runner, second = await start_hub(settings)
     try:
-        page = await second.store.list_scores(risk_min=80, agent_id="agent-1", cursor=None, limit=10)
+        page = await second.store.list_scores(risk_min=80, agent_id="agent-1", after=None, limit=10)
         assert [item["process_id"] for item in page.items] == ["agent-1:200"]
     finally:
         await runner.cleanup()

@@ -1,4 +1,9 @@
-"""Refuse by default: every `/api/` and `/ws/` route needs a token unless marked public."""
+"""Refuse by default: every `/api/` and `/ws/` route needs a token unless marked public.
+
+Order of checks: a route must declare its scope (`requires`); then a bearer token must be
+present (401), valid (signature, algorithm, issuer, audience, times: 401), not revoked
+(401 "the token has been revoked"), and hold the route's scope (403).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from typing import TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from hub.keys import PRINCIPAL, VERIFIER
+from hub.api.signatures import AGENT_SIGNATURE, SIGNATURES, SIGNED_AGENT
+from hub.keys import PRINCIPAL, REVOKED_TOKENS, VERIFIER
 from hub.problems import Unauthorized
 
 RouteHandler = TypeVar("RouteHandler", bound=Callable[..., Awaitable[web.StreamResponse]])
@@ -49,10 +55,26 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     scope = getattr(route_handler, _SCOPE_ATTR)
     if scope is None:
         return await handler(request)
+    if scope == AGENT_SIGNATURE:
+        request[SIGNED_AGENT] = await request.app[SIGNATURES].verify(request)
+        return await handler(request)
     token = _bearer(request)
     if token is None:
         raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
     who = request.app[VERIFIER].verify(token)
+    if await request.app[REVOKED_TOKENS].is_revoked(who.token_id):
+        raise Unauthorized("the token has been revoked")
     who.require(scope)
     request[PRINCIPAL] = who
     return await handler(request)
+
+
+def caller(request: web.Request) -> str:
+    """Name who made `request`, for per-caller limits: token subject, signing agent or TCP peer."""
+    principal = request.get(PRINCIPAL)
+    if principal is not None:
+        return f"principal:{principal.subject}"
+    if SIGNED_AGENT in request:
+        return f"agent:{request[SIGNED_AGENT]}"
+    # The TCP peer, never a forwarded header: a client must not choose whose limits it spends.
+    return f"address:{request.remote}"

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import orjson
-
 from hub.models import Event
-from hub.problems import InvalidInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,35 +21,27 @@ class EventBatch:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of a list and the cursor to the next one."""
+    """One page of a list, and the sort key of its last item when more follow."""
 
     items: list[dict[str, Any]]
-    cursor: str | None
-
-    def body(self) -> dict[str, Any]:
-        """Render in the list shape clients expect."""
-        return {
-            "data": self.items,
-            "pagination": {"cursor": self.cursor, "has_more": self.cursor is not None},
-        }
+    next_key: list[Any] | None
 
 
-def encode_cursor(key: Sequence[Any]) -> str:
-    """Make an opaque cursor from the sort key of the last item on a page."""
-    return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode().rstrip("=")
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Conditions of an events query; each is optional."""
 
+    agent_id: str | None = None
+    kind: str | None = None
+    pid: int | None = None
+    since: float | None = None
+    until: float | None = None
 
-def decode_cursor(cursor: str | None, arity: int) -> list[Any] | None:
-    """Read a cursor made by `encode_cursor`; a tampered one is a clear input error."""
-    if not cursor:
-        return None
-    try:
-        key = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, orjson.JSONDecodeError) as exc:
-        raise InvalidInput("cursor is not one this hub issued") from exc
-    if not isinstance(key, list) or len(key) != arity:
-        raise InvalidInput("cursor is not one this hub issued")
-    return key
+    def conditions(self) -> list[tuple[str, str, Any]]:
+        """(column, operator, value) for every condition set; column names come from code only."""
+        pairs = [("agent_id", "=", self.agent_id), ("kind", "=", self.kind), ("pid", "=", self.pid),
+                 ("ts", ">=", self.since), ("ts", "<", self.until)]  # fmt: skip
+        return [(column, operator, value) for column, operator, value in pairs if value is not None]
 
 
 class Store(Protocol):
@@ -69,30 +57,137 @@ class Store(Protocol):
 
     async def last_seq(self, agent_id: str) -> int: ...
     async def count_events(self, agent_id: str | None = None) -> int: ...
+    async def list_events(self, filters: EventFilter, *, after: list[Any] | None, limit: int) -> Page: ...
     async def replay_events(self, after: tuple[str, int] | None, limit: int) -> list[tuple[str, Event]]:
         """Return stored events in (agent_id, seq) order after the given key."""
         ...
 
     async def save_agent(self, agent_id: str, fields: dict[str, Any]) -> None: ...
     async def get_agent(self, agent_id: str) -> dict[str, Any] | None: ...
-    async def list_agents(self, *, status: str | None, cursor: str | None, limit: int) -> Page: ...
+    async def list_agents(
+        self, *, status: str | None, risk_min: float = 0.0, after: list[Any] | None, limit: int
+    ) -> Page: ...
     async def mark_all_offline(self, reason: str, now: float) -> None: ...
 
     async def save_processes(self, states: list[dict[str, Any]]) -> None: ...
     async def load_processes(self, agent_id: str) -> list[dict[str, Any]]: ...
     async def replace_scores(self, states: list[dict[str, Any]]) -> None: ...
     async def list_scores(
-        self, *, risk_min: float, agent_id: str | None, cursor: str | None, limit: int
+        self, *, risk_min: float, agent_id: str | None, after: list[Any] | None, limit: int
     ) -> Page: ...
-    async def agent_risk(self, agent_ids: list[str]) -> dict[str, float]: ...
+    async def list_processes(
+        self, *, risk_min: float, agent_id: str | None, live: bool | None, after: list[Any] | None, limit: int
+    ) -> Page: ...
+    async def get_process(self, process_key: str) -> dict[str, Any] | None: ...
 
     async def insert_alerts(self, alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Store new alerts; return them with their ids."""
         ...
 
     async def list_alerts(
-        self, *, agent_id: str | None, severity: str | None, cursor: str | None, limit: int
+        self,
+        *,
+        agent_id: str | None,
+        severity: str | None,
+        status: str | None = None,
+        after: list[Any] | None,
+        limit: int,
     ) -> Page: ...
+    async def get_alert(self, alert_id: int) -> dict[str, Any] | None: ...
+    async def set_alert_status(
+        self, alert_id: int, status: str, change: dict[str, Any], *, allowed_from: tuple[str, ...]
+    ) -> dict[str, Any] | None:
+        """Move an alert to `status` with `change` if its status is in `allowed_from`; return it then."""
+        ...
+
+    async def get_agent_secret(self, agent_id: str) -> str | None: ...
+    async def set_agent_secret(self, agent_id: str, secret: str | None) -> bool:
+        """Set (or with None, delete) an agent's signing secret; say whether anything changed."""
+        ...
+
+    async def get_idempotent(self, owner: str, key: str, now: float) -> dict[str, Any] | None:
+        """The stored answer to `owner`'s request with Idempotency-Key `key`, unless expired."""
+        ...
+
+    async def save_idempotent(
+        self, owner: str, key: str, answer: dict[str, Any], expires_at: float
+    ) -> None: ...
 
     async def is_revoked(self, fingerprint: str) -> bool: ...
     async def revoke(self, fingerprint: str, *, serial: str, agent_id: str, reason: str) -> None: ...
+
+    # audit log and operator token revocation -------------------------------------------
+
+    async def append_audit(self, link: Callable[[int, str | None], dict[str, Any]]) -> dict[str, Any]:
+        """Store the entry `link(last_id, last_hash)` builds (0, None when empty), in one transaction.
+
+        Reading the last entry and inserting the new one must be one write transaction, so
+        concurrent appenders, other processes included, cannot fork the chain.
+        """
+        ...
+
+    async def audit_entries(self, *, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """Entries with an id above `after_id`, in id (chain) order."""
+        ...
+
+    async def list_audit(
+        self,
+        *,
+        actor: str | None,
+        action: str | None,
+        since: float | None,
+        until: float | None,
+        after: list[Any] | None,
+        limit: int,
+    ) -> Page:
+        """Entries newest first (by id), filtered; `since` inclusive, `until` exclusive."""
+        ...
+
+    async def revoke_token(self, jti: str, *, reason: str, revoked_at: float) -> dict[str, Any]:
+        """Record that token `jti` is revoked; return the record (the first one if it already was)."""
+        ...
+
+    async def get_revoked_token(self, jti: str) -> dict[str, Any] | None: ...
+
+    # agent certificates
+    async def save_certificate(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Record a certificate unless its fingerprint is known; return the stored record."""
+        ...
+
+    async def get_certificate(self, fingerprint: str) -> dict[str, Any] | None: ...
+    async def list_certificates(
+        self, *, agent_id: str | None, status: str | None, now: float, after: list[Any] | None, limit: int
+    ) -> Page:
+        """Certificates soonest to expire first; `status` is valid, expired or revoked."""
+        ...
+
+    async def uploaded_certificates(self, now: float) -> list[str]:
+        """The PEM of every uploaded certificate not expired at `now`."""
+        ...
+
+    # commands
+
+    async def insert_command(self, command: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Store `command` unless its id exists; return the stored command and whether it is new."""
+        ...
+
+    async def get_command(self, command_id: str) -> dict[str, Any] | None: ...
+    async def list_commands(
+        self, agent_id: str, *, state: str | None, after: list[Any] | None, limit: int
+    ) -> Page:
+        """An agent's commands, newest first, optionally in one state."""
+        ...
+
+    async def queued_commands(self, agent_id: str, now: float) -> list[dict[str, Any]]:
+        """An agent's queued commands not expired at `now`, oldest first."""
+        ...
+
+    async def transition_command(
+        self, command_id: str, *, expect: tuple[str, ...], changes: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Apply `changes` if the command's state is in `expect`; return it changed, else None."""
+        ...
+
+    async def expire_commands(self, now: float, errors: dict[str, str]) -> list[dict[str, Any]]:
+        """Expire queued and delivered commands due by `now`, recording `errors[old state]`; return them."""
+        ...

@@ -28,7 +28,7 @@ import orjson
 
 from hub.models import Event, score_view
 from hub.problems import Unavailable
-from hub.store import EventBatch, Page, decode_cursor, encode_cursor
+from hub.store import EventBatch, EventFilter, Page
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -237,6 +237,18 @@ class SqliteStore:
             )
         return int(row[0])
 
+    async def list_events(self, filters: EventFilter, *, after: list[Any] | None, limit: int) -> Page:
+        sql = "SELECT agent_id, seq, received_at, body FROM events WHERE (agent_id, seq) > (?, ?)"
+        params: list[Any] = list(after) if after else ["", 0]
+        for column, operator, value in filters.conditions():
+            sql += f" AND {column} {operator} ?"
+            params.append(value)
+        sql += " ORDER BY agent_id, seq LIMIT ?"
+        rows = await self._read(lambda c: c.execute(sql, [*params, limit + 1]).fetchall())
+        items = [{"agent_id": agent_id, **msgpack.unpackb(body), "received_at": received_at}
+                 for agent_id, _, received_at, body in rows]  # fmt: skip
+        return _page(items, limit, lambda item: [item["agent_id"], item["seq"]])
+
     async def replay_events(self, after: tuple[str, int] | None, limit: int) -> list[tuple[str, Event]]:
         agent_id, seq = after or ("", 0)
         rows = await self._read(
@@ -260,35 +272,23 @@ class SqliteStore:
         await self._write(lambda c: c.execute(sql, [agent_id, *values]))
 
     async def get_agent(self, agent_id: str) -> dict[str, Any] | None:
-        def fetch(conn: sqlite3.Connection) -> dict[str, Any] | None:
-            conn.row_factory = sqlite3.Row
-            try:
-                row = conn.execute("SELECT * FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
-            finally:
-                conn.row_factory = None
-            return _agent_view(dict(row)) if row else None
+        rows = await self._read(lambda c: _rows(c, _AGENTS_SQL + " WHERE agent_id = ?", [agent_id]))
+        return _agent_view(rows[0]) if rows else None
 
-        return await self._read(fetch)
-
-    async def list_agents(self, *, status: str | None, cursor: str | None, limit: int) -> Page:
-        key = decode_cursor(cursor, 1)
-        after = key[0] if key else ""
-
-        def fetch(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            conn.row_factory = sqlite3.Row
-            try:
-                sql = "SELECT * FROM agents WHERE agent_id > ?"
-                params: list[Any] = [after]
-                if status:
-                    sql += " AND status = ?"
-                    params.append(status)
-                rows = conn.execute(sql + " ORDER BY agent_id LIMIT ?", [*params, limit + 1]).fetchall()
-            finally:
-                conn.row_factory = None
-            return [_agent_view(dict(row)) for row in rows]
-
-        items = await self._read(fetch)
-        return _page(items, limit, lambda item: [item["agent_id"]])
+    async def list_agents(
+        self, *, status: str | None, risk_min: float = 0.0, after: list[Any] | None, limit: int
+    ) -> Page:
+        sql = _AGENTS_SQL + " WHERE agent_id > ?"
+        params: list[Any] = [after[0] if after else ""]
+        if status:
+            sql += " AND status = ?"
+            params.append(status)
+        if risk_min > 0:
+            sql += " AND risk >= ?"
+            params.append(risk_min)
+        sql += " ORDER BY agent_id LIMIT ?"
+        rows = await self._read(lambda c: _rows(c, sql, [*params, limit + 1]))
+        return _page([_agent_view(row) for row in rows], limit, lambda item: [item["agent_id"]])
 
     async def mark_all_offline(self, reason: str, now: float) -> None:
         await self._write(
@@ -321,9 +321,9 @@ class SqliteStore:
         return [orjson.loads(row[0]) for row in rows]
 
     async def list_scores(
-        self, *, risk_min: float, agent_id: str | None, cursor: str | None, limit: int
+        self, *, risk_min: float, agent_id: str | None, after: list[Any] | None, limit: int
     ) -> Page:
-        key = decode_cursor(cursor, 2)
+        key = after
         sql = "SELECT state FROM processes WHERE risk_score >= ?"
         params: list[Any] = [risk_min]
         if agent_id:
@@ -337,18 +337,28 @@ class SqliteStore:
         items = [dict(score_view(orjson.loads(row[0]))) for row in rows]
         return _page(items, limit, lambda item: [item["risk_score"], item["process_key"]])
 
-    async def agent_risk(self, agent_ids: list[str]) -> dict[str, float]:
-        if not agent_ids:
-            return {}
-        marks = ",".join("?" * len(agent_ids))
-        rows = await self._read(
+    async def list_processes(
+        self, *, risk_min: float, agent_id: str | None, live: bool | None, after: list[Any] | None, limit: int
+    ) -> Page:
+        sql = "SELECT state FROM processes WHERE process_key > ? AND risk_score >= ?"
+        params: list[Any] = [after[0] if after else "", risk_min]
+        if agent_id:
+            sql += " AND agent_id = ?"
+            params.append(agent_id)
+        if live is not None:
+            sql += " AND exited = ?"
+            params.append(int(not live))
+        sql += " ORDER BY process_key LIMIT ?"
+        rows = await self._read(lambda c: c.execute(sql, [*params, limit + 1]).fetchall())
+        return _page([orjson.loads(row[0]) for row in rows], limit, lambda item: [item["process_key"]])
+
+    async def get_process(self, process_key: str) -> dict[str, Any] | None:
+        row = await self._read(
             lambda c: c.execute(
-                f"SELECT agent_id, max(risk_score) FROM processes WHERE exited = 0 "  # noqa: S608 - only placeholders are interpolated
-                f"AND agent_id IN ({marks}) GROUP BY agent_id",
-                agent_ids,
-            ).fetchall()
+                "SELECT state FROM processes WHERE process_key = ?", (process_key,)
+            ).fetchone()
         )
-        return {row[0]: row[1] for row in rows}
+        return orjson.loads(row[0]) if row else None
 
     # alerts ------------------------------------------------------------------------------
 
@@ -382,22 +392,281 @@ class SqliteStore:
         return result
 
     async def list_alerts(
-        self, *, agent_id: str | None, severity: str | None, cursor: str | None, limit: int
+        self,
+        *,
+        agent_id: str | None,
+        severity: str | None,
+        status: str | None = None,
+        after: list[Any] | None,
+        limit: int,
     ) -> Page:
-        key = decode_cursor(cursor, 1)
         sql = "SELECT body FROM alerts WHERE id < ?"
-        params: list[Any] = [int(key[0]) if key else 2**62]
-        if agent_id:
-            sql += " AND agent_id = ?"
-            params.append(agent_id)
-        if severity:
-            sql += " AND severity = ?"
-            params.append(severity)
+        params: list[Any] = [int(after[0]) if after else 2**62]
+        for column, value in (("agent_id", agent_id), ("severity", severity), ("status", status)):
+            if value:
+                sql += f" AND {column} = ?"
+                params.append(value)
         rows = await self._read(
             lambda c: c.execute(sql + " ORDER BY id DESC LIMIT ?", [*params, limit + 1]).fetchall()
         )
         items = [orjson.loads(row[0]) for row in rows]
         return _page(items, limit, lambda item: [int(item["id"])])
+
+    async def get_alert(self, alert_id: int) -> dict[str, Any] | None:
+        row = await self._read(
+            lambda c: c.execute("SELECT body FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+        )
+        return orjson.loads(row[0]) if row else None
+
+    async def set_alert_status(
+        self, alert_id: int, status: str, change: dict[str, Any], *, allowed_from: tuple[str, ...]
+    ) -> dict[str, Any] | None:
+        def update(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute("SELECT body FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+            if row is None:
+                return None
+            alert: dict[str, Any] = orjson.loads(row[0])
+            if alert["status"] not in allowed_from:
+                return alert
+            alert.update(change, status=status)
+            conn.execute(
+                "UPDATE alerts SET status = ?, body = ? WHERE id = ?", (status, orjson.dumps(alert), alert_id)
+            )
+            return alert
+
+        result: dict[str, Any] | None = await self._write(update)
+        return result
+
+    # agent signing secrets ---------------------------------------------------------------
+
+    async def get_agent_secret(self, agent_id: str) -> str | None:
+        row = await self._read(
+            lambda c: c.execute("SELECT secret FROM agent_secrets WHERE agent_id = ?", (agent_id,)).fetchone()
+        )
+        return str(row[0]) if row else None
+
+    async def set_agent_secret(self, agent_id: str, secret: str | None) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            if secret is None:
+                return conn.execute("DELETE FROM agent_secrets WHERE agent_id = ?", (agent_id,)).rowcount > 0
+            conn.execute(
+                "INSERT OR REPLACE INTO agent_secrets (agent_id, secret, created_at) VALUES (?, ?, ?)",
+                (agent_id, secret, time.time()),
+            )
+            return True
+
+        changed: bool = await self._write(write)
+        return changed
+
+    # idempotency -------------------------------------------------------------------------
+
+    async def get_idempotent(self, owner: str, key: str, now: float) -> dict[str, Any] | None:
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT request_hash, status, content_type, body FROM idempotency "
+                "WHERE owner = ? AND key = ? AND expires_at > ?",
+                (owner, key, now),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return {"request_hash": row[0], "status": row[1], "content_type": row[2], "body": row[3]}
+
+    async def save_idempotent(self, owner: str, key: str, answer: dict[str, Any], expires_at: float) -> None:
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (time.time(),))
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency (owner, key, request_hash, status, content_type, body, "
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (owner, key, answer["request_hash"], answer["status"], answer["content_type"], answer["body"],
+                 expires_at),
+            )  # fmt: skip
+
+        await self._write(save)
+
+    # audit log and operator token revocation ---------------------------------------------
+
+    async def append_audit(self, link: Callable[[int, str | None], dict[str, Any]]) -> dict[str, Any]:
+        def append(conn: sqlite3.Connection) -> dict[str, Any]:
+            # Inside the writer's BEGIN IMMEDIATE: no connection, in this process or another,
+            # can append between this read and the insert, so the chain cannot fork.
+            last = conn.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
+            entry = link(last[0], last[1]) if last else link(0, None)
+            conn.execute(
+                "INSERT INTO audit_log (id, ts, actor, token_id, action, method, path, target, status, "
+                "correlation_id, client, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry["id"], entry["ts"], entry["actor"], entry["token_id"], entry["action"],
+                 entry["method"], entry["path"], orjson.dumps(entry["target"]).decode(), entry["status"],
+                 entry["correlation_id"], entry["client"], entry["prev_hash"], entry["hash"]),
+            )  # fmt: skip
+            return entry
+
+        result: dict[str, Any] = await self._write(append)
+        return result
+
+    async def audit_entries(self, *, after_id: int, limit: int) -> list[dict[str, Any]]:
+        return await self._audit_rows(
+            "SELECT * FROM audit_log WHERE id > ? ORDER BY id LIMIT ?", [after_id, limit]
+        )
+
+    async def list_audit(
+        self,
+        *,
+        actor: str | None,
+        action: str | None,
+        since: float | None,
+        until: float | None,
+        after: list[Any] | None,
+        limit: int,
+    ) -> Page:
+        sql = "SELECT * FROM audit_log WHERE id < ?"
+        params: list[Any] = [int(after[0]) if after else 2**62]
+        for condition, value in (("actor = ?", actor), ("action = ?", action), ("ts >= ?", since),
+                                 ("ts < ?", until)):  # fmt: skip
+            if value is not None:
+                sql += f" AND {condition}"
+                params.append(value)
+        items = await self._audit_rows(sql + " ORDER BY id DESC LIMIT ?", [*params, limit + 1])
+        return _page(items, limit, lambda item: [item["id"]])
+
+    async def _audit_rows(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+        rows = await self._read(lambda c: _rows(c, sql, params))
+        return [{**row, "target": orjson.loads(row["target"])} for row in rows]
+
+    async def revoke_token(self, jti: str, *, reason: str, revoked_at: float) -> dict[str, Any]:
+        def revoke(conn: sqlite3.Connection) -> dict[str, Any]:
+            conn.execute(
+                "INSERT OR IGNORE INTO revoked_tokens (jti, revoked_at, reason) VALUES (?, ?, ?)",
+                (jti, revoked_at, reason),
+            )
+            return _rows(conn, "SELECT jti, revoked_at, reason FROM revoked_tokens WHERE jti = ?", [jti])[0]
+
+        result: dict[str, Any] = await self._write(revoke)
+        return result
+
+    async def get_revoked_token(self, jti: str) -> dict[str, Any] | None:
+        rows = await self._read(
+            lambda c: _rows(c, "SELECT jti, revoked_at, reason FROM revoked_tokens WHERE jti = ?", [jti])
+        )
+        return rows[0] if rows else None
+
+    # agent certificates ------------------------------------------------------------------
+
+    # Revocation state comes from `revocations`, which holds every revoked fingerprint.
+    _CERTIFICATES_SQL = (
+        "SELECT * FROM (SELECT certificates.*, revocations.revoked_at, "
+        "revocations.reason AS revocation_reason FROM certificates LEFT JOIN revocations USING (fingerprint))"
+    )
+
+    async def save_certificate(self, record: dict[str, Any]) -> dict[str, Any]:
+        names = list(record)
+
+        def save(conn: sqlite3.Connection) -> dict[str, Any]:
+            conn.execute(
+                f"INSERT INTO certificates ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "  # noqa: S608 - column names come from code, never from input
+                "ON CONFLICT (fingerprint) DO NOTHING",
+                list(record.values()),
+            )
+            return _rows(conn, self._CERTIFICATES_SQL + " WHERE fingerprint = ?", [record["fingerprint"]])[0]
+
+        stored: dict[str, Any] = await self._write(save)
+        return stored
+
+    async def get_certificate(self, fingerprint: str) -> dict[str, Any] | None:
+        rows = await self._read(
+            lambda c: _rows(c, self._CERTIFICATES_SQL + " WHERE fingerprint = ?", [fingerprint])
+        )
+        return rows[0] if rows else None
+
+    async def list_certificates(
+        self, *, agent_id: str | None, status: str | None, now: float, after: list[Any] | None, limit: int
+    ) -> Page:
+        sql = self._CERTIFICATES_SQL + " WHERE (not_after, fingerprint) > (?, ?)"
+        params: list[Any] = list(after) if after else [-1.0e300, ""]
+        if agent_id:
+            sql += " AND agent_id = ?"
+            params.append(agent_id)
+        if status == "revoked":
+            sql += " AND revoked_at IS NOT NULL"
+        elif status is not None:
+            sql += " AND revoked_at IS NULL AND not_after " + ("<= ?" if status == "expired" else "> ?")
+            params.append(now)
+        sql += " ORDER BY not_after, fingerprint LIMIT ?"
+        rows = await self._read(lambda c: _rows(c, sql, [*params, limit + 1]))
+        return _page(rows, limit, lambda item: [item["not_after"], item["fingerprint"]])
+
+    async def uploaded_certificates(self, now: float) -> list[str]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT pem FROM certificates WHERE source = 'uploaded' AND not_after > ?", (now,)
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
+    # commands ----------------------------------------------------------------------------
+
+    async def insert_command(self, command: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        def insert(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool]:
+            cursor = conn.execute(
+                f"INSERT INTO commands ({', '.join(_COMMAND_COLUMNS)}) "  # noqa: S608 - column names come from code
+                f"VALUES ({', '.join('?' * len(_COMMAND_COLUMNS))}) ON CONFLICT (id) DO NOTHING",
+                [_command_value(name, command[name]) for name in _COMMAND_COLUMNS],
+            )
+            stored = _rows(conn, "SELECT * FROM commands WHERE id = ?", [command["id"]])[0]
+            return _command_view(stored), cursor.rowcount == 1
+
+        result: tuple[dict[str, Any], bool] = await self._write(insert)
+        return result
+
+    async def get_command(self, command_id: str) -> dict[str, Any] | None:
+        rows = await self._read(lambda c: _rows(c, "SELECT * FROM commands WHERE id = ?", [command_id]))
+        return _command_view(rows[0]) if rows else None
+
+    async def list_commands(
+        self, agent_id: str, *, state: str | None, after: list[Any] | None, limit: int
+    ) -> Page:
+        sql = "SELECT * FROM commands WHERE agent_id = ? AND seq < ?"
+        params: list[Any] = [agent_id, int(after[0]) if after else 2**62]
+        if state:
+            sql += " AND state = ?"
+            params.append(state)
+        rows = await self._read(lambda c: _rows(c, sql + " ORDER BY seq DESC LIMIT ?", [*params, limit + 1]))
+        page = _page(rows, limit, lambda row: [row["seq"]])
+        return Page([_command_view(row) for row in page.items], page.next_key)
+
+    async def queued_commands(self, agent_id: str, now: float) -> list[dict[str, Any]]:
+        rows = await self._read(
+            lambda c: _rows(
+                c,
+                "SELECT * FROM commands WHERE agent_id = ? AND state = 'queued' AND expires_at > ? "
+                "ORDER BY seq",
+                [agent_id, now],
+            )
+        )
+        return [_command_view(row) for row in rows]
+
+    async def transition_command(
+        self, command_id: str, *, expect: tuple[str, ...], changes: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        sql = (
+            f"UPDATE commands SET {', '.join(f'{name} = ?' for name in changes)} "  # noqa: S608 - names come from code
+            f"WHERE id = ? AND state IN ({', '.join('?' * len(expect))}) RETURNING *"
+        )
+        params = [*(_command_value(name, value) for name, value in changes.items()), command_id, *expect]
+        rows: list[dict[str, Any]] = await self._write(lambda c: _rows(c, sql, params))
+        return _command_view(rows[0]) if rows else None
+
+    async def expire_commands(self, now: float, errors: dict[str, str]) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await self._write(
+            lambda c: _rows(
+                c,
+                "UPDATE commands SET state = 'expired', completed_at = ?, "
+                "error = CASE state WHEN 'queued' THEN ? ELSE ? END "
+                "WHERE state IN ('queued', 'delivered') AND expires_at <= ? RETURNING *",
+                [now, errors["queued"], errors["delivered"], now],
+            )
+        )
+        return [_command_view(row) for row in sorted(rows, key=lambda row: row["seq"])]
 
     # revocation --------------------------------------------------------------------------
 
@@ -451,14 +720,44 @@ def _upsert_processes(conn: sqlite3.Connection, states: list[dict[str, Any]]) ->
     )
 
 
+# An agent's risk is the highest of its live processes.
+_AGENTS_SQL = (
+    "SELECT * FROM (SELECT agents.*, coalesce(live.risk, 0.0) AS risk FROM agents LEFT JOIN "
+    "(SELECT agent_id, max(risk_score) AS risk FROM processes WHERE exited = 0 GROUP BY agent_id) AS live "
+    "USING (agent_id))"
+)
+
+
+def _rows(conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    cursor = conn.execute(sql, params)
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
 def _agent_view(row: dict[str, Any]) -> dict[str, Any]:
     heartbeat = row.pop("heartbeat", None)
     row["heartbeat"] = orjson.loads(heartbeat) if heartbeat else None
     return row
 
 
+_COMMAND_COLUMNS = ("id", "agent_id", "name", "args", "state", "created_at", "delivered_at", "completed_at",
+                    "expires_at", "result", "error", "created_by")  # fmt: skip
+_COMMAND_JSON = ("args", "result")  # stored as JSON text
+
+
+def _command_value(name: str, value: Any) -> Any:
+    return orjson.dumps(value).decode() if name in _COMMAND_JSON and value is not None else value
+
+
+def _command_view(row: dict[str, Any]) -> dict[str, Any]:
+    view = {name: row[name] for name in _COMMAND_COLUMNS}  # `seq` is the store's own sort key
+    for name in _COMMAND_JSON:
+        view[name] = orjson.loads(view[name]) if view[name] is not None else None
+    return view
+
+
 def _page(items: list[dict[str, Any]], limit: int, key: Callable[[dict[str, Any]], list[Any]]) -> Page:
     if len(items) > limit:
         items = items[:limit]
-        return Page(items, encode_cursor(key(items[-1])))
+        return Page(items, key(items[-1]))
     return Page(items, None)

@@ -316,9 +316,10 @@ async def test_a_failing_source_ends_the_session_with_its_error(
 
 
 async def _serve_hub(settings: Settings, port: int) -> web.AppRunner:
-    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=2)
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=listener_ssl(settings)).start()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=listener_ssl(app)).start()
     return runner
 
 

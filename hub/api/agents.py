@@ -1,0 +1,78 @@
+"""Agents: presence, last heartbeat and risk."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import Field
+from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
+
+from hub.api.pagination import PageOf, PageQuery
+from hub.api.params import AgentPath
+from hub.api.spec import ApiRoutes
+from hub.api.views import AgentView
+from hub.keys import CURSORS, STORE
+from hub.problems import NotFound
+
+api = ApiRoutes("agents")
+
+
+class AgentQuery(PageQuery):
+    status: Literal["online", "late", "offline"] | None = None
+    risk_min: float = Field(0.0, ge=0, le=100, description="only agents whose risk is at least this")
+
+
+@api.get("/api/v1/agents", scope="hub:read", query=AgentQuery, response=PageOf[AgentView])
+async def list_agents(request: web.Request, *, query: AgentQuery) -> dict[str, Any]:
+    """List agents by id, with status and risk (the highest score of their live processes)."""
+    cursors = request.app[CURSORS]
+    page = await request.app[STORE].list_agents(
+        status=query.status,
+        risk_min=query.risk_min,
+        after=cursors.open(request, query.cursor),
+        limit=query.limit,
+    )
+    return cursors.page(request, page)
+
+
+@api.get("/api/v1/agents/{agent_id}", scope="hub:read", path_params=AgentPath, response=AgentView)
+async def get_agent(request: web.Request, *, path: AgentPath) -> dict[str, Any]:
+    """Get one agent: status, last heartbeat (CPU, memory, disk), version, host and risk."""
+    agent = await request.app[STORE].get_agent(path.agent_id)
+    if agent is None:
+        raise NotFound(f"no agent {path.agent_id!r} has connected to this hub")
+    return agent
+
+
+class SigningSecret(TypedDict):
+    agent_id: str
+    secret: str
+    created_at: float
+
+
+@api.post(
+    "/api/v1/agents/{agent_id}/signing-secret",
+    scope="hub:admin",
+    path_params=AgentPath,
+    response=SigningSecret,
+    status=201,
+)
+async def create_signing_secret(request: web.Request, *, path: AgentPath) -> SigningSecret:
+    """Issue (or rotate) the secret an agent signs HTTP event posts with; shown only now.
+
+    The agent need not have connected before: this is how agents that cannot hold a socket
+    are enrolled. A rotated secret replaces the old one at once.
+    """
+    secret = secrets.token_urlsafe(32)
+    await request.app[STORE].set_agent_secret(path.agent_id, secret)
+    return SigningSecret(agent_id=path.agent_id, secret=secret, created_at=time.time())
+
+
+@api.delete("/api/v1/agents/{agent_id}/signing-secret", scope="hub:admin", path_params=AgentPath, status=204)
+async def delete_signing_secret(request: web.Request, *, path: AgentPath) -> None:
+    """Withdraw an agent's signing secret: its signed posts are refused from now on."""
+    if not await request.app[STORE].set_agent_secret(path.agent_id, None):
+        raise NotFound(f"agent {path.agent_id!r} has no signing secret")

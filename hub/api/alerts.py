@@ -1,0 +1,101 @@
+"""Alerts: list, get, acknowledge and resolve."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from hub.api.pagination import PageOf, PageQuery
+from hub.api.spec import ApiRoutes
+from hub.api.views import AlertStatus, AlertView
+from hub.keys import BUS, CURSORS, PRINCIPAL, STORE
+from hub.models import AGENT_ID_PATTERN, Severity
+from hub.problems import Conflict, NotFound
+
+api = ApiRoutes("alerts")
+
+
+class AlertQuery(PageQuery):
+    agent_id: str | None = Field(None, pattern=AGENT_ID_PATTERN)
+    severity: Severity | None = None
+    status: AlertStatus | None = None
+
+
+class AlertPath(BaseModel):
+    alert_id: int = Field(ge=1)
+
+
+class AlertChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: str | None = Field(None, max_length=2000, description="why, for the next person who looks")
+
+
+@api.get("/api/v1/alerts", scope="hub:read", query=AlertQuery, response=PageOf[AlertView])
+async def list_alerts(request: web.Request, *, query: AlertQuery) -> dict[str, Any]:
+    """List alerts, newest first."""
+    cursors = request.app[CURSORS]
+    page = await request.app[STORE].list_alerts(
+        agent_id=query.agent_id,
+        severity=query.severity,
+        status=query.status,
+        after=cursors.open(request, query.cursor),
+        limit=query.limit,
+    )
+    return cursors.page(request, page)
+
+
+@api.get("/api/v1/alerts/{alert_id}", scope="hub:read", path_params=AlertPath, response=AlertView)
+async def get_alert(request: web.Request, *, path: AlertPath) -> dict[str, Any]:
+    """Get one alert with the explanation it was raised with."""
+    alert = await request.app[STORE].get_alert(path.alert_id)
+    if alert is None:
+        raise NotFound(f"no alert {path.alert_id}")
+    return alert
+
+
+@api.post(
+    "/api/v1/alerts/{alert_id}:acknowledge",
+    scope="hub:write",
+    path_params=AlertPath,
+    body=AlertChange,
+    response=AlertView,
+)
+async def acknowledge_alert(request: web.Request, *, path: AlertPath, body: AlertChange) -> dict[str, Any]:
+    """Acknowledge an open alert: someone is looking at it."""
+    return await _change(request, path.alert_id, "acknowledged", body.note, allowed_from=("open",))
+
+
+@api.post(
+    "/api/v1/alerts/{alert_id}:resolve",
+    scope="hub:write",
+    path_params=AlertPath,
+    body=AlertChange,
+    response=AlertView,
+)
+async def resolve_alert(request: web.Request, *, path: AlertPath, body: AlertChange) -> dict[str, Any]:
+    """Resolve an alert, open or acknowledged."""
+    return await _change(request, path.alert_id, "resolved", body.note, allowed_from=("open", "acknowledged"))
+
+
+async def _change(
+    request: web.Request,
+    alert_id: int,
+    status: AlertStatus,
+    note: str | None,
+    *,
+    allowed_from: tuple[str, ...],
+) -> dict[str, Any]:
+    verb = "acknowledged" if status == "acknowledged" else "resolved"
+    change = {f"{verb}_by": request[PRINCIPAL].subject, f"{verb}_at": time.time(), "note": note}
+    # Repeating a change is harmless: the store leaves the alert as it is, and it is answered.
+    alert = await request.app[STORE].set_alert_status(alert_id, status, change, allowed_from=allowed_from)
+    if alert is None:
+        raise NotFound(f"no alert {alert_id}")
+    if alert["status"] != status:
+        raise Conflict(f"alert {alert_id} is {alert['status']}; it cannot become {status}")
+    request.app[BUS].publish("alert", alert["id"], alert)
+    return alert

@@ -1,0 +1,32 @@
+"""`/ws/live`: the dashboards' push feed (a WebSocket, outside the OpenAPI document)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from hub.api.auth import requires
+from hub.api.pagination import MAX_LIMIT
+from hub.keys import BUS, SETTINGS, STORE
+from hub.push import serve_dashboard
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/ws/live")
+@requires("hub:read")
+async def live(request: web.Request) -> web.WebSocketResponse:
+    """Send a snapshot, then every score, alert and presence change as it happens."""
+    app = request.app
+
+    async def snapshot() -> dict[str, Any]:
+        store = app[STORE]
+        top = app[SETTINGS].push_snapshot_top
+        agents = await store.list_agents(status=None, after=None, limit=MAX_LIMIT)
+        scores = await store.list_scores(risk_min=0.01, agent_id=None, after=None, limit=top)
+        alerts = await store.list_alerts(agent_id=None, severity=None, after=None, limit=top)
+        return {"agents": agents.items, "scores": scores.items, "alerts": alerts.items, "ts": time.time()}
+
+    return await serve_dashboard(request, app[BUS], snapshot)

@@ -1,0 +1,144 @@
+"""Agent certificates operators manage: upload, sign a CSR, list, get, revoke.
+
+The hub knows a certificate when an operator uploaded it (trusted by its exact fingerprint,
+PROTOCOL.md's self-signed flow), when it signed it through the API, or when an agent first
+connected with a certificate the CA issued some other way (`agenthub certs issue`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from cryptography import x509
+
+from hub.certs import (
+    CA_CERT,
+    CertificateError,
+    agent_id_mismatch,
+    check_agent_id,
+    common_name,
+    sign_agent_csr,
+)
+from hub.config import Settings
+from hub.identity import AgentTrust, IdentityError, certificate_record, check_agent_certificate
+from hub.problems import Conflict, NotFound
+from hub.store import Page, Store
+
+CertificateStatus = Literal["valid", "expired", "revoked"]
+# Close every live socket using a certificate: (fingerprint, reason) -> how many were closed.
+Disconnector = Callable[[str, str], Awaitable[int]]
+
+
+class CertificateService:
+    """Every operator action on agent certificates; HTTP handlers call one method each."""
+
+    def __init__(self, settings: Settings, store: Store, trust: AgentTrust, disconnect: Disconnector) -> None:
+        self._settings = settings
+        self._store = store
+        self._trust = trust
+        self._disconnect = disconnect
+
+    async def upload(self, agent_id: str, pem: str) -> dict[str, Any]:
+        """Trust the PEM certificate `pem` for `agent_id`, by its exact fingerprint, from now on.
+
+        Refused unless its CN is `agent_id`, it is inside its validity period, its usages allow
+        a TLS client, and it was never revoked. Uploading the same certificate again answers the
+        record already kept.
+        """
+        check_agent_id(agent_id)
+        cert = _one_certificate(pem)
+        found = common_name(cert.subject)
+        if found != agent_id:
+            raise agent_id_mismatch(agent_id, found)
+        now = time.time()
+        try:
+            check_agent_certificate(cert, dt.datetime.fromtimestamp(now, dt.UTC))
+        except IdentityError as refusal:
+            raise CertificateError(refusal.message) from None
+        record = certificate_record(cert, source="uploaded", now=now)
+        if await self._store.is_revoked(record["fingerprint"]):
+            raise Conflict(f"certificate {record['fingerprint']} is revoked; it cannot be trusted again")
+        stored = await self._store.save_certificate(record)
+        self._trust.trust(stored["pem"])
+        return _view(stored, now)
+
+    async def sign(self, agent_id: str, csr_pem: str) -> dict[str, Any]:
+        """Issue a certificate for `agent_id` from its PEM CSR; answer it with the CA certificate."""
+        directory = self._settings.certs_dir
+        cert = sign_agent_csr(directory, agent_id, csr_pem, days=self._settings.agent_cert_days)
+        now = time.time()
+        record = await self._store.save_certificate(certificate_record(cert, source="issued", now=now))
+        return {**_view(record, now), "ca_certificate": (directory / CA_CERT).read_text()}
+
+    async def list(
+        self, *, agent_id: str | None, status: CertificateStatus | None, after: list[Any] | None, limit: int
+    ) -> Page:
+        """Certificates soonest to expire first, filtered."""
+        now = time.time()
+        page = await self._store.list_certificates(
+            agent_id=agent_id, status=status, now=now, after=after, limit=limit
+        )
+        return Page([_view(record, now) for record in page.items], page.next_key)
+
+    async def get(self, fingerprint: str) -> dict[str, Any]:
+        """The certificate with SHA-256 `fingerprint`."""
+        return _view(await self._known(fingerprint), time.time())
+
+    async def revoke(self, fingerprint: str, reason: str) -> dict[str, Any]:
+        """Revoke the certificate `fingerprint`: disconnect the agents using it now, refuse it from now on.
+
+        Only a certificate the hub knows can be revoked; every certificate an agent connected
+        with is known, so an unknown fingerprint (`NotFound`) cannot be any live agent's.
+        Revoking again keeps the first revocation's time and reason. Sockets are closed on this
+        node only: a hub of several nodes refuses the certificate everywhere at its next connect.
+        """
+        known = await self._known(fingerprint)
+        await self._store.revoke(
+            fingerprint, serial=known["serial"], agent_id=known["agent_id"], reason=reason
+        )
+        disconnected = await self._disconnect(fingerprint, reason)
+        return {**_view(await self._known(fingerprint), time.time()), "disconnected": disconnected}
+
+    async def _known(self, fingerprint: str) -> dict[str, Any]:
+        record = await self._store.get_certificate(fingerprint)
+        if record is None:
+            raise NotFound(f"no certificate with fingerprint {fingerprint} is known to this hub")
+        return record
+
+
+def _one_certificate(pem: str) -> x509.Certificate:
+    try:
+        found = x509.load_pem_x509_certificates(pem.encode())
+    except ValueError as exc:
+        raise CertificateError(f"certificate is not a PEM X.509 certificate: {exc}") from None
+    if len(found) != 1:
+        raise CertificateError(f"certificate must hold exactly one PEM certificate, not {len(found)}")
+    return found[0]
+
+
+def _status(record: dict[str, Any], now: float) -> CertificateStatus:
+    if record["revoked_at"] is not None:
+        return "revoked"
+    return "expired" if record["not_after"] <= now else "valid"
+
+
+def _view(record: dict[str, Any], now: float) -> dict[str, Any]:
+    return {
+        "fingerprint": record["fingerprint"],
+        "agent_id": record["agent_id"],
+        "serial": record["serial"],
+        "subject": record["subject"],
+        "issuer": record["issuer"],
+        "source": record["source"],
+        "status": _status(record, now),
+        "not_before": record["not_before"],
+        "not_after": record["not_after"],
+        "expires_in_s": round(record["not_after"] - now, 3),
+        "created_at": record["created_at"],
+        "revoked_at": record["revoked_at"],
+        "revocation_reason": record["revocation_reason"],
+        "certificate": record["pem"],
+    }

@@ -94,7 +94,7 @@ def create_app(settings: Settings) -> web.Application:
     presence = Presence(settings, store, bus.publish)
     trust = AgentTrust.from_settings(settings, store)
     commands = CommandService(settings, store, bus.publish)
-    namespace = AgentNamespace(settings, store, ingestor, presence, commands=commands, trust=trust)
+    namespace = AgentNamespace(settings, ingestor, presence, commands=commands, trust=trust)
     commands.attach(namespace)
     app[COMMANDS] = commands
     app[AGENT_TRUST] = trust

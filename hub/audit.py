@@ -30,7 +30,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
@@ -41,6 +41,9 @@ GENESIS = "0" * 64
 VERIFY_BATCH = 1000
 LOCAL_CLIENT = "local"
 CLI_METHOD = "CLI"
+# The fields an entry's hash covers, besides the previous hash: all but the two hashes.
+_HASHED = ("id", "ts", "actor", "token_id", "action", "method", "path", "target", "status", "correlation_id",
+           "client")  # fmt: skip
 
 
 class AuditEntry(TypedDict):
@@ -105,10 +108,6 @@ def entry_hash(prev_hash: str, entry: Mapping[str, Any]) -> str:
     ).hexdigest()
 
 
-_HASHED = ("id", "ts", "actor", "token_id", "action", "method", "path", "target", "status", "correlation_id",
-           "client")  # fmt: skip
-
-
 def local_actor() -> str:
     """Name the person running the CLI: `local:<login>` (uid when the login is unknown)."""
     try:
@@ -142,13 +141,13 @@ class AuditLog:
 
     async def append(self, action: Action) -> AuditEntry:
         """Record `action` after the last entry; return the stored entry with its hashes."""
-        ts = self._clock()
 
-        # Runs inside the store's write transaction, after it read the last entry.
+        # Runs inside the store's write transaction, after it read the last entry. The time is
+        # read there too, so times follow the chain's order (barring a clock step).
         def link(last_id: int, last_hash: str | None) -> dict[str, Any]:
             entry: dict[str, Any] = {
                 "id": last_id + 1,
-                "ts": ts,
+                "ts": self._clock(),
                 "actor": action.actor,
                 "token_id": action.token_id,
                 "action": action.action,
@@ -163,8 +162,7 @@ class AuditLog:
             entry["hash"] = entry_hash(entry["prev_hash"], entry)
             return entry
 
-        stored: AuditEntry = await self._store.append_audit(link)  # type: ignore[assignment]
-        return stored
+        return cast(AuditEntry, await self._store.append_audit(link))
 
     async def page(
         self,

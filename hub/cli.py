@@ -131,7 +131,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> None:
     settings = _settings(args)
 
     async def run() -> dict[str, Any]:
-        async with _open_store(settings) as store:
+        async with _open_store(settings, must_exist=True) as store:
             record = await RevokedTokens(store, ttl_s=0).revoke(args.jti, reason=args.reason)
             await AuditLog(store).append(
                 cli_action("revoke_token", "agenthub token revoke", {"jti": args.jti})
@@ -144,20 +144,23 @@ def cmd_token_revoke(args: argparse.Namespace) -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> None:
-    from hub.audit import VERIFY_BATCH, AuditLog, ChainReport
+    from hub.audit import AuditLog, ChainReport
 
     settings = _settings(args)
+    shown = False
 
     def progress(count: int) -> None:
+        nonlocal shown
+        shown = True
         print(f"\rverified {count} entries", end="", file=sys.stderr, flush=True)
 
     async def run() -> ChainReport:
-        async with _open_store(settings) as store:
+        async with _open_store(settings, must_exist=True) as store:
             return await AuditLog(store).verify(progress=progress)
 
     report = _run_async(run())
-    if report.count >= VERIFY_BATCH:  # a progress line was shown: end it
-        print(file=sys.stderr)
+    if shown:
+        print(file=sys.stderr)  # end the progress line
     if report.broken is None:
         print(f"audit log intact: {report.count} entries, head hash {report.head}")
         return
@@ -167,10 +170,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _open_store(settings: Settings) -> AsyncIterator[SqliteStore]:
+async def _open_store(settings: Settings, *, must_exist: bool = False) -> AsyncIterator[SqliteStore]:
     """Open the hub's database beside a running hub (SQLite WAL lets both write)."""
     from hub.store.sqlite import SqliteStore
 
+    if must_exist and not settings.db_path.is_file():
+        # A wrong folder must not pass for an empty log, or take a revocation the hub never sees.
+        raise CliError(f"no hub database at {settings.db_path}: check --data-dir or HUB_DATA_DIR")
     store = SqliteStore(settings.db_path)
     await store.open()
     try:

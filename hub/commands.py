@@ -248,7 +248,7 @@ class CommandService:
         return False
 
     async def _on_ack(self, command_id: str, *ack: Any) -> None:
-        # Called by python-socketio with the agent's ack arguments, maybe long after the send.
+        # The transport calls this with the agent's ack arguments, maybe long after the send.
         changes = {
             **_outcome(command_id, ack, self._settings.command_max_ack_bytes),
             "completed_at": time.time(),

@@ -19,7 +19,6 @@ from hub.ingest import Ingestor
 from hub.models import CONNECT_INFO_ADAPTER, HEARTBEAT_ADAPTER, ConnectInfo, PresenceReason
 from hub.presence import Presence
 from hub.problems import HubError, InternalError, InvalidInput, Overloaded, error_ack
-from hub.store import Store
 
 log = logging.getLogger(__name__)
 NAMESPACE = "/agent"
@@ -39,7 +38,6 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
     def __init__(
         self,
         settings: Settings,
-        store: Store,
         ingestor: Ingestor,
         presence: Presence,
         *,
@@ -50,7 +48,6 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         self._commands = commands
         self._greeted: set[str] = set()  # sids that got their hello: commands may follow it
         self._settings = settings
-        self._store = store
         self._ingestor = ingestor
         self._presence = presence
         self._agents: dict[str, str] = {}  # sid -> agent id

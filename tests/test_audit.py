@@ -147,6 +147,14 @@ async def test_verify_catches_a_rewritten_entry_at_the_next_link(tmp_path: Path)
     assert "BROKEN at entry 3: prev_hash does not match the hash of entry 2" in result.stdout
 
 
+def test_verify_without_a_database_says_where_it_looked(tmp_path: Path) -> None:
+    result = agenthub("audit", "verify", "--data-dir", "elsewhere", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no hub database at elsewhere/hub.db" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_new_commands_have_help(tmp_path: Path) -> None:
     for command in (["audit"], ["audit", "verify"], ["token", "revoke"]):
         result = agenthub(*command, "--help", cwd=tmp_path)

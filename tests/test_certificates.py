@@ -232,7 +232,18 @@ async def test_an_uploaded_self_signed_certificate_lets_its_agent_connect(
     assert (await agent.hello)["agent_id"] == "edge-7"
     assert (await hub.store.get_agent("edge-7"))["cert_fingerprint"] == fingerprint(cert)
     assert (await connect_agent("agent-1")).sio.connected  # the hub CA's certificates still work
-    assert await upload(http, hub, "edge-7", cert) == (201, view)  # uploading again changes nothing
+    status, again = await upload(http, hub, "edge-7", cert)  # uploading again changes nothing
+    assert (status, again["created_at"]) == (201, view["created_at"])
+
+
+async def test_an_uploaded_certificate_another_ca_issued_connects_without_its_ca(
+    hub: RunningHub, http: aiohttp.ClientSession, connect_agent: ConnectAgent, other_ca: Path
+) -> None:
+    cert = x509.load_pem_x509_certificate((other_ca / "agent-1.pem").read_bytes())
+    assert (await upload(http, hub, "agent-1", cert))[0] == 201
+    agent = await connect_agent("agent-1", certs=other_ca)
+    assert (await hub.store.get_agent("agent-1"))["cert_fingerprint"] == fingerprint(cert)
+    assert agent.sio.connected
 
 
 async def test_a_certificate_signed_by_an_uploaded_one_is_refused(
@@ -240,12 +251,13 @@ async def test_a_certificate_signed_by_an_uploaded_one_is_refused(
 ) -> None:
     uploaded = self_signed("edge-7")
     assert (await upload(http, hub, "edge-7", uploaded[0]))[0] == 201
-    child, key = self_signed("edge-7", issuer=uploaded)
-    # The uploaded certificate is a CA (as `openssl req -x509` makes them), so TLS lets the
-    # child through: the hub's own check refuses it.
-    refusal = await _attempt(hub, *save(tmp_path, "edge-7", child, key))
+    # Whoever holds edge-7's key tries to pass as agent-1. The uploaded certificate is a CA (as
+    # `openssl req -x509` makes them), so TLS lets its child through: the hub's own check refuses it.
+    child, key = self_signed("agent-1", issuer=uploaded)
+    refusal = await _attempt(hub, *save(tmp_path, "agent-1", child, key))
     assert refusal is not None
     assert refusal["data"]["code"] == "cert_untrusted"
+    assert await hub.store.get_agent("agent-1") is None
 
 
 async def test_uploads_are_trusted_again_after_a_restart(settings: Settings, tmp_path: Path) -> None:

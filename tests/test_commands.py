@@ -10,7 +10,7 @@ import pytest
 
 from agent_client.commands import execute
 from hub.config import Settings
-from tests.conftest import AgentConn, ConnectAgent, RunningHub
+from tests.conftest import AgentConn, ConnectAgent, RunningHub, client_ssl, open_agent, start_hub
 
 SEND = "/api/v1/agents/{agent_id}/commands"
 
@@ -77,6 +77,12 @@ async def until(hub: RunningHub, http: aiohttp.ClientSession, command_id: str, s
             return view
         await asyncio.sleep(0.05)
     raise AssertionError(f"command {command_id} stayed {view['state']}, never {state}")
+
+
+def operator(hub: RunningHub) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        base_url=hub.url, connector=aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem"))
+    )
 
 
 async def known_but_offline(connect_agent: ConnectAgent, agent_id: str = "agent-1") -> None:
@@ -188,6 +194,33 @@ async def test_a_delivered_command_never_acked_expires_and_a_late_ack_changes_no
     ping = (await send(hub, http, {"name": "ping"}))[1]  # acks come in order: the late one is in
     assert ping["state"] == "completed"
     assert (await get(hub, http, view["id"]))["state"] == "expired"
+
+
+async def test_commands_survive_a_restart_and_a_delivered_one_is_never_sent_again(settings: Settings) -> None:
+    held = Agent(hold=True)
+    runner, hub = await start_hub(settings)
+    try:
+        conn = await open_agent(hub, "agent-1", handlers={"command": held.on_command})
+        async with operator(hub) as http:
+            sent = (await send(hub, http, {"name": "ping", "wait_s": 0}))[1]
+            await conn.close()
+            queued = (await send(hub, http, {"name": "status", "wait_s": 0}))[1]
+    finally:
+        await runner.cleanup()
+        held.release.set()
+    assert (sent["state"], queued["state"]) == ("delivered", "queued")
+
+    agent = Agent()
+    runner, hub = await start_hub(settings)
+    try:
+        conn = await open_agent(hub, "agent-1", handlers={"command": agent.on_command})
+        async with operator(hub) as http:
+            assert (await until(hub, http, queued["id"], "completed"))["result"] == {"spool_depth": 0}
+            assert (await get(hub, http, sent["id"]))["state"] == "delivered"  # until its TTL passes
+        await conn.close()
+    finally:
+        await runner.cleanup()
+    assert [command["id"] for command in agent.received] == [queued["id"]]
 
 
 async def test_the_same_id_replays_the_command_and_other_content_conflicts(

@@ -172,7 +172,7 @@ async def test_replay_gives_the_same_scores_as_live(hub: RunningHub, connect_age
     assert len(live_scores) >= 2
 
     count = await recalculate(
-        hub.store, load_rules(hub.settings.rule_files), RiskParams.from_settings(hub.settings)
+        hub.store, RiskEngine(load_rules(hub.settings.rule_files), RiskParams.from_settings(hub.settings))
     )
     assert count == 58
     replayed = await hub.store.list_scores(risk_min=0, agent_id="agent-2", after=None, limit=100)

@@ -55,6 +55,7 @@ class CommandQuery(PageQuery):
     body=SendCommand,
     response=CommandView,
     status=201,
+    also={200: "The command sent before with this id, in its current state (an idempotent replay)"},
 )
 async def send_command(request: web.Request, *, path: AgentPath, body: SendCommand) -> web.Response:
     """Send a command to an agent and wait up to `wait_s` for its ack.

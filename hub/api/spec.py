@@ -50,6 +50,7 @@ class Route:
     raw_body: Any  # described, not parsed: the handler reads the body itself (JSON or msgpack)
     response: Any
     status: int
+    also: dict[int, str]  # other success statuses answering with the same shape
     endpoint: Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -84,6 +85,7 @@ class ApiRoutes:
         body: type[BaseModel] | None = None,
         raw_body: Any = None,
         status: int = 200,
+        also: dict[int, str] | None = None,
     ) -> Callable[[Handler], Handler]:
         """Register `handler(request, *, path=..., query=..., body=...)` for `method path`.
 
@@ -103,7 +105,7 @@ class ApiRoutes:
             self.routes.append(
                 Route(
                     method, path, handler.__name__, summary.strip(), description.strip(), self.tag, scope,
-                    path_params, query, body, raw_body, response, status, endpoint,
+                    path_params, query, body, raw_body, response, status, also or {}, endpoint,
                 )
             )  # fmt: skip
             return handler
@@ -178,6 +180,7 @@ _ERRORS = {
     401: "Missing, invalid, expired or revoked token",
     403: "The token lacks the scope this operation needs",
     404: "Not found",
+    409: "Conflict with the resource's current state",
     413: "Body too large",
     415: "Body is not application/json",
     422: "Invalid input; `errors` lists every field",
@@ -295,10 +298,14 @@ def _responses(route: Route, schemas: dict[Any, Any]) -> dict[str, Any]:
                 "application/json": {"schema": schemas[((route.name, "response"), "serialization")]}
             }
         responses = {str(route.status): success}
+        for status, description in route.also.items():
+            responses[str(status)] = {**success, "description": description}
     for status, description in _ERRORS.items():
         if status in (401, 403) and route.scope is None:
             continue
         if status in (413, 415) and route.body is None and route.raw_body is None:
+            continue
+        if status == 409 and route.method == "GET":
             continue
         responses[str(status)] = {"description": description, "content": problem}
     return responses

@@ -15,12 +15,15 @@ from typing import Any, Literal
 from cryptography import x509
 
 from hub.certs import (
-    CA_CERT,
     CertificateError,
     agent_id_mismatch,
+    ca_bundle,
     check_agent_id,
     common_name,
+    fingerprint,
+    serial_hex,
     sign_agent_csr,
+    trusted_cas,
 )
 from hub.config import Settings
 from hub.identity import AgentTrust, IdentityError, certificate_record, check_agent_certificate
@@ -71,7 +74,8 @@ class CertificateService:
         cert = sign_agent_csr(directory, agent_id, csr_pem, days=self._settings.agent_cert_days)
         now = time.time()
         record = await self._store.save_certificate(certificate_record(cert, source="issued", now=now))
-        return {**_view(record, now), "ca_certificate": (directory / CA_CERT).read_text()}
+        # The bundle of every CA trusted now: during a CA rotation the agent trusts both.
+        return {**_view(record, now), "ca_certificate": ca_bundle(directory)}
 
     async def list(
         self, *, agent_id: str | None, status: CertificateStatus | None, after: list[Any] | None, limit: int
@@ -101,6 +105,36 @@ class CertificateService:
         )
         disconnected = await self._disconnect(fingerprint, reason)
         return {**_view(await self._known(fingerprint), time.time()), "disconnected": disconnected}
+
+    def ca_status(self) -> dict[str, Any]:
+        """The current CA, the next one while a rotation is under way, and the bundle agents trust."""
+        cas = trusted_cas(self._settings.certs_dir)
+        return {
+            "current": _ca_view(cas[0]),
+            "next": _ca_view(cas[1]) if len(cas) > 1 else None,
+            "bundle": ca_bundle(self._settings.certs_dir),
+        }
+
+    def begin_rotation(self) -> dict[str, Any]:
+        """Create the next CA; trust it beside the current one and issue from it from now on."""
+        self._trust.begin_rotation()
+        return self.ca_status()
+
+    async def finish_rotation(self, *, force: bool) -> dict[str, Any]:
+        """Retire the current CA once no agent still connects with a certificate it issued.
+
+        Agents are judged by the certificate they last connected with; `force` retires the CA
+        anyway (those agents are refused at their next connect).
+        """
+        if not force and (stragglers := await _agents_on_retiring_ca(self._store, self._trust)):
+            shown = ", ".join(stragglers[:20]) + (" ..." if len(stragglers) > 20 else "")
+            raise Conflict(
+                f"{len(stragglers)} agents last connected with a certificate of the CA being retired "
+                f"({shown}): re-issue them under the next CA first, or retire with force",
+                agents=stragglers,
+            )
+        self._trust.finish_rotation()
+        return self.ca_status()
 
     async def _known(self, fingerprint: str) -> dict[str, Any]:
         record = await self._store.get_certificate(fingerprint)
@@ -142,3 +176,29 @@ def _view(record: dict[str, Any], now: float) -> dict[str, Any]:
         "revocation_reason": record["revocation_reason"],
         "certificate": record["pem"],
     }
+
+
+def _ca_view(cert: x509.Certificate) -> dict[str, Any]:
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "fingerprint": fingerprint(cert),
+        "serial": serial_hex(cert),
+        "not_before": cert.not_valid_before_utc.timestamp(),
+        "not_after": cert.not_valid_after_utc.timestamp(),
+    }
+
+
+async def _agents_on_retiring_ca(store: Store, trust: AgentTrust) -> list[str]:
+    stragglers: list[str] = []
+    after: list[Any] | None = None
+    while True:
+        page = await store.list_agents(status=None, after=after, limit=500)
+        for agent in page.items:
+            record = await store.get_certificate(agent["cert_fingerprint"] or "")
+            if record is not None and trust.issued_by_retiring_ca(
+                x509.load_pem_x509_certificate(record["pem"].encode())
+            ):
+                stragglers.append(agent["agent_id"])
+        if page.next_key is None:
+            return stragglers
+        after = page.next_key

@@ -1,4 +1,11 @@
-"""The hub's certificate authority: create it, issue server and agent certificates."""
+"""The hub's certificate authority: create it, rotate it, issue server and agent certificates.
+
+Rotation keeps agents connected: `begin_ca_rotation` writes a second CA (`ca-next.*`) that
+the hub trusts beside the current one and issues every new certificate from; operators
+re-issue agents under it (each gets the bundle of both CAs); `finish_ca_rotation` then
+retires the old CA (its key is deleted), makes the next one current and re-issues the
+hub's server certificate under it.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +28,9 @@ from hub.problems import HubError
 
 AGENT_ID_RE = re.compile(AGENT_ID_PATTERN)
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
+NEXT_CA_CERT, NEXT_CA_KEY = "ca-next.pem", "ca-next.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
-_RESERVED_IDS = frozenset({"ca", "server"})  # agent files share the folder with ca.* and server.*
+_RESERVED_IDS = frozenset({"ca", "ca-next", "server"})  # agent files share the folder with these
 _CA_DAYS = 3650
 _SERVER_DAYS = 825
 _MIN_RSA_BITS = 2048
@@ -109,8 +117,10 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def create_ca(directory: Path, *, common_name: str = "Agent Hub CA") -> None:
-    """Write a new CA key pair (`ca.pem`, `ca.key`) into `directory`."""
+def create_ca(
+    directory: Path, *, common_name: str = "Agent Hub CA", next_ca: bool = False
+) -> x509.Certificate:
+    """Write a new CA key pair into `directory`: `ca.pem`/`ca.key`, or `ca-next.*` for a rotation."""
     key = _new_key()
     now = _now()
     cert = (
@@ -140,13 +150,18 @@ def create_ca(directory: Path, *, common_name: str = "Agent Hub CA") -> None:
         .sign(key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    _write_private(directory / CA_KEY, _key_pem(key))
-    (directory / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cert_name, key_name = (NEXT_CA_CERT, NEXT_CA_KEY) if next_ca else (CA_CERT, CA_KEY)
+    _write_private(directory / key_name, _key_pem(key))
+    (directory / cert_name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert
 
 
 def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """Read the CA certificate and key from `directory`."""
-    cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    """Read the CA that issues certificates now: the next CA while a rotation is under way."""
+    if (directory / NEXT_CA_CERT).is_file():
+        cert_path, key_path = directory / NEXT_CA_CERT, directory / NEXT_CA_KEY
+    else:
+        cert_path, key_path = directory / CA_CERT, directory / CA_KEY
     if not cert_path.is_file() or not key_path.is_file():
         raise CertificateError(f"no CA in {directory}: run 'agenthub certs init --dir {directory}' first")
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -295,3 +310,51 @@ def init_pki(directory: Path, hostnames: list[str]) -> bool:
     create_ca(directory)
     issue_server(directory, hostnames)
     return True
+
+
+def trusted_cas(directory: Path) -> list[x509.Certificate]:
+    """The CAs whose agent certificates the hub accepts: the current one, and the next one if any."""
+    paths = [directory / name for name in (CA_CERT, NEXT_CA_CERT)]
+    return [x509.load_pem_x509_certificate(path.read_bytes()) for path in paths if path.is_file()]
+
+
+def ca_bundle(directory: Path) -> str:
+    """The PEM bundle agents should trust the hub with: every CA it trusts now."""
+    return "".join(cert.public_bytes(serialization.Encoding.PEM).decode() for cert in trusted_cas(directory))
+
+
+def begin_ca_rotation(directory: Path) -> x509.Certificate:
+    """Create the next CA beside the current one; new certificates are issued from it from now on."""
+    if (directory / NEXT_CA_CERT).is_file():
+        raise CertificateRotationError("a CA rotation is already under way: finish it first")
+    load_ca(directory)  # there is a current CA to rotate from
+    return create_ca(directory, common_name=f"Agent Hub CA {_now():%Y-%m-%d %H%M%S}", next_ca=True)
+
+
+def finish_ca_rotation(directory: Path) -> x509.Certificate:
+    """Retire the current CA, make the next one current and re-issue the server certificate under it.
+
+    The retired CA's certificate is kept as `ca-retired-<serial>.pem`, for the record; its key
+    is deleted, so it can never sign again.
+    """
+    if not (directory / NEXT_CA_CERT).is_file():
+        raise CertificateRotationError("no CA rotation is under way: begin one first")
+    old = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
+    hostnames = _server_names(x509.load_pem_x509_certificate((directory / SERVER_CERT).read_bytes()))
+    (directory / CA_CERT).rename(directory / f"ca-retired-{serial_hex(old)}.pem")
+    (directory / CA_KEY).unlink()
+    (directory / NEXT_CA_KEY).rename(directory / CA_KEY)
+    (directory / NEXT_CA_CERT).rename(directory / CA_CERT)
+    issue_server(directory, hostnames)
+    return x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
+
+
+def _server_names(cert: x509.Certificate) -> list[str]:
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(name.value) for name in names if isinstance(name, x509.DNSName | x509.IPAddress)]
+
+
+class CertificateRotationError(HubError):
+    status = 409
+    type = "ca-rotation"
+    title = "CA rotation not possible now"

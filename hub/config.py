@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -117,6 +117,23 @@ class Settings(BaseSettings):
         64 * 1024, gt=0, description="largest agent ack, as JSON; a larger one fails the command"
     )
     command_sweep_interval_s: float = Field(1.0, gt=0, description="how often expired commands are swept")
+
+    # webhooks (hub.notify): where deliveries may go
+    webhook_allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description='CIDRs webhooks may reach although not public, e.g. ["10.1.2.0/24"] (JSON in the env)',
+    )
+    webhook_allow_http: bool = Field(
+        False, description="accept plain-http webhook URLs (bodies are signed, but readable on the way)"
+    )
+    webhook_max_url_chars: int = Field(2048, gt=0, description="longest webhook URL")
+    webhook_resolve_timeout_s: float = Field(
+        5.0, gt=0, description="longest wait for DNS when checking where a webhook URL leads"
+    )
+    webhook_max_subscriptions: int = Field(100, gt=0, description="most webhook subscriptions the hub keeps")
+    webhook_max_secret_overlap_s: float = Field(
+        86_400.0, ge=0, description="longest a rotated-out webhook secret may keep signing beside the new one"
+    )
 
     log_level: str = "INFO"
 

@@ -21,10 +21,14 @@ from hub.certs import (
     SERVER_CERT,
     SERVER_KEY,
     CertificateError,
+    begin_ca_rotation,
+    ca_bundle,
     common_name,
     fingerprint,
+    finish_ca_rotation,
     is_valid_agent_id,
     serial_hex,
+    trusted_cas,
 )
 from hub.config import Settings
 from hub.store import Store
@@ -62,7 +66,7 @@ def server_ssl_context(certs_dir: Path) -> ssl.SSLContext:
             f"{', '.join(missing)} not found in {certs_dir}: run 'agenthub certs init --dir {certs_dir}' "
             "or point HUB_CERTS_DIR at the folder that holds them"
         )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs_dir / CA_CERT))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cadata=ca_bundle(certs_dir))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_OPTIONAL
     # Uploaded agent certificates become trust anchors of their own (`AgentTrust.trust`); one
@@ -147,18 +151,40 @@ class AgentTrust:
     certificate was uploaded for the agent id it names.
     """
 
-    def __init__(self, store: Store, ca: x509.Certificate | None, context: ssl.SSLContext | None) -> None:
+    def __init__(self, store: Store, certs_dir: Path, context: ssl.SSLContext | None) -> None:
         self.context = context
-        self._ca = ca
+        self._certs_dir = certs_dir
+        self._cas = trusted_cas(certs_dir) if (certs_dir / CA_CERT).is_file() else []
         self._store = store
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> AgentTrust:
         """Load the hub CA and build the listener's TLS context (none in plain-HTTP development mode)."""
         context = None if settings.dev_insecure else server_ssl_context(settings.certs_dir)
-        ca_path = settings.certs_dir / CA_CERT
-        ca = x509.load_pem_x509_certificate(ca_path.read_bytes()) if ca_path.is_file() else None
-        return cls(store, ca, context)
+        return cls(store, settings.certs_dir, context)
+
+    def begin_rotation(self) -> x509.Certificate:
+        """Create the next CA and trust it beside the current one from the next handshake on."""
+        next_ca = begin_ca_rotation(self._certs_dir)
+        self._cas.append(next_ca)
+        self.trust(next_ca.public_bytes(Encoding.PEM).decode())
+        return next_ca
+
+    def finish_rotation(self) -> x509.Certificate:
+        """Retire the current CA: its certificates are refused and the server presents the new chain.
+
+        OpenSSL cannot forget a trust anchor, so the retired CA still passes the handshake until
+        the hub restarts; `identify` refuses its certificates from now on.
+        """
+        current = finish_ca_rotation(self._certs_dir)
+        self._cas = [current]
+        if self.context is not None:  # the next handshakes present the re-issued server certificate
+            self.context.load_cert_chain(self._certs_dir / SERVER_CERT, self._certs_dir / SERVER_KEY)
+        return current
+
+    def issued_by_retiring_ca(self, cert: x509.Certificate) -> bool:
+        """Return True when `cert` comes from a CA a rotation under way will retire."""
+        return len(self._cas) > 1 and _issued_by(cert, self._cas[0])
 
     async def load_uploaded(self) -> None:
         """Trust every certificate operators uploaded (at start)."""
@@ -173,14 +199,8 @@ class AgentTrust:
             self.context.load_verify_locations(cadata=pem)
 
     def issued_by_ca(self, cert: x509.Certificate) -> bool:
-        """Return True when the hub CA signed `cert`."""
-        if self._ca is None:
-            return False
-        try:
-            cert.verify_directly_issued_by(self._ca)
-        except (ValueError, TypeError, InvalidSignature):
-            return False
-        return True
+        """Return True when a CA the hub trusts now signed `cert`."""
+        return any(_issued_by(cert, ca) for ca in self._cas)
 
     async def identify(self, cert: x509.Certificate | None) -> AgentIdentity:
         """Check a certificate TLS verified against the hub's own rules; raise `IdentityError`."""
@@ -202,3 +222,11 @@ class AgentTrust:
         if known is None:  # first seen: remember it, so operators can list and revoke it
             await self._store.save_certificate(certificate_record(cert, source="issued", now=now))
         return identity
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

@@ -57,11 +57,14 @@ def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, pki: Path) -> Settings:
+    # Each hub gets its own copy of the PKI: a test may rotate the CA (the API allows it).
+    certs = tmp_path / "certs"
+    shutil.copytree(pki, certs)
     return Settings(
         host="127.0.0.1",
         port=0,
         data_dir=tmp_path / "data",
-        certs_dir=pki,
+        certs_dir=certs,
         jwt_secret="test-secret-" + "x" * 40,
         heartbeat_interval_s=30.0,
     )
@@ -178,6 +181,30 @@ async def open_agent(
         await conn.close()
         raise
     return conn
+
+
+async def try_connect(hub: RunningHub, cert: Path | None, key: Path | None) -> dict[str, Any] | None:
+    """Try to connect; return the connect_error data, or raise if TLS itself failed."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem", cert, key))
+    )
+    sio = socketio.AsyncClient(http_session=session, reconnection=False)
+    refusal: dict[str, Any] = {}
+    # A hub refusal arrives as a dict; a transport failure as the string "Connection error".
+    sio.on(
+        "connect_error",
+        lambda data: refusal.update(data if isinstance(data, dict) else {}),
+        namespace="/agent",
+    )
+    try:
+        await sio.connect(hub.url, namespaces=["/agent"], transports=["websocket"], wait_timeout=5)
+    except socketio.exceptions.ConnectionError:
+        if not refusal:  # no connect_error packet: the TLS handshake failed
+            raise
+    finally:
+        await sio.disconnect()
+        await session.close()
+    return refusal or None
 
 
 @pytest.fixture

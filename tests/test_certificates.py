@@ -18,8 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hub.config import Settings
-from tests.conftest import ConnectAgent, RunningHub, client_ssl, open_agent, start_hub
-from tests.test_identity import _attempt
+from tests.conftest import ConnectAgent, RunningHub, client_ssl, open_agent, start_hub, try_connect
 
 Key = ec.EllipticCurvePrivateKey
 NOW = dt.datetime.now(dt.UTC)
@@ -220,7 +219,7 @@ async def test_an_uploaded_self_signed_certificate_lets_its_agent_connect(
 ) -> None:
     cert, key = self_signed("edge-7")
     with pytest.raises(socketio.exceptions.ConnectionError):  # unknown issuer: the handshake fails
-        await _attempt(hub, *save(tmp_path, "edge-7", cert, key))
+        await try_connect(hub, *save(tmp_path, "edge-7", cert, key))
 
     status, view = await upload(http, hub, "edge-7", cert)
     assert status == 201, view
@@ -254,7 +253,7 @@ async def test_a_certificate_signed_by_an_uploaded_one_is_refused(
     # Whoever holds edge-7's key tries to pass as agent-1. The uploaded certificate is a CA (as
     # `openssl req -x509` makes them), so TLS lets its child through: the hub's own check refuses it.
     child, key = self_signed("agent-1", issuer=uploaded)
-    refusal = await _attempt(hub, *save(tmp_path, "agent-1", child, key))
+    refusal = await try_connect(hub, *save(tmp_path, "agent-1", child, key))
     assert refusal is not None
     assert refusal["data"]["code"] == "cert_untrusted"
     assert await hub.store.get_agent("agent-1") is None
@@ -397,7 +396,7 @@ async def test_revoking_disconnects_the_agent_at_once_and_refuses_it_after(
     stored = await hub.store.get_agent("agent-2")
     assert (stored["status"], stored["status_reason"]) == ("offline", "revoked")
 
-    refusal = await _attempt(hub, hub.certs / "agent-2.pem", hub.certs / "agent-2.key")
+    refusal = await try_connect(hub, hub.certs / "agent-2.pem", hub.certs / "agent-2.key")
     assert refusal is not None
     assert refusal["data"]["code"] == "cert_revoked"
     status, page = await call(http, hub, "GET", "/api/v1/certificates?status=revoked", scope="hub:read")
@@ -418,7 +417,7 @@ async def test_a_revoked_upload_is_refused_and_cannot_be_uploaded_again(
     )
     assert status == 200
     assert await wait_for(lambda: not agent.sio.connected, 1.0)
-    refusal = await _attempt(hub, tmp_path / "edge-7.pem", tmp_path / "edge-7.key")
+    refusal = await try_connect(hub, tmp_path / "edge-7.pem", tmp_path / "edge-7.key")
     assert refusal is not None
     assert refusal["data"]["code"] == "cert_revoked"
     status, problem = await upload(http, hub, "edge-7", cert)

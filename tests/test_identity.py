@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 import socketio
 from cryptography import x509
@@ -16,31 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hub.certs import load_ca
-from tests.conftest import ConnectAgent, RunningHub, client_ssl
-
-
-async def _attempt(hub: RunningHub, cert: Path | None, key: Path | None) -> dict[str, Any] | None:
-    """Try to connect; return the connect_error data, or raise if TLS itself failed."""
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem", cert, key))
-    )
-    sio = socketio.AsyncClient(http_session=session, reconnection=False)
-    refusal: dict[str, Any] = {}
-    # A hub refusal arrives as a dict; a transport failure as the string "Connection error".
-    sio.on(
-        "connect_error",
-        lambda data: refusal.update(data if isinstance(data, dict) else {}),
-        namespace="/agent",
-    )
-    try:
-        await sio.connect(hub.url, namespaces=["/agent"], transports=["websocket"], wait_timeout=5)
-    except socketio.exceptions.ConnectionError:
-        if not refusal:  # no connect_error packet: the TLS handshake failed
-            raise
-    finally:
-        await sio.disconnect()
-        await session.close()
-    return refusal or None
+from tests.conftest import ConnectAgent, RunningHub, try_connect
 
 
 def _cert_with_cn(
@@ -74,7 +48,7 @@ def _cert_with_cn(
 
 
 async def test_no_certificate_is_refused_with_cert_missing(hub: RunningHub) -> None:
-    refusal = await _attempt(hub, None, None)
+    refusal = await try_connect(hub, None, None)
     assert refusal is not None
     assert refusal["data"]["code"] == "cert_missing"
     assert "certificate is required" in refusal["message"]
@@ -82,19 +56,19 @@ async def test_no_certificate_is_refused_with_cert_missing(hub: RunningHub) -> N
 
 async def test_certificate_from_another_ca_fails_the_handshake(hub: RunningHub, other_ca: Path) -> None:
     with pytest.raises(socketio.exceptions.ConnectionError):
-        await _attempt(hub, other_ca / "agent-1.pem", other_ca / "agent-1.key")
+        await try_connect(hub, other_ca / "agent-1.pem", other_ca / "agent-1.key")
     assert await hub.store.count_events() == 0
 
 
 async def test_expired_certificate_fails_the_handshake(hub: RunningHub) -> None:
     with pytest.raises(socketio.exceptions.ConnectionError):
-        await _attempt(hub, hub.certs / "expired-agent.pem", hub.certs / "expired-agent.key")
+        await try_connect(hub, hub.certs / "expired-agent.pem", hub.certs / "expired-agent.key")
 
 
 @pytest.mark.parametrize("common_name", ["bad agent!", ".hidden", "../../etc/passwd", "agent\u00e9"])
 async def test_cn_outside_the_charset_is_refused(hub: RunningHub, tmp_path: Path, common_name: str) -> None:
     cert, key = _cert_with_cn(hub.certs, tmp_path, common_name, ExtendedKeyUsageOID.CLIENT_AUTH)
-    refusal = await _attempt(hub, cert, key)
+    refusal = await try_connect(hub, cert, key)
     assert refusal is not None
     assert refusal["data"]["code"] == "cn_invalid"
     assert await hub.store.count_events() == 0
@@ -104,7 +78,7 @@ async def test_certificate_without_client_auth_usage_is_refused(hub: RunningHub,
     cert, key = _cert_with_cn(hub.certs, tmp_path, "server-ish", ExtendedKeyUsageOID.SERVER_AUTH)
     # OpenSSL itself refuses a serverAuth-only certificate for a client, or the hub does.
     try:
-        refusal = await _attempt(hub, cert, key)
+        refusal = await try_connect(hub, cert, key)
     except socketio.exceptions.ConnectionError:
         return
     assert refusal is not None
@@ -116,7 +90,7 @@ async def test_revoked_certificate_is_refused(hub: RunningHub, connect_agent: Co
     await agent.close()
     stored = await hub.store.get_agent("agent-2")
     await hub.store.revoke(stored["cert_fingerprint"], serial="", agent_id="agent-2", reason="test")
-    refusal = await _attempt(hub, hub.certs / "agent-2.pem", hub.certs / "agent-2.key")
+    refusal = await try_connect(hub, hub.certs / "agent-2.pem", hub.certs / "agent-2.key")
     assert refusal is not None
     assert refusal["data"]["code"] == "cert_revoked"
 

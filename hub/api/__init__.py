@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hub.api import agents, alerts, audit, certificates, commands, events, scores, system
+from hub.api import agents, alerts, audit, certificates, commands, events, scores, system, webhooks
 from hub.api.spec import ApiRoutes
 
 TABLES: list[ApiRoutes] = [
@@ -14,4 +14,5 @@ TABLES: list[ApiRoutes] = [
     commands.api,
     audit.api,
     certificates.api,
+    webhooks.api,
 ]

@@ -151,3 +151,49 @@ async def revoke_certificate(
     Revoking again keeps the first revocation. A fingerprint the hub does not know is 404.
     """
     return await request.app[CERTIFICATES].revoke(path.fingerprint, body.reason)
+
+
+class CaView(TypedDict):
+    subject: str
+    fingerprint: str
+    serial: str
+    not_before: float
+    not_after: float
+
+
+class CaStatus(TypedDict):
+    current: CaView
+    next: CaView | None
+    bundle: str
+
+
+class RetireBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = Field(False, description="retire even if some agents still use certificates of the old CA")
+
+
+@api.get("/api/v1/ca", scope="hub:read", response=CaStatus)
+async def get_ca(request: web.Request) -> dict[str, Any]:
+    """The hub's CA, the next one during a rotation, and the PEM bundle agents should trust."""
+    return request.app[CERTIFICATES].ca_status()
+
+
+@api.post("/api/v1/ca:rotate", scope="hub:admin", response=CaStatus, status=201)
+async def begin_ca_rotation(request: web.Request) -> dict[str, Any]:
+    """Begin a CA rotation: a next CA, trusted beside the current one, issues every new certificate.
+
+    Agents stay connected. Re-issue each agent under the next CA (`certificates:sign`), giving
+    it the bundle of both CAs, then retire the old CA with `POST /api/v1/ca:retire`.
+    """
+    return request.app[CERTIFICATES].begin_rotation()
+
+
+@api.post("/api/v1/ca:retire", scope="hub:admin", body=RetireBody, response=CaStatus)
+async def retire_ca(request: web.Request, *, body: RetireBody) -> dict[str, Any]:
+    """Finish a CA rotation: retire the old CA and present a server certificate from the new one.
+
+    Refused (409, naming them) while agents last connected with a certificate of the old CA,
+    unless `force`. Connected agents stay connected.
+    """
+    return await request.app[CERTIFICATES].finish_rotation(force=body.force)

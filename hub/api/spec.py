@@ -70,6 +70,9 @@ class ApiRoutes:
     def put(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
         return self.route("PUT", path, **options)
 
+    def patch(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
+        return self.route("PATCH", path, **options)
+
     def delete(self, path: str, **options: Any) -> Callable[[Handler], Handler]:
         return self.route("DELETE", path, **options)
 

@@ -191,3 +191,28 @@ class Store(Protocol):
     async def expire_commands(self, now: float, errors: dict[str, str]) -> list[dict[str, Any]]:
         """Expire queued and delivered commands due by `now`, recording `errors[old state]`; return them."""
         ...
+
+    # webhooks
+
+    async def insert_webhook(self, record: dict[str, Any], *, max_count: int) -> bool:
+        """Store a new subscription unless `max_count` exist already; say whether it was stored."""
+        ...
+
+    async def get_webhook(self, webhook_id: str) -> dict[str, Any] | None:
+        """A subscription with its secrets (the API never shows them: deliveries sign with them)."""
+        ...
+
+    async def list_webhooks(self, *, after: list[Any] | None, limit: int) -> Page:
+        """Subscriptions in creation order."""
+        ...
+
+    async def update_webhook(
+        self, webhook_id: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """Apply the columns `change(current)` returns, in one write transaction; return the result.
+
+        `change` may raise to refuse the change; None when there is no such subscription.
+        """
+        ...
+
+    async def delete_webhook(self, webhook_id: str) -> bool: ...

@@ -668,6 +668,60 @@ class SqliteStore:
         )
         return [_command_view(row) for row in sorted(rows, key=lambda row: row["seq"])]
 
+    # webhooks ----------------------------------------------------------------------------
+
+    async def insert_webhook(self, record: dict[str, Any], *, max_count: int) -> bool:
+        def insert(conn: sqlite3.Connection) -> bool:
+            # Counted in the same transaction: concurrent creations cannot pass the limit together.
+            if conn.execute("SELECT count(*) FROM webhooks").fetchone()[0] >= max_count:
+                return False
+            conn.execute(
+                f"INSERT INTO webhooks ({', '.join(_WEBHOOK_COLUMNS)}) "  # noqa: S608 - column names come from code
+                f"VALUES ({', '.join('?' * len(_WEBHOOK_COLUMNS))})",
+                [_webhook_value(name, record[name]) for name in _WEBHOOK_COLUMNS],
+            )
+            return True
+
+        inserted: bool = await self._write(insert)
+        return inserted
+
+    async def get_webhook(self, webhook_id: str) -> dict[str, Any] | None:
+        rows = await self._read(lambda c: _rows(c, "SELECT * FROM webhooks WHERE id = ?", [webhook_id]))
+        return _webhook_record(rows[0]) if rows else None
+
+    async def list_webhooks(self, *, after: list[Any] | None, limit: int) -> Page:
+        sql = "SELECT * FROM webhooks WHERE seq > ? ORDER BY seq LIMIT ?"
+        rows = await self._read(lambda c: _rows(c, sql, [int(after[0]) if after else 0, limit + 1]))
+        page = _page(rows, limit, lambda row: [row["seq"]])
+        return Page([_webhook_record(row) for row in page.items], page.next_key)
+
+    async def update_webhook(
+        self, webhook_id: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        def update(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            rows = _rows(conn, "SELECT * FROM webhooks WHERE id = ?", [webhook_id])
+            if not rows:
+                return None
+            changes = change(_webhook_record(rows[0]))
+            if not changes or not set(changes) <= set(_WEBHOOK_COLUMNS):
+                raise ValueError(f"cannot change webhook columns {sorted(changes)}")
+            updated = _rows(
+                conn,
+                f"UPDATE webhooks SET {', '.join(f'{name} = ?' for name in changes)} "  # noqa: S608 - names checked above
+                "WHERE id = ? RETURNING *",
+                [*(_webhook_value(name, value) for name, value in changes.items()), webhook_id],
+            )
+            return _webhook_record(updated[0])
+
+        result: dict[str, Any] | None = await self._write(update)
+        return result
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        deleted: int = await self._write(
+            lambda c: c.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,)).rowcount
+        )
+        return deleted == 1
+
     # revocation --------------------------------------------------------------------------
 
     async def is_revoked(self, fingerprint: str) -> bool:
@@ -754,6 +808,24 @@ def _command_view(row: dict[str, Any]) -> dict[str, Any]:
     for name in _COMMAND_JSON:
         view[name] = orjson.loads(view[name]) if view[name] is not None else None
     return view
+
+
+_WEBHOOK_COLUMNS = ("id", "url", "description", "event_types", "min_severity", "enabled", "secret",
+                    "previous_secret", "previous_secret_expires_at", "created_at", "updated_at",
+                    "created_by")  # fmt: skip
+
+
+def _webhook_value(name: str, value: Any) -> Any:
+    if name == "event_types":
+        return orjson.dumps(value).decode()
+    return int(value) if name == "enabled" else value
+
+
+def _webhook_record(row: dict[str, Any]) -> dict[str, Any]:
+    record = {name: row[name] for name in _WEBHOOK_COLUMNS}  # `seq` is the store's own sort key
+    record["event_types"] = orjson.loads(record["event_types"])
+    record["enabled"] = bool(record["enabled"])
+    return record
 
 
 def _page(items: list[dict[str, Any]], limit: int, key: Callable[[dict[str, Any]], list[Any]]) -> Page:

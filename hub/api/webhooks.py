@@ -1,0 +1,158 @@
+"""Webhook subscriptions: create, list, get, change, delete, rotate the signing secret.
+
+Every route needs `hub:admin`: a webhook's URL and secret let whoever holds them receive the
+hub's alerts, or forge them. What may be subscribed to, where a webhook may point and how
+secrets work are `hub.notify`'s rules; this module only translates HTTP to `Webhooks` calls.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import MISSING, AfterValidator, BaseModel, ConfigDict, Field, StrictBool
+
+from hub.api.pagination import PageOf, PageQuery
+from hub.api.spec import ApiRoutes, json_response
+from hub.keys import CURSORS, PRINCIPAL, SETTINGS, STORE
+from hub.models import Severity
+from hub.notify import WEBHOOK_ID_PATTERN, EventType, Webhooks, WebhookView, WebhookWithSecret
+
+api = ApiRoutes("webhooks")
+
+
+def _sorted_unique(event_types: list[EventType]) -> list[EventType]:
+    return sorted(set(event_types))
+
+
+WebhookUrl = Annotated[
+    str,
+    Field(
+        min_length=1,
+        description="where deliveries are POSTed: https, to a public address unless the hub's "
+        "HUB_WEBHOOK_ALLOWED_NETWORKS allows its network; no user name or password",
+    ),
+]
+EventTypes = Annotated[
+    list[EventType],
+    Field(min_length=1, description="what it receives: alert, agent (presence), command (state changes)"),
+    AfterValidator(_sorted_unique),
+]
+MinSeverity = Annotated[Severity, Field(description="only alerts at least this severe (needs 'alert')")]
+Description = Annotated[str, Field(max_length=500, description="what it is for, for the next person")]
+Enabled = Annotated[StrictBool, Field(description="false keeps the subscription but delivers nothing")]
+
+
+class CreateWebhook(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: WebhookUrl
+    event_types: EventTypes
+    min_severity: MinSeverity | None = None
+    description: Description | None = None
+    enabled: Enabled = True
+
+
+class UpdateWebhook(BaseModel):
+    """Only the fields present change; null clears `min_severity` and `description`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: WebhookUrl | MISSING = MISSING
+    event_types: EventTypes | MISSING = MISSING
+    min_severity: MinSeverity | MISSING | None = MISSING
+    description: Description | MISSING | None = MISSING
+    enabled: Enabled | MISSING = MISSING
+
+
+class RotateSecret(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    keep_previous_s: float = Field(
+        0.0,
+        ge=0,
+        description="seconds the replaced secret keeps signing deliveries beside the new one, "
+        "so receivers can switch over (0: replaced at once)",
+    )
+
+
+class WebhookPath(BaseModel):
+    webhook_id: str = Field(pattern=WEBHOOK_ID_PATTERN, description="the webhook's id")
+
+
+def _webhooks(request: web.Request) -> Webhooks:
+    # Stateless over the store, so made per request (deliveries will give it a life of its own).
+    return Webhooks(request.app[SETTINGS], request.app[STORE])
+
+
+@api.post("/api/v1/webhooks", scope="hub:admin", body=CreateWebhook, response=WebhookWithSecret, status=201)
+async def create_webhook(request: web.Request, *, body: CreateWebhook) -> web.Response:
+    """Subscribe a URL to hub events; the answer carries its signing secret, shown only now.
+
+    The URL must use https (http only when the hub allows it), carry no user name or password,
+    and lead only to public addresses: an IP literal, or a name every address of which is
+    public, unless HUB_WEBHOOK_ALLOWED_NETWORKS allows it. A refused URL is a 422 saying why.
+    """
+    webhook = await _webhooks(request).create(
+        url=body.url,
+        event_types=body.event_types,
+        min_severity=body.min_severity,
+        description=body.description,
+        enabled=body.enabled,
+        created_by=request[PRINCIPAL].subject,
+    )
+    return json_response(webhook, status=201, headers={"Location": f"/api/v1/webhooks/{webhook['id']}"})
+
+
+@api.get("/api/v1/webhooks", scope="hub:admin", query=PageQuery, response=PageOf[WebhookView])
+async def list_webhooks(request: web.Request, *, query: PageQuery) -> dict[str, Any]:
+    """List webhook subscriptions, oldest first, without their secrets."""
+    cursors = request.app[CURSORS]
+    page = await _webhooks(request).list(after=cursors.open(request, query.cursor), limit=query.limit)
+    return cursors.page(request, page)
+
+
+@api.get("/api/v1/webhooks/{webhook_id}", scope="hub:admin", path_params=WebhookPath, response=WebhookView)
+async def get_webhook(request: web.Request, *, path: WebhookPath) -> WebhookView:
+    """Get one webhook subscription, without its secret."""
+    return await _webhooks(request).get(path.webhook_id)
+
+
+@api.patch(
+    "/api/v1/webhooks/{webhook_id}",
+    scope="hub:admin",
+    path_params=WebhookPath,
+    body=UpdateWebhook,
+    response=WebhookView,
+)
+async def update_webhook(request: web.Request, *, path: WebhookPath, body: UpdateWebhook) -> WebhookView:
+    """Change a webhook subscription: only the fields sent change (null clears an optional one).
+
+    A new URL is checked as on creation. The secret changes only by rotation.
+    """
+    return await _webhooks(request).update(path.webhook_id, body.model_dump(exclude_unset=True))
+
+
+@api.delete("/api/v1/webhooks/{webhook_id}", scope="hub:admin", path_params=WebhookPath, status=204)
+async def delete_webhook(request: web.Request, *, path: WebhookPath) -> None:
+    """Delete a webhook subscription: it receives nothing from now on."""
+    await _webhooks(request).delete(path.webhook_id)
+
+
+@api.post(
+    "/api/v1/webhooks/{webhook_id}:rotate-secret",
+    scope="hub:admin",
+    path_params=WebhookPath,
+    body=RotateSecret,
+    response=WebhookWithSecret,
+)
+async def rotate_webhook_secret(
+    request: web.Request, *, path: WebhookPath, body: RotateSecret
+) -> WebhookWithSecret:
+    """Give a webhook a new signing secret, shown only in this answer.
+
+    With `keep_previous_s`, deliveries are signed with both secrets until
+    `previous_secret_expires_at`, so the receiver can switch over without refusing any
+    (at most HUB_WEBHOOK_MAX_SECRET_OVERLAP_S). Rotating again retires the older secret at once.
+    """
+    return await _webhooks(request).rotate_secret(path.webhook_id, keep_previous_s=body.keep_previous_s)

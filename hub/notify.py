@@ -1,0 +1,396 @@
+"""Notifications: webhook subscriptions, and the guard on where a delivery may go.
+
+A subscription (GitHub's repository hooks and Stripe's webhook endpoints are the models):
+
+- `id`: made by the hub, `wh_` and 32 hex digits.
+- `url`: where deliveries are POSTed. `DestinationPolicy` checks it whenever it is set, and
+  deliveries check it again at every attempt (a name may resolve elsewhere tomorrow).
+- `event_types`: what it receives, a non-empty subset of `EVENT_TYPES`, kept sorted:
+  `alert` (an alert raised, acknowledged or resolved), `agent` (an agent's presence changed:
+  online, late, offline), `command` (a command changed state). Per-process `score` updates,
+  which the dashboards get, are not offered: under load they come many times a second, and a
+  score crossing a threshold raises an alert, which is what a receiver acts on.
+- `min_severity`: only alerts at least this severe; it filters alerts, so it needs `alert`.
+- `enabled`: a disabled subscription keeps its settings and receives nothing.
+- `secret`: made by the hub and shown only in the answers that make it (creation, rotation);
+  every delivery carries an HMAC-SHA256 of its body with it. A rotation may let the replaced
+  secret keep signing beside the new one until `previous_secret_expires_at` (Stripe's rolling
+  secrets), so a receiver switches over without refusing deliveries meanwhile.
+- `created_at`, `updated_at`, `created_by` (the token's subject).
+
+The destination guard refuses, at subscription time and again at delivery time, what would
+let a webhook reach inside the hub's network (server-side request forgery): schemes other
+than https (http too when allowed), user names or passwords in the URL, hosts that are not
+valid names or IP addresses, and any address that is not globally routable (loopback,
+private, link-local with cloud metadata at 169.254.169.254, multicast, unspecified, reserved,
+shared), whether written as an IP literal or among the addresses a name resolves to. IPv4
+addresses inside IPv6 (mapped, NAT64) are judged as the IPv4 address they reach. Networks in
+`webhook_allowed_networks` are allowed anyway: that is how an internal receiver is reached.
+URLs are read with yarl, as aiohttp will read them when it sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
+from yarl import URL
+
+from hub.config import Settings
+from hub.models import Severity
+from hub.problems import Conflict, InvalidInput, NotFound
+from hub.store import Page, Store
+
+EventType = Literal["agent", "alert", "command"]
+WEBHOOK_ID_PATTERN = r"^wh_[0-9a-f]{32}$"
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_ALLOW_HINT = "allow it with HUB_WEBHOOK_ALLOWED_NETWORKS"
+# A DNS name as resolvers take it: labels of 1-63 letters, digits, '-' or '_' (seen on internal
+# names), no '-' at either end, 253 characters at most, an optional final dot.
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}\.?$)(?:{_LABEL}\.)*{_LABEL}\.?$")
+# A numeric last label (127.1, 2130706433, 0x7f.1) is a legacy IPv4 form, never a name.
+_NUMERIC_LABEL = re.compile(r"^(?:[0-9]+|0x[0-9a-f]*)$")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# What an address is, first match wins (a loopback address is also private, for one).
+_KINDS = (
+    ("is_loopback", "a loopback"),
+    ("is_link_local", "a link-local"),
+    ("is_multicast", "a multicast"),
+    ("is_unspecified", "an unspecified"),
+    ("is_reserved", "a reserved"),
+    ("is_private", "a private"),
+)
+
+
+class DestinationRefused(ValueError):
+    """A webhook URL, or an address it leads to, that the hub must not send to; says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationPolicy:
+    """Where webhook deliveries may go (see the module docstring)."""
+
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    allow_http: bool = False
+    max_url_chars: int = 2048
+    resolve_timeout_s: float = 5.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DestinationPolicy:
+        return cls(
+            allowed_networks=tuple(settings.webhook_allowed_networks),
+            allow_http=settings.webhook_allow_http,
+            max_url_chars=settings.webhook_max_url_chars,
+            resolve_timeout_s=settings.webhook_resolve_timeout_s,
+        )
+
+    async def check(self, url: str) -> list[IPAddress]:
+        """Refuse `url` unless every address it leads to may be reached; return those addresses."""
+        parsed = self.parse(url)
+        assert parsed.raw_host is not None  # parse checked it
+        assert parsed.port is not None  # yarl gives the scheme's default
+        return await self.resolve(parsed.raw_host, parsed.port)
+
+    def parse(self, url: str) -> URL:
+        """Read `url` as aiohttp will, refusing what no delivery may use whatever it resolves to."""
+        if len(url) > self.max_url_chars:
+            raise DestinationRefused(
+                f"has {len(url)} characters; the limit is {self.max_url_chars} (HUB_WEBHOOK_MAX_URL_CHARS)"
+            )
+        try:
+            parsed = URL(url)
+        except (ValueError, TypeError) as exc:
+            raise DestinationRefused(f"is not a valid URL: {exc}") from None
+        if parsed.raw_user is not None or parsed.raw_password is not None:
+            raise DestinationRefused(
+                "must not carry a user name or password: deliveries are authenticated by their signature"
+            )
+        schemes = ("https", "http") if self.allow_http else ("https",)
+        if not parsed.scheme:
+            raise DestinationRefused(f"has no scheme; start it with {schemes[0]}://")
+        if parsed.scheme not in schemes:
+            hint = " (HUB_WEBHOOK_ALLOW_HTTP=true allows plain http)" if parsed.scheme == "http" else ""
+            raise DestinationRefused(f"must use {' or '.join(schemes)}, not {parsed.scheme}{hint}")
+        host = parsed.raw_host
+        if not host:
+            raise DestinationRefused("has no host")
+        if parsed.port == 0:
+            raise DestinationRefused("port 0 cannot be connected to")
+        if _ip_literal(host) is None:
+            if not _HOST_NAME.match(host):
+                raise DestinationRefused(f"host {host!r} is neither a valid host name nor an IP address")
+            if _NUMERIC_LABEL.match(host.rstrip(".").rsplit(".", 1)[-1]):
+                raise DestinationRefused(f"host {host!r} is not a canonical IP address")
+        return parsed
+
+    async def resolve(self, host: str, port: int) -> list[IPAddress]:
+        """Return the addresses `host` leads to, refusing it if any of them may not be reached."""
+        literal = _ip_literal(host)
+        if literal is not None:
+            if why := self.refusal(literal):
+                raise DestinationRefused(f"{_shown(literal)} is {why}; {_ALLOW_HINT}")
+            return [literal]
+        addresses = await self._lookup(host, port)
+        for address in addresses:
+            # All or nothing: whoever controls the name's DNS chooses which address is used.
+            if why := self.refusal(address):
+                raise DestinationRefused(f"{host} resolves to {_shown(address)}, {why}; {_ALLOW_HINT}")
+        return addresses
+
+    def refusal(self, address: IPAddress) -> str | None:
+        """Say what kind of address `address` is when it may not be reached; None when it may."""
+        reached = _ipv4_inside(address) or address
+        if any(candidate in network for candidate in (address, reached) for network in self.allowed_networks):
+            return None
+        if reached.is_global and not reached.is_multicast:
+            return None
+        kind = next((phrase for attribute, phrase in _KINDS if getattr(reached, attribute)), "a non-public")
+        return f"{kind} address"
+
+    async def _lookup(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            async with asyncio.timeout(self.resolve_timeout_s):
+                found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except TimeoutError:
+            raise DestinationRefused(f"{host} did not resolve within {self.resolve_timeout_s:g} s") from None
+        except OSError as exc:
+            raise DestinationRefused(f"{host} does not resolve ({exc.strerror or exc})") from None
+        return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in found))
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _shown(address: IPAddress) -> str:
+    inside = _ipv4_inside(address)
+    return f"{address} (IPv4 {inside})" if inside else str(address)
+
+
+def _ipv4_inside(address: IPAddress) -> ipaddress.IPv4Address | None:
+    # A dual-stack socket connects ::ffff:10.0.0.5 to 10.0.0.5; a NAT64 gateway does the same.
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in _NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+class GuardedResolver(AbstractResolver):
+    """An aiohttp resolver for delivery sessions: it answers only addresses the policy allows.
+
+    Checking when connecting, on the very addresses connected to, defeats DNS rebinding (a
+    name that resolved to a public address when checked and to 10.0.0.5 when used). aiohttp
+    asks no resolver about IP literals, so deliveries also `check` the URL before sending, and
+    follow no redirects.
+    """
+
+    def __init__(self, policy: DestinationPolicy) -> None:
+        self._policy = policy
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = []
+        for address in await self._policy.resolve(host, port):
+            address_family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+            if family in (socket.AF_UNSPEC, address_family):
+                flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+                found.append(
+                    ResolveResult(
+                        hostname=host,
+                        host=str(address),
+                        port=port,
+                        family=address_family,
+                        proto=0,
+                        flags=flags,
+                    )
+                )
+        if not found:
+            raise OSError(f"{host} has no {family.name} address")
+        return found
+
+    async def close(self) -> None:
+        """Release nothing: lookups use the event loop's getaddrinfo."""
+
+
+# subscriptions -----------------------------------------------------------------------------
+
+
+class WebhookView(TypedDict):
+    """A subscription as the API shows it: everything but its secrets."""
+
+    id: str
+    url: str
+    description: str | None
+    event_types: list[EventType]
+    min_severity: Severity | None
+    enabled: bool
+    previous_secret_expires_at: float | None  # until then the replaced secret signs too
+    created_at: float
+    updated_at: float
+    created_by: str
+
+
+class WebhookWithSecret(WebhookView):
+    """A subscription with its new secret: the answer to creation and rotation, and only to them."""
+
+    secret: str
+
+
+def webhook_view(record: Mapping[str, Any]) -> WebhookView:
+    """Show a stored subscription without its secrets."""
+    return WebhookView(
+        id=record["id"],
+        url=record["url"],
+        description=record["description"],
+        event_types=record["event_types"],
+        min_severity=record["min_severity"],
+        enabled=record["enabled"],
+        previous_secret_expires_at=record["previous_secret_expires_at"],
+        created_at=record["created_at"],
+        updated_at=record["updated_at"],
+        created_by=record["created_by"],
+    )
+
+
+def _with_secret(record: Mapping[str, Any]) -> WebhookWithSecret:
+    return WebhookWithSecret(**webhook_view(record), secret=record["secret"])
+
+
+def _invalid(field: str, message: str) -> InvalidInput:
+    # The same shape as the API's own validation errors: the detail and `errors` name the field.
+    return InvalidInput(
+        f"body.{field}: {message}", errors=[{"location": f"body.{field}", "message": message}]
+    )
+
+
+def _check_filters(record: Mapping[str, Any]) -> None:
+    if record["min_severity"] is not None and "alert" not in record["event_types"]:
+        raise _invalid("min_severity", "filters alerts only: add 'alert' to event_types or leave it out")
+
+
+class Webhooks:
+    """Create, read, change, delete subscriptions and rotate their secrets."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self._store = store
+        self._policy = DestinationPolicy.from_settings(settings)
+        self._max_count = settings.webhook_max_subscriptions
+        self._max_overlap_s = settings.webhook_max_secret_overlap_s
+
+    async def create(
+        self,
+        *,
+        url: str,
+        event_types: list[EventType],
+        min_severity: Severity | None,
+        description: str | None,
+        enabled: bool,
+        created_by: str,
+    ) -> WebhookWithSecret:
+        """Store a new subscription with a new secret, once its URL passes the guard."""
+        await self._check_url(url)
+        now = time.time()
+        record = {
+            "id": "wh_" + secrets.token_hex(16),
+            "url": url,
+            "description": description,
+            "event_types": event_types,
+            "min_severity": min_severity,
+            "enabled": enabled,
+            "secret": "whsec_" + secrets.token_urlsafe(32),
+            "previous_secret": None,
+            "previous_secret_expires_at": None,
+            "created_at": now,
+            "updated_at": now,
+            "created_by": created_by,
+        }
+        _check_filters(record)
+        if not await self._store.insert_webhook(record, max_count=self._max_count):
+            raise Conflict(
+                f"the hub keeps at most {self._max_count} webhook subscriptions "
+                "(HUB_WEBHOOK_MAX_SUBSCRIPTIONS); delete one first"
+            )
+        return _with_secret(record)
+
+    async def get(self, webhook_id: str) -> WebhookView:
+        """Return one subscription, without its secrets."""
+        record = await self._store.get_webhook(webhook_id)
+        if record is None:
+            raise NotFound(f"no webhook {webhook_id}")
+        return webhook_view(record)
+
+    async def list(self, *, after: list[Any] | None, limit: int) -> Page:
+        """Return subscriptions in creation order, without their secrets."""
+        page = await self._store.list_webhooks(after=after, limit=limit)
+        return Page([dict(webhook_view(record)) for record in page.items], page.next_key)
+
+    async def update(self, webhook_id: str, changes: dict[str, Any]) -> WebhookView:
+        """Change the given fields only; a new URL passes the guard first."""
+        if not changes:
+            return await self.get(webhook_id)
+        if "url" in changes:
+            await self._check_url(changes["url"])
+        now = time.time()
+
+        def change(current: dict[str, Any]) -> dict[str, Any]:
+            _check_filters({**current, **changes})  # against the stored state, in the same transaction
+            return {**changes, "updated_at": now}
+
+        return webhook_view(await self._change(webhook_id, change))
+
+    async def rotate_secret(self, webhook_id: str, *, keep_previous_s: float) -> WebhookWithSecret:
+        """Give the subscription a new secret; the replaced one signs too for `keep_previous_s`."""
+        if keep_previous_s > self._max_overlap_s:
+            raise _invalid(
+                "keep_previous_s",
+                f"must be at most {self._max_overlap_s:g} s (HUB_WEBHOOK_MAX_SECRET_OVERLAP_S)",
+            )
+        secret, now = "whsec_" + secrets.token_urlsafe(32), time.time()
+
+        def rotate(current: dict[str, Any]) -> dict[str, Any]:
+            # Only the latest replaced secret is kept: rotating twice retires the oldest at once.
+            keep = keep_previous_s > 0
+            return {
+                "secret": secret,
+                "previous_secret": current["secret"] if keep else None,
+                "previous_secret_expires_at": now + keep_previous_s if keep else None,
+                "updated_at": now,
+            }
+
+        return _with_secret(await self._change(webhook_id, rotate))
+
+    async def delete(self, webhook_id: str) -> None:
+        """Delete a subscription: it receives nothing from now on."""
+        if not await self._store.delete_webhook(webhook_id):
+            raise NotFound(f"no webhook {webhook_id}")
+
+    async def _change(
+        self, webhook_id: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any]:
+        record = await self._store.update_webhook(webhook_id, change)
+        if record is None:
+            raise NotFound(f"no webhook {webhook_id}")
+        return record
+
+    async def _check_url(self, url: str) -> None:
+        try:
+            await self._policy.check(url)
+        except DestinationRefused as refused:
+            raise _invalid("url", str(refused)) from None

@@ -10,11 +10,11 @@ from aiohttp import web
 from pydantic import Field
 from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
 
-from hub.api.pagination import PageOf, PageQuery
+from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.params import AgentPath
 from hub.api.spec import ApiRoutes
 from hub.api.views import AgentView
-from hub.keys import CURSORS, STORE
+from hub.keys import STORE
 from hub.problems import NotFound
 
 api = ApiRoutes("agents")
@@ -28,14 +28,9 @@ class AgentQuery(PageQuery):
 @api.get("/api/v1/agents", scope="hub:read", query=AgentQuery, response=PageOf[AgentView])
 async def list_agents(request: web.Request, *, query: AgentQuery) -> dict[str, Any]:
     """List agents by id, with status and risk (the highest score of their live processes)."""
-    cursors = request.app[CURSORS]
-    page = await request.app[STORE].list_agents(
-        status=query.status,
-        risk_min=query.risk_min,
-        after=cursors.open(request, query.cursor),
-        limit=query.limit,
+    return await paginate(
+        request, query, request.app[STORE].list_agents, status=query.status, risk_min=query.risk_min
     )
-    return cursors.page(request, page)
 
 
 @api.get("/api/v1/agents/{agent_id}", scope="hub:read", path_params=AgentPath, response=AgentView)

@@ -8,10 +8,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from hub.api.pagination import PageOf, PageQuery
+from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.spec import ApiRoutes
 from hub.api.views import AlertStatus, AlertView
-from hub.keys import BUS, CURSORS, PRINCIPAL, STORE
+from hub.keys import BUS, PRINCIPAL, STORE
 from hub.models import AGENT_ID_PATTERN, Severity
 from hub.problems import Conflict, NotFound
 
@@ -37,15 +37,10 @@ class AlertChange(BaseModel):
 @api.get("/api/v1/alerts", scope="hub:read", query=AlertQuery, response=PageOf[AlertView])
 async def list_alerts(request: web.Request, *, query: AlertQuery) -> dict[str, Any]:
     """List alerts, newest first."""
-    cursors = request.app[CURSORS]
-    page = await request.app[STORE].list_alerts(
-        agent_id=query.agent_id,
-        severity=query.severity,
-        status=query.status,
-        after=cursors.open(request, query.cursor),
-        limit=query.limit,
-    )
-    return cursors.page(request, page)
+    return await paginate(
+        request, query, request.app[STORE].list_alerts,
+        agent_id=query.agent_id, severity=query.severity, status=query.status,
+    )  # fmt: skip
 
 
 @api.get("/api/v1/alerts/{alert_id}", scope="hub:read", path_params=AlertPath, response=AlertView)

@@ -19,10 +19,10 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
 
-from hub.api.pagination import PageOf, PageQuery
+from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.spec import ApiRoutes
 from hub.audit import Action, AuditEntry
-from hub.keys import AUDIT, CURSORS, PRINCIPAL, REVOKED_TOKENS
+from hub.keys import AUDIT, PRINCIPAL, REVOKED_TOKENS
 from hub.problems import CORRELATION_ID, HubError
 from hub.tokens import JTI_PATTERN
 
@@ -109,16 +109,10 @@ async def list_audit(request: web.Request, *, query: AuditQuery) -> dict[str, An
     Entries are ordered by id, newest first; pages follow with the cursor. Each entry carries
     `prev_hash` and `hash`, so a client can check the chain itself (see `agenthub audit verify`).
     """
-    cursors = request.app[CURSORS]
-    page = await request.app[AUDIT].page(
-        actor=query.actor,
-        action=query.action,
-        since=query.since,
-        until=query.until,
-        after=cursors.open(request, query.cursor),
-        limit=query.limit,
-    )
-    return cursors.page(request, page)
+    return await paginate(
+        request, query, request.app[AUDIT].page,
+        actor=query.actor, action=query.action, since=query.since, until=query.until,
+    )  # fmt: skip
 
 
 class TokenPath(BaseModel):

@@ -8,11 +8,11 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
 
-from hub.api.pagination import PageOf, PageQuery
+from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.spec import ApiRoutes
 from hub.certificates import CertificateStatus
 from hub.identity import CertificateSource
-from hub.keys import CERTIFICATES, CURSORS
+from hub.keys import CERTIFICATES
 from hub.models import AGENT_ID_PATTERN
 
 api = ApiRoutes("certificates")
@@ -115,14 +115,9 @@ async def sign_certificate(request: web.Request, *, body: SignBody) -> dict[str,
 @api.get("/api/v1/certificates", scope="hub:read", query=CertificateQuery, response=PageOf[CertificateView])
 async def list_certificates(request: web.Request, *, query: CertificateQuery) -> dict[str, Any]:
     """List the certificates the hub knows, soonest to expire first."""
-    cursors = request.app[CURSORS]
-    page = await request.app[CERTIFICATES].list(
-        agent_id=query.agent_id,
-        status=query.status,
-        after=cursors.open(request, query.cursor),
-        limit=query.limit,
+    return await paginate(
+        request, query, request.app[CERTIFICATES].list, agent_id=query.agent_id, status=query.status
     )
-    return cursors.page(request, page)
 
 
 @api.get(

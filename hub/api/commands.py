@@ -11,11 +11,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from hub.api.pagination import PageOf, PageQuery
+from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.params import AgentPath
 from hub.api.spec import ApiRoutes, json_response
 from hub.commands import COMMAND_ID_PATTERN, COMMAND_NAME_PATTERN, CommandState, CommandView
-from hub.keys import COMMANDS, CURSORS, PRINCIPAL
+from hub.keys import COMMANDS, PRINCIPAL
 
 api = ApiRoutes("commands")
 
@@ -94,8 +94,6 @@ async def get_command(request: web.Request, *, path: CommandPath) -> dict[str, A
 )
 async def list_commands(request: web.Request, *, path: AgentPath, query: CommandQuery) -> dict[str, Any]:
     """List an agent's commands, newest first, optionally in one state."""
-    cursors = request.app[CURSORS]
-    page = await request.app[COMMANDS].list_for_agent(
-        path.agent_id, state=query.state, after=cursors.open(request, query.cursor), limit=query.limit
+    return await paginate(
+        request, query, request.app[COMMANDS].list_for_agent, path.agent_id, state=query.state
     )
-    return cursors.page(request, page)

@@ -9,12 +9,12 @@ from pydantic import Field
 from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
 
 from hub.api.bodies import parse_json, read_body
-from hub.api.pagination import PageOf, PageQuery
+from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.signatures import AGENT_SIGNATURE, SIGNED_AGENT
 from hub.api.spec import ApiRoutes
 from hub.api.views import StoredEvent
 from hub.codec import WirePayload
-from hub.keys import CURSORS, INGESTOR, STORE
+from hub.keys import INGESTOR, STORE
 from hub.models import AGENT_ID_PATTERN, BatchAck, Event, EventKind
 from hub.problems import UnsupportedMediaType
 from hub.store import EventFilter
@@ -33,14 +33,10 @@ class EventQuery(PageQuery):
 @api.get("/api/v1/events", scope="hub:read", query=EventQuery, response=PageOf[StoredEvent])
 async def list_events(request: web.Request, *, query: EventQuery) -> dict[str, Any]:
     """List stored events in (agent_id, seq) order, filtered."""
-    cursors = request.app[CURSORS]
     filters = EventFilter(
         agent_id=query.agent_id, kind=query.kind, pid=query.pid, since=query.since, until=query.until
     )
-    page = await request.app[STORE].list_events(
-        filters, after=cursors.open(request, query.cursor), limit=query.limit
-    )
-    return cursors.page(request, page)
+    return await paginate(request, query, request.app[STORE].list_events, filters)
 
 
 class EventBatchBody(TypedDict):

@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from hub.keys import CURSORS
 from hub.problems import BadCursor
 from hub.store import Page
 
@@ -80,3 +82,19 @@ class Cursors:
         filters = sorted((name, value) for name, value in request.query.items() if name not in _UNBOUND)
         context = orjson.dumps([request.method, request.path, filters])
         return hmac.new(self._key, context + b"\0" + payload, hashlib.sha256).digest()[:_MAC_BYTES]
+
+
+async def paginate(
+    request: web.Request,
+    query: PageQuery,
+    fetch: Callable[..., Awaitable[Page]],
+    *args: Any,
+    render: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    **filters: Any,
+) -> dict[str, Any]:
+    """Answer one page of a list: `fetch(*args, **filters, after=..., limit=...)` at the query's cursor."""
+    cursors = request.app[CURSORS]
+    page = await fetch(*args, **filters, after=cursors.open(request, query.cursor), limit=query.limit)
+    if render is not None:
+        page = Page([render(item) for item in page.items], page.next_key)
+    return cursors.page(request, page)

@@ -7,11 +7,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from hub.api.pagination import PageOf, PageQuery
+from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.spec import ApiRoutes, json_response
 from hub.api.views import ProcessView
 from hub.jobs import JobView, recalculate_live
-from hub.keys import BUS, CURSORS, INGESTOR, JOBS, SCORING, SETTINGS, STORE
+from hub.keys import BUS, INGESTOR, JOBS, SCORING, SETTINGS, STORE
 from hub.models import AGENT_ID_PATTERN, ScoreView, score_view
 from hub.problems import Conflict, NotFound
 
@@ -34,14 +34,9 @@ class ProcessPath(BaseModel):
 @api.get("/api/v1/scores", scope="hub:read", query=ScoreQuery, response=PageOf[ScoreView])
 async def list_scores(request: web.Request, *, query: ScoreQuery) -> dict[str, Any]:
     """Rank processes by risk, highest first."""
-    cursors = request.app[CURSORS]
-    page = await request.app[STORE].list_scores(
-        risk_min=query.risk_min,
-        agent_id=query.agent_id,
-        after=cursors.open(request, query.cursor),
-        limit=query.limit,
+    return await paginate(
+        request, query, request.app[STORE].list_scores, risk_min=query.risk_min, agent_id=query.agent_id
     )
-    return cursors.page(request, page)
 
 
 @api.get("/api/v1/scores/{process_key}", scope="hub:read", path_params=ProcessPath, response=ScoreView)
@@ -77,16 +72,10 @@ async def start_recalculation(request: web.Request) -> web.Response:
 @api.get("/api/v1/processes", scope="hub:read", query=ProcessQuery, response=PageOf[ProcessView])
 async def list_processes(request: web.Request, *, query: ProcessQuery) -> dict[str, Any]:
     """List the processes scoring tracks, by process key."""
-    cursors = request.app[CURSORS]
-    page = await request.app[STORE].list_processes(
-        risk_min=query.risk_min,
-        agent_id=query.agent_id,
-        live=query.live,
-        after=cursors.open(request, query.cursor),
-        limit=query.limit,
-    )
-    page.items[:] = [_process_view(record) for record in page.items]
-    return cursors.page(request, page)
+    return await paginate(
+        request, query, request.app[STORE].list_processes, render=_process_view,
+        risk_min=query.risk_min, agent_id=query.agent_id, live=query.live,
+    )  # fmt: skip
 
 
 @api.get("/api/v1/processes/{process_key}", scope="hub:read", path_params=ProcessPath, response=ProcessView)

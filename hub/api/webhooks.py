@@ -12,9 +12,9 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import MISSING, AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
-from hub.api.pagination import PageOf, PageQuery
+from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.spec import ApiRoutes, json_response
-from hub.keys import CURSORS, PRINCIPAL, SETTINGS, STORE
+from hub.keys import PRINCIPAL, SETTINGS, STORE
 from hub.models import Severity
 from hub.notify import WEBHOOK_ID_PATTERN, EventType, Webhooks, WebhookView, WebhookWithSecret
 
@@ -107,9 +107,7 @@ async def create_webhook(request: web.Request, *, body: CreateWebhook) -> web.Re
 @api.get("/api/v1/webhooks", scope="hub:admin", query=PageQuery, response=PageOf[WebhookView])
 async def list_webhooks(request: web.Request, *, query: PageQuery) -> dict[str, Any]:
     """List webhook subscriptions, oldest first, without their secrets."""
-    cursors = request.app[CURSORS]
-    page = await _webhooks(request).list(after=cursors.open(request, query.cursor), limit=query.limit)
-    return cursors.page(request, page)
+    return await paginate(request, query, _webhooks(request).list)
 
 
 @api.get("/api/v1/webhooks/{webhook_id}", scope="hub:admin", path_params=WebhookPath, response=WebhookView)

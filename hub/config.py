@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from importlib import resources
 from pathlib import Path
 
@@ -23,6 +24,9 @@ class Settings(BaseSettings):
 
     # listener
     host: str = "127.0.0.1"
+    node_id: str = Field(
+        default_factory=socket.gethostname, min_length=1, max_length=128, description="this hub node's name"
+    )
     port: int = Field(8443, ge=0, le=65535)
     data_dir: Path = Path("data")
     certs_dir: Path = Path("certs")

@@ -30,6 +30,7 @@ class Presence:
 
     def __init__(self, settings: Settings, store: Store, publish: Publisher) -> None:
         self._interval = settings.heartbeat_interval_s
+        self._node = settings.node_id
         self._late_after = settings.heartbeat_late_after * self._interval
         self._offline_after = settings.heartbeat_offline_after * self._interval
         self._store = store
@@ -54,6 +55,7 @@ class Presence:
             now,
             connected_at=now,
             cert_fingerprint=fingerprint,
+            node=self._node,
             **info,
         )
         self._live[agent_id] = _Live(sid, "online", now)  # only once the store has it

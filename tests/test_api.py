@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import aiohttp
@@ -93,6 +94,7 @@ async def test_agents_list_pages_with_a_cursor(
         agent = await response.json()
     assert agent["status"] == "online"
     assert agent["risk"] == 0.0
+    assert agent["node"] == hub.settings.node_id
 
 
 async def test_scores_and_alerts_carry_the_fields_clients_expect(
@@ -142,3 +144,21 @@ async def test_bad_query_parameters_are_named(
     assert body["detail"].startswith(location)
     assert body["errors"][0]["location"] == location
     assert body["correlation_id"] == response.headers["X-Correlation-ID"]
+
+
+async def test_health_is_503_when_the_database_does_not_answer(
+    hub: RunningHub, http: aiohttp.ClientSession
+) -> None:
+    store = hub.store
+    reader = store._reader_conn  # the connection health reads with: break it, as a lost disk would
+    store._reader_conn = sqlite3.connect(":memory:")
+    store._reader_conn.close()
+    try:
+        async with http.get("/api/v1/health") as response:
+            assert response.status == 503
+            assert response.headers["Retry-After"]
+            body = await response.json()
+        assert body["status"] == 503
+        assert "database unreachable" in body["detail"]
+    finally:
+        store._reader_conn = reader

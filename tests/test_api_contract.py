@@ -215,6 +215,26 @@ async def test_idempotent_replays_survive_a_restart(settings: Settings) -> None:
     assert answers[1] == ("true", answers[0][1])
 
 
+async def test_idempotency_keys_expire_after_their_ttl(settings: Settings) -> None:
+    runner, hub = await start_hub(settings.model_copy(update={"idempotency_ttl_s": 0.5}))
+    try:
+        connector = aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem"))
+        async with aiohttp.ClientSession(base_url=hub.url, connector=connector) as http:
+            headers = {**bearer(hub, "hub:admin"), "Idempotency-Key": "short-lived"}
+            url = "/api/v1/agents/sensor-9/signing-secret"
+            async with http.post(url, headers=headers) as response:
+                first = await response.json()
+            async with http.post(url, headers=headers) as response:
+                assert await response.json() == first
+            await asyncio.sleep(0.6)
+            async with http.post(url, headers=headers) as response:
+                assert response.status == 201
+                assert "Idempotent-Replayed" not in response.headers
+                assert (await response.json())["secret"] != first["secret"]
+    finally:
+        await runner.cleanup()
+
+
 # rate limits -------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ class AgentView(TypedDict):
     agent_version: str | None
     platform: str | None
     cert_fingerprint: str | None
+    node: str | None  # the hub node the agent is (or was last) connected to
     heartbeat: Heartbeat | None
     risk: float
 

@@ -96,13 +96,16 @@ class CertificateService:
 
         Only a certificate the hub knows can be revoked; every certificate an agent connected
         with is known, so an unknown fingerprint (`NotFound`) cannot be any live agent's.
-        Revoking again keeps the first revocation's time and reason. Sockets are closed on this
+        Revoking again keeps the first revocation's time and reason. The agent's HTTP signing
+        secret is withdrawn too; issue a new one if it should post over HTTP again. Sockets are closed on this
         node only: a hub of several nodes refuses the certificate everywhere at its next connect.
         """
         known = await self._known(fingerprint)
         await self._store.revoke(
             fingerprint, serial=known["serial"], agent_id=known["agent_id"], reason=reason
         )
+        # A host revoked as compromised must not go on posting signed events either.
+        await self._store.set_agent_secret(known["agent_id"], None)
         disconnected = await self._disconnect(fingerprint, reason)
         return {**_view(await self._known(fingerprint), time.time()), "disconnected": disconnected}
 

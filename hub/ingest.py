@@ -130,7 +130,7 @@ class Ingestor:
             if problem is None:
                 try:
                     body = pack(event)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):  # e.g. an integer wider than 64 bits
                     problem = "metadata holds a value that cannot be stored"
                 else:
                     if len(body) > limit:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Required, get_args
 
-from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, with_config
+from pydantic import ConfigDict, Field, JsonValue, StringConstraints, TypeAdapter, with_config
 from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
 
 EventKind = Literal[
@@ -53,7 +53,7 @@ class Event(TypedDict, total=False):
     container: ShortStr
     pod: ShortStr
     namespace: ShortStr
-    metadata: dict[str, Any]
+    metadata: dict[str, JsonValue]  # JSON values only: msgpack bytes or extension types cannot be shown
 
 
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

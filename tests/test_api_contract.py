@@ -221,18 +221,54 @@ async def test_idempotency_keys_expire_after_their_ttl(settings: Settings) -> No
         connector = aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem"))
         async with aiohttp.ClientSession(base_url=hub.url, connector=connector) as http:
             headers = {**bearer(hub, "hub:admin"), "Idempotency-Key": "short-lived"}
-            url = "/api/v1/agents/sensor-9/signing-secret"
+            url = "/api/v1/scores:recalculate"
             async with http.post(url, headers=headers) as response:
                 first = await response.json()
             async with http.post(url, headers=headers) as response:
+                assert response.headers["Location"] == f"/api/v1/jobs/{first['id']}"
                 assert await response.json() == first
             await asyncio.sleep(0.6)
             async with http.post(url, headers=headers) as response:
-                assert response.status == 201
+                assert response.status == 202
                 assert "Idempotent-Replayed" not in response.headers
-                assert (await response.json())["secret"] != first["secret"]
+                assert (await response.json())["id"] != first["id"]
     finally:
         await runner.cleanup()
+
+
+async def test_answers_carrying_secrets_are_never_kept_for_replay(
+    hub: RunningHub, http: aiohttp.ClientSession
+) -> None:
+    headers = {**bearer(hub, "hub:admin"), "Idempotency-Key": "secret-once"}
+    async with http.post("/api/v1/agents/sensor-9/signing-secret", headers=headers) as response:
+        assert response.status == 201
+        assert response.headers["Cache-Control"] == "no-store"
+        secret = (await response.json())["secret"]
+    async with http.post("/api/v1/agents/sensor-9/signing-secret", headers=headers) as response:
+        body = await problem_of(response, 409)
+    assert "carried a secret" in body["detail"]
+    assert await hub.store.get_agent_secret("sensor-9") == secret  # done once, not twice
+    database = (hub.settings.data_dir / "hub.db").read_bytes() + b"".join(
+        path.read_bytes() for path in hub.settings.data_dir.glob("hub.db-wal")
+    )
+    assert database.count(secret.encode()) == 1  # only where the hub needs it, not in the replay table
+
+
+async def test_one_key_sent_at_once_many_times_does_the_work_once(
+    hub: RunningHub, http: aiohttp.ClientSession
+) -> None:
+    headers = {**bearer(hub, "hub:admin"), "Idempotency-Key": "burst"}
+
+    async def create() -> int:
+        body = {"url": "https://93.184.216.34/hook", "event_types": ["alert"]}
+        async with http.post("/api/v1/webhooks", json=body, headers=headers) as response:
+            return response.status
+
+    statuses = await asyncio.gather(*(create() for _ in range(20)))
+    assert statuses.count(201) == 1
+    assert set(statuses) <= {201, 409}
+    async with http.get("/api/v1/webhooks", headers=headers) as response:
+        assert len((await response.json())["data"]) == 1
 
 
 # rate limits -------------------------------------------------------------------------------

@@ -148,3 +148,36 @@ async def test_oversize_and_malformed_batches_are_named(hub: RunningHub, http: a
     text = b"events"
     status, problem = await post(http, text, signed("sensor-7", secret, text, content_type="text/plain"))
     assert status == 415
+
+
+async def test_metadata_that_json_cannot_show_is_rejected_and_lists_stay_readable(
+    hub: RunningHub, http: aiohttp.ClientSession
+) -> None:
+    secret = await signing_secret(hub, http, "sensor-7")
+    odd = [{"b": b"\xff"}, {"x": msgpack.ExtType(1, b"a")}, {"raw": b"ok"}]
+    events = [{**make_events(i + 1, 1)[0], "metadata": value} for i, value in enumerate(odd)]
+    events.append({**make_events(4, 1)[0], "metadata": {"fine": [1, "two", None, {"three": 3.0}]}})
+    body = msgpack.packb({"events": events})
+    status, ack = await post(http, body, signed("sensor-7", secret, body, content_type="application/msgpack"))
+    assert status == 200
+    assert ack["accepted"] == 1
+    assert [r["seq"] for r in ack["rejected"]] == [1, 2, 3]
+    async with http.get("/api/v1/events", headers={"Authorization": f"Bearer {hub.token()}"}) as response:
+        assert response.status == 200
+        assert [e["metadata"] for e in (await response.json())["data"]] == [events[3]["metadata"]]
+
+
+async def test_revoking_an_agents_certificate_stops_its_signed_posts(
+    hub: RunningHub, http: aiohttp.ClientSession, connect_agent: ConnectAgent
+) -> None:
+    await connect_agent("agent-1")  # the hub learns agent-1's certificate
+    secret = await signing_secret(hub, http, "agent-1")
+    admin = {"Authorization": f"Bearer {hub.token('hub:admin')}"}
+    async with http.get("/api/v1/certificates", params={"agent_id": "agent-1"}, headers=admin) as response:
+        fingerprint = (await response.json())["data"][0]["fingerprint"]
+    async with http.post(
+        f"/api/v1/certificates/{fingerprint}:revoke", json={"reason": "host compromised"}, headers=admin
+    ) as response:
+        assert response.status == 200
+    body = json.dumps({"events": make_events(1, 1)}).encode()
+    assert (await post(http, body, signed("agent-1", secret, body)))[0] == 401

@@ -96,7 +96,8 @@ async def test_alerts_are_acknowledged_then_resolved_and_pushed(
         pushed = await ws.receive_json(timeout=5)
         assert (pushed["type"], pushed["data"]["status"]) == ("alert", "acknowledged")
     async with http.post(f"/api/v1/alerts/{alert['id']}:resolve", headers=writer) as response:
-        assert (await response.json())["status"] == "resolved"
+        resolved = await response.json()
+    assert (resolved["status"], resolved["note"]) == ("resolved", "looking")  # no new note: kept
     async with http.post(f"/api/v1/alerts/{alert['id']}:acknowledge", headers=writer) as response:
         assert response.status == 409
         assert "resolved" in (await response.json())["detail"]
@@ -106,6 +107,8 @@ async def test_alerts_are_acknowledged_then_resolved_and_pushed(
     }
     async with http.post("/api/v1/alerts/999999:resolve", headers=writer) as response:
         assert response.status == 404
+    async with http.get("/api/v1/alerts/99999999999999999999", headers=writer) as response:
+        assert response.status == 422
 
 
 # recalculation -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ async def list_agents(request: web.Request, *, query: AgentQuery) -> dict[str, A
 
 @api.get("/api/v1/agents/{agent_id}", scope="hub:read", path_params=AgentPath, response=AgentView)
 async def get_agent(request: web.Request, *, path: AgentPath) -> dict[str, Any]:
-    """Get one agent: status, last heartbeat (CPU, memory, disk), version, host and risk."""
+    """Get one agent: status, last heartbeat (CPU, memory, disk), version, host, hub node and risk."""
     agent = await request.app[STORE].get_agent(path.agent_id)
     if agent is None:
         raise NotFound(f"no agent {path.agent_id!r} has connected to this hub")
@@ -54,6 +54,7 @@ class SigningSecret(TypedDict):
     path_params=AgentPath,
     response=SigningSecret,
     status=201,
+    no_store=True,
 )
 async def create_signing_secret(request: web.Request, *, path: AgentPath) -> SigningSecret:
     """Issue (or rotate) the secret an agent signs HTTP event posts with; shown only now.

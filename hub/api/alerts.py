@@ -25,7 +25,7 @@ class AlertQuery(PageQuery):
 
 
 class AlertPath(BaseModel):
-    alert_id: int = Field(ge=1)
+    alert_id: int = Field(ge=1, le=2**63 - 1)
 
 
 class AlertChange(BaseModel):
@@ -85,7 +85,9 @@ async def _change(
     allowed_from: tuple[str, ...],
 ) -> dict[str, Any]:
     verb = "acknowledged" if status == "acknowledged" else "resolved"
-    change = {f"{verb}_by": request[PRINCIPAL].subject, f"{verb}_at": time.time(), "note": note}
+    change: dict[str, Any] = {f"{verb}_by": request[PRINCIPAL].subject, f"{verb}_at": time.time()}
+    if note is not None:  # the latest note given; a change without one keeps the earlier note
+        change["note"] = note
     # Repeating a change is harmless: the store leaves the alert as it is, and it is answered.
     alert = await request.app[STORE].set_alert_status(alert_id, status, change, allowed_from=allowed_from)
     if alert is None:

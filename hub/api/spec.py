@@ -89,11 +89,13 @@ class ApiRoutes:
         raw_body: Any = None,
         status: int = 200,
         also: dict[int, str] | None = None,
+        no_store: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Register `handler(request, *, path=..., query=..., body=...)` for `method path`.
 
         The handler returns a JSON-able value (pydantic models included) sent with `status`,
-        or a ready `web.StreamResponse`; it raises `HubError`s for everything else.
+        or a ready `web.StreamResponse`; it raises `HubError`s for everything else. `no_store`
+        marks answers that carry a secret: never cached, by proxies or by Idempotency-Key replays.
         """
         names = set(_PATH_PARAM.findall(path))
         declared = set(path_params.model_fields) if path_params else set()
@@ -101,7 +103,7 @@ class ApiRoutes:
             raise TypeError(f"{method} {path}: path parameters {sorted(names)} need a model declaring them")
 
         def register(handler: Handler) -> Handler:
-            endpoint = _endpoint(handler, path_params, query, body, status)
+            endpoint = _endpoint(handler, path_params, query, body, status, no_store)
             requires(scope)(endpoint)
             doc = (handler.__doc__ or handler.__name__).strip()
             summary, _, description = doc.partition("\n")
@@ -127,6 +129,7 @@ def _endpoint(
     query: type[BaseModel] | None,
     body: type[BaseModel] | None,
     status: int,
+    no_store: bool,
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     @functools.wraps(handler)
     async def endpoint(request: web.Request) -> web.StreamResponse:
@@ -139,10 +142,14 @@ def _endpoint(
             arguments["body"] = _validate(body, await read_json(request), "body")
         result = await handler(request, **arguments)
         if isinstance(result, web.StreamResponse):
-            return result
-        if status == 204:
-            return web.Response(status=204)
-        return json_response(result, status=status)
+            response = result
+        elif status == 204:
+            response = web.Response(status=204)
+        else:
+            response = json_response(result, status=status)
+        if no_store:
+            response.headers["Cache-Control"] = "no-store"
+        return response
 
     return endpoint
 

@@ -85,7 +85,14 @@ def _webhooks(request: web.Request) -> Webhooks:
     return Webhooks(request.app[SETTINGS], request.app[STORE])
 
 
-@api.post("/api/v1/webhooks", scope="hub:admin", body=CreateWebhook, response=WebhookWithSecret, status=201)
+@api.post(
+    "/api/v1/webhooks",
+    scope="hub:admin",
+    body=CreateWebhook,
+    response=WebhookWithSecret,
+    status=201,
+    no_store=True,
+)
 async def create_webhook(request: web.Request, *, body: CreateWebhook) -> web.Response:
     """Subscribe a URL to hub events; the answer carries its signing secret, shown only now.
 
@@ -143,6 +150,7 @@ async def delete_webhook(request: web.Request, *, path: WebhookPath) -> None:
     path_params=WebhookPath,
     body=RotateSecret,
     response=WebhookWithSecret,
+    no_store=True,
 )
 async def rotate_webhook_secret(
     request: web.Request, *, path: WebhookPath, body: RotateSecret

@@ -463,23 +463,29 @@ class SqliteStore:
     async def get_idempotent(self, owner: str, key: str, now: float) -> dict[str, Any] | None:
         row = await self._read(
             lambda c: c.execute(
-                "SELECT request_hash, status, content_type, body FROM idempotency "
+                "SELECT request_hash, status, content_type, body, location FROM idempotency "
                 "WHERE owner = ? AND key = ? AND expires_at > ?",
                 (owner, key, now),
             ).fetchone()
         )
         if row is None:
             return None
-        return {"request_hash": row[0], "status": row[1], "content_type": row[2], "body": row[3]}
+        return {
+            "request_hash": row[0],
+            "status": row[1],
+            "content_type": row[2],
+            "body": row[3],
+            "location": row[4],
+        }
 
     async def save_idempotent(self, owner: str, key: str, answer: dict[str, Any], expires_at: float) -> None:
         def save(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (time.time(),))
             conn.execute(
                 "INSERT OR REPLACE INTO idempotency (owner, key, request_hash, status, content_type, body, "
-                "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "location, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (owner, key, answer["request_hash"], answer["status"], answer["content_type"], answer["body"],
-                 expires_at),
+                 answer["location"], expires_at),
             )  # fmt: skip
 
         await self._write(save)

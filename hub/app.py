@@ -24,7 +24,13 @@ from hub.api.auth import auth_middleware
 from hub.api.idempotency import IN_FLIGHT, idempotency_middleware
 from hub.api.live import routes as live_routes
 from hub.api.pagination import Cursors
-from hub.api.ratelimit import RATE_LIMITS, TokenBuckets, rate_limit_middleware
+from hub.api.ratelimit import (
+    ADDRESS_LIMITS,
+    CALLER_LIMITS,
+    TokenBuckets,
+    address_rate_limit_middleware,
+    rate_limit_middleware,
+)
 from hub.api.signatures import SIGNATURES, SignatureVerifier
 from hub.api.spec import openapi_document
 from hub.audit import AuditLog
@@ -73,6 +79,7 @@ def create_app(settings: Settings) -> web.Application:
     # Audit inside auth (it names the actor) and rate limiting (refusals there stay cheap).
     middlewares = [
         problem_middleware,
+        address_rate_limit_middleware,
         auth_middleware,
         rate_limit_middleware,
         audit_middleware,
@@ -87,7 +94,11 @@ def create_app(settings: Settings) -> web.Application:
         commit_max_events=settings.commit_max_events,
         retry_after_ms=settings.retry_after_ms,
     )
-    bus = PushBus(max_pending=settings.push_max_pending)
+    bus = PushBus(
+        max_pending=settings.push_max_pending,
+        max_subscribers=settings.push_max_dashboards,
+        max_per_owner=settings.push_max_dashboards_per_principal,
+    )
     engine = RiskEngine(rules, RiskParams.from_settings(settings))
     scoring = ScoringService(engine, store, bus.publish, max_backlog=settings.scoring_max_backlog)
     ingestor = Ingestor(settings, store, scoring)
@@ -108,7 +119,10 @@ def create_app(settings: Settings) -> web.Application:
     app[CURSORS] = Cursors(load_secret(settings))
     app[JOBS] = Jobs()
     app[SIGNATURES] = SignatureVerifier(store, max_skew_s=settings.hmac_max_skew_s)
-    app[RATE_LIMITS] = TokenBuckets(rate=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
+    app[CALLER_LIMITS] = TokenBuckets(rate=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
+    app[ADDRESS_LIMITS] = TokenBuckets(
+        rate=settings.rate_limit_address_per_s, burst=settings.rate_limit_address_burst
+    )
     app[IN_FLIGHT] = set()
     app[OPENAPI] = orjson.dumps(openapi_document(TABLES, title="Agent Hub API", version=__version__))
     app[STARTED_AT] = time.time()

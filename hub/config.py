@@ -92,6 +92,10 @@ class Settings(BaseSettings):
 
     # dashboards
     push_snapshot_top: int = Field(100, gt=0)
+    push_max_dashboards: int = Field(500, gt=0, description="dashboard connections one node serves at most")
+    push_max_dashboards_per_principal: int = Field(
+        20, gt=0, description="dashboard connections one token subject may hold at once"
+    )
     push_max_pending: int = Field(
         10_000, gt=0, description="coalesced updates held per slow subscriber before dropping"
     )
@@ -102,6 +106,13 @@ class Settings(BaseSettings):
     )
     rate_limit_per_s: float = Field(50.0, gt=0, description="requests a second each principal may sustain")
     rate_limit_burst: int = Field(200, gt=0, description="requests a principal may make at once")
+    rate_limit_address_per_s: float = Field(
+        200.0, gt=0, description="requests a second one client address may sustain, before authentication"
+    )
+    rate_limit_address_burst: int = Field(1000, gt=0, description="requests one address may make at once")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="browser origins besides the hub's own that may open /ws/live"
+    )
     idempotency_ttl_s: float = Field(86_400.0, gt=0, description="how long an Idempotency-Key is remembered")
     hmac_max_skew_s: float = Field(
         300.0, gt=0, description="how far a signed agent request's timestamp may be from the hub's clock"

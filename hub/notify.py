@@ -21,10 +21,20 @@ A subscription (GitHub's repository hooks and Stripe's webhook endpoints are the
 The destination guard refuses, at subscription time and again at delivery time, what would
 let a webhook reach inside the hub's network (server-side request forgery): schemes other
 than https (http too when allowed), user names or passwords in the URL, hosts that are not
-valid names or IP addresses, and any address that is not globally routable (loopback,
-private, link-local with cloud metadata at 169.254.169.254, multicast, unspecified, reserved,
-shared), whether written as an IP literal or among the addresses a name resolves to. IPv4
-addresses inside IPv6 (mapped, NAT64) are judged as the IPv4 address they reach. Networks in
+valid names or IP addresses, and any address that is not public, whether written as an IP
+literal or among the addresses a name resolves to. What is public follows IANA's IPv4 and IPv6
+special-purpose address registries, written out in `_KINDS` rather than taken from `ipaddress`'s
+`is_global` / `is_private`: those answers change between Python releases and have let through
+ranges that lead inside (local-use NAT64, site-local, IPv4-translated, IPv4-compatible). Refused
+are loopback, private and unique-local, link-local (cloud metadata at 169.254.169.254), shared
+(carrier-grade NAT), multicast, broadcast, unspecified, "this network", reserved, documentation,
+benchmarking, discard-only, Teredo, the local-use NAT64 prefix 64:ff9b:1::/48 (its IPv4 mapping
+is each network's own), IETF protocol assignments (all of 192.0.0.0/24, and 2001::/23 but for
+its globally reachable unicast ranges: anycast services there, such as PCP at 192.0.0.9 and
+2001:1::1, are answered by the nearest server, which may be inside), and IPv6 outside 2000::/3.
+IPv4 addresses inside IPv6 (mapped ::ffff:0:0/96, well-known NAT64 64:ff9b::/96, 6to4
+2002::/16) are judged as the IPv4 address they reach: a 6to4 address of a public IPv4 address
+is a 6to4 site reached through a relay, one of 10.0.0.5 leads to 10.0.0.5. Networks in
 `webhook_allowed_networks` are allowed anyway: that is how an internal receiver is reached.
 URLs are read with yarl, as aiohttp will read them when it sends.
 """
@@ -62,14 +72,50 @@ _HOST_NAME = re.compile(rf"^(?=.{{1,253}}\.?$)(?:{_LABEL}\.)*{_LABEL}\.?$")
 # A numeric last label (127.1, 2130706433, 0x7f.1) is a legacy IPv4 form, never a name.
 _NUMERIC_LABEL = re.compile(r"^(?:[0-9]+|0x[0-9a-f]*)$")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-# What an address is, first match wins (a loopback address is also private, for one).
-_KINDS = (
-    ("is_loopback", "a loopback"),
-    ("is_link_local", "a link-local"),
-    ("is_multicast", "a multicast"),
-    ("is_unspecified", "an unspecified"),
-    ("is_reserved", "a reserved"),
-    ("is_private", "a private"),
+# What an address is: the first range holding it says, None meaning public (see the module
+# docstring). The last ranges of each version hold every address, so one always answers.
+_KINDS: tuple[tuple[IPNetwork, str | None], ...] = tuple(
+    (ipaddress.ip_network(network), kind)
+    for network, kind in (
+        ("0.0.0.0/32", "an unspecified"),
+        ("0.0.0.0/8", "a 'this network'"),
+        ("10.0.0.0/8", "a private"),
+        ("100.64.0.0/10", "a shared (carrier-grade NAT)"),
+        ("127.0.0.0/8", "a loopback"),
+        ("169.254.0.0/16", "a link-local"),
+        ("172.16.0.0/12", "a private"),
+        ("192.0.0.0/24", "an IETF protocol assignment"),
+        ("192.0.2.0/24", "a documentation"),
+        ("192.88.99.0/24", "a 6to4 relay anycast"),  # deprecated by RFC 7526
+        ("192.168.0.0/16", "a private"),
+        ("198.18.0.0/15", "a benchmarking"),
+        ("198.51.100.0/24", "a documentation"),
+        ("203.0.113.0/24", "a documentation"),
+        ("224.0.0.0/4", "a multicast"),
+        ("255.255.255.255/32", "a broadcast"),
+        ("240.0.0.0/4", "a reserved"),
+        ("0.0.0.0/0", None),
+        ("::/128", "an unspecified"),
+        ("::1/128", "a loopback"),
+        ("::/96", "a deprecated IPv4-compatible"),
+        ("::ffff:0:0:0/96", "an IPv4-translated"),
+        ("64:ff9b:1::/48", "a local-use NAT64"),
+        ("100::/64", "a discard-only"),
+        ("2001:3::/32", None),  # AMT relays: 2001::/23's globally reachable unicast ranges
+        ("2001:4:112::/48", None),  # AS112-v6
+        ("2001:20::/28", None),  # ORCHIDv2
+        ("2001:30::/28", None),  # drone remote ID
+        ("2001::/32", "a Teredo"),
+        ("2001::/23", "an IETF protocol assignment"),
+        ("2001:db8::/32", "a documentation"),
+        ("3fff::/20", "a documentation"),
+        ("2000::/3", None),  # global unicast: IANA allocates from nothing else
+        ("fc00::/7", "a private"),
+        ("fe80::/10", "a link-local"),
+        ("fec0::/10", "a deprecated site-local"),
+        ("ff00::/8", "a multicast"),
+        ("::/0", "a reserved"),
+    )
 )
 
 
@@ -153,10 +199,8 @@ class DestinationPolicy:
         reached = _ipv4_inside(address) or address
         if any(candidate in network for candidate in (address, reached) for network in self.allowed_networks):
             return None
-        if reached.is_global and not reached.is_multicast:
-            return None
-        kind = next((phrase for attribute, phrase in _KINDS if getattr(reached, attribute)), "a non-public")
-        return f"{kind} address"
+        kind = next(kind for network, kind in _KINDS if reached in network)
+        return None if kind is None else f"{kind} address"
 
     async def _lookup(self, host: str, port: int) -> list[IPAddress]:
         try:
@@ -182,10 +226,13 @@ def _shown(address: IPAddress) -> str:
 
 
 def _ipv4_inside(address: IPAddress) -> ipaddress.IPv4Address | None:
-    # A dual-stack socket connects ::ffff:10.0.0.5 to 10.0.0.5; a NAT64 gateway does the same.
+    # A dual-stack socket connects ::ffff:10.0.0.5 to 10.0.0.5; a NAT64 gateway does the same
+    # with 64:ff9b::a00:5, and a 6to4 relay (or the hub's own 6to4 tunnel) with 2002:a00:5::.
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return address.ipv4_mapped
+        if address.sixtofour is not None:
+            return address.sixtofour
         if address in _NAT64:
             return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None

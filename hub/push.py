@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from hub.problems import RateLimited
 
 log = logging.getLogger(__name__)
 SnapshotSource = Callable[[], Awaitable[dict[str, Any]]]
@@ -33,7 +37,8 @@ class PushStats:
 class Subscriber:
     """One dashboard connection's pending updates."""
 
-    def __init__(self, max_pending: int, stats: PushStats) -> None:
+    def __init__(self, max_pending: int, stats: PushStats, owner: str) -> None:
+        self.owner = owner
         self._pending: dict[str, bytes] = {}
         self._max_pending = max_pending
         self._stats = stats
@@ -68,9 +73,12 @@ class Subscriber:
 class PushBus:
     """In-process fan-out to every subscribed dashboard."""
 
-    def __init__(self, *, max_pending: int) -> None:
+    def __init__(self, *, max_pending: int, max_subscribers: int, max_per_owner: int) -> None:
         self._subscribers: set[Subscriber] = set()
         self._max_pending = max_pending
+        self._max_subscribers = max_subscribers
+        self._max_per_owner = max_per_owner
+        self._owners: Counter[str] = Counter()
         self.stats = PushStats()
 
     @property
@@ -92,32 +100,70 @@ class PushBus:
         for subscriber in self._subscribers:
             subscriber.resync()
 
-    def subscribe(self) -> Subscriber:
-        subscriber = Subscriber(self._max_pending, self.stats)
+    def subscribe(self, owner: str) -> Subscriber:
+        """Add a subscriber for `owner`; raise `RateLimited` past the caps (each costs every publish)."""
+        if len(self._subscribers) >= self._max_subscribers:
+            raise RateLimited(f"this hub serves {self._max_subscribers} dashboards at most", retry_after_s=5)
+        if self._owners[owner] >= self._max_per_owner:
+            raise RateLimited(f"at most {self._max_per_owner} dashboards per principal", retry_after_s=5)
+        subscriber = Subscriber(self._max_pending, self.stats, owner)
         self._subscribers.add(subscriber)
+        self._owners[owner] += 1
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        self._subscribers.discard(subscriber)
+        if subscriber in self._subscribers:
+            self._subscribers.discard(subscriber)
+            self._owners[subscriber.owner] -= 1
+            if not self._owners[subscriber.owner]:
+                del self._owners[subscriber.owner]
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """Whose dashboard a connection is, and until when it may stay open."""
+
+    owner: str
+    valid_until: float  # epoch seconds: the token's expiry
+    still_valid: Callable[[], Awaitable[bool]]  # False once the token is revoked
+    recheck_s: float
 
 
 async def serve_dashboard(
-    request: web.Request, bus: PushBus, snapshot: SnapshotSource
+    request: web.Request, bus: PushBus, snapshot: SnapshotSource, access: Access
 ) -> web.WebSocketResponse:
-    """Run one `/ws/live` connection: snapshot first, then live updates until it closes."""
+    """Run one `/ws/live` connection: snapshot first, then live updates until it closes.
+
+    The connection closes (1008, policy violation) when its token expires or is revoked.
+    """
+    subscriber = bus.subscribe(access.owner)  # before the upgrade: past the caps it is a 429
     ws = web.WebSocketResponse(heartbeat=20.0, compress=False, max_msg_size=64 * 1024)
-    await ws.prepare(request)
-    subscriber = bus.subscribe()
-    sender = asyncio.create_task(_send_updates(ws, subscriber, snapshot))
     try:
-        async for message in ws:  # dashboards only listen; reading detects the close
-            if message.type == WSMsgType.ERROR:
-                break
+        await ws.prepare(request)
+        tasks = [
+            asyncio.create_task(_send_updates(ws, subscriber, snapshot)),
+            asyncio.create_task(_end_with_access(ws, access)),
+        ]
+        try:
+            async for message in ws:  # dashboards only listen; reading detects the close
+                if message.type == WSMsgType.ERROR:
+                    break
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         bus.unsubscribe(subscriber)
-        sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
     return ws
+
+
+async def _end_with_access(ws: web.WebSocketResponse, access: Access) -> None:
+    while not ws.closed:
+        remaining = access.valid_until - time.time()
+        if remaining <= 0 or not await access.still_valid():
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"the token expired or was revoked")
+            return
+        await asyncio.sleep(min(access.recheck_s, remaining))
 
 
 async def _send_updates(ws: web.WebSocketResponse, subscriber: Subscriber, snapshot: SnapshotSource) -> None:

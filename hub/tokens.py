@@ -43,6 +43,7 @@ class Principal:
     subject: str
     scopes: frozenset[str]
     token_id: str
+    expires_at: float  # epoch seconds: a connection authenticated by this token ends then
 
     def require(self, scope: str) -> None:
         """Raise `Forbidden` unless this principal holds `scope`."""
@@ -142,7 +143,12 @@ class TokenVerifier:
         granted: set[str] = set()
         for scope in str(claims.get("scope", "")).split():
             granted |= _IMPLIED.get(scope, set())
-        return Principal(subject=claims["sub"], scopes=frozenset(granted), token_id=claims["jti"])
+        return Principal(
+            subject=claims["sub"],
+            scopes=frozenset(granted),
+            token_id=claims["jti"],
+            expires_at=float(claims["exp"]),
+        )
 
 
 class RevokedTokens:

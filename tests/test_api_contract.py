@@ -308,6 +308,31 @@ async def test_rate_limit_is_per_principal_with_headers_and_retry_after(limited_
             assert response.status == 200
 
 
+@pytest.fixture
+async def address_limited_hub(settings: Settings) -> AsyncIterator[RunningHub]:
+    runner, running = await start_hub(
+        settings.model_copy(update={"rate_limit_address_burst": 3, "rate_limit_address_per_s": 0.5})
+    )
+    yield running
+    await runner.cleanup()
+
+
+async def test_requests_refused_before_authentication_are_rate_limited_by_address(
+    address_limited_hub: RunningHub,
+) -> None:
+    hub = address_limited_hub
+    connector = aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem"))
+    async with aiohttp.ClientSession(base_url=hub.url, connector=connector) as http:
+        statuses = []
+        for _ in range(4):
+            async with http.get(
+                "/api/v1/agents", headers={"Authorization": "Bearer not-a-token"}
+            ) as response:
+                statuses.append(response.status)
+                assert response.headers["X-RateLimit-Limit"] == "3"
+        assert statuses == [401, 401, 401, 429]
+
+
 # OpenAPI -----------------------------------------------------------------------------------
 
 

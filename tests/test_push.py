@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -9,6 +10,7 @@ import pytest
 
 from hub.config import Settings
 from hub.keys import BUS
+from hub.tokens import issue_token
 from tests.conftest import RunningHub, client_ssl, start_hub
 
 
@@ -73,3 +75,74 @@ async def test_dashboard_token_in_query_cookie_or_header(hub: RunningHub) -> Non
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await session.ws_connect(f"{hub.url}/ws/live?access_token=not-a-token")
         assert refused.value.status == 401
+
+
+@pytest.fixture
+async def strict_hub(settings: Settings) -> AsyncIterator[RunningHub]:
+    limits = {"push_max_dashboards_per_principal": 2, "token_revocation_cache_s": 0.2}
+    runner, running = await start_hub(settings.model_copy(update=limits))
+    yield running
+    await runner.cleanup()
+
+
+async def test_a_dashboard_closes_when_its_token_is_revoked_or_expires(strict_hub: RunningHub) -> None:
+    hub = strict_hub
+    context = client_ssl(hub.certs / "ca.pem")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        issued = issue_token(hub.settings, scopes=["hub:read"], subject="watcher")
+        ws = await session.ws_connect(
+            f"{hub.url}/ws/live", headers={"Authorization": f"Bearer {issued.token}"}
+        )
+        assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
+        admin = {"Authorization": f"Bearer {hub.token('hub:admin')}"}
+        async with session.post(f"{hub.url}/api/v1/tokens/{issued.jti}:revoke", headers=admin) as response:
+            assert response.status == 200
+        closing = await ws.receive(timeout=5)
+        assert closing.type == aiohttp.WSMsgType.CLOSE
+        assert closing.data == aiohttp.WSCloseCode.POLICY_VIOLATION
+        await ws.close()
+
+        short = issue_token(hub.settings, scopes=["hub:read"], subject="watcher", ttl_s=1)
+        ws = await session.ws_connect(
+            f"{hub.url}/ws/live", headers={"Authorization": f"Bearer {short.token}"}
+        )
+        assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
+        closing = await ws.receive(timeout=5)
+        assert closing.data == aiohttp.WSCloseCode.POLICY_VIOLATION
+        await ws.close()
+
+
+async def test_dashboards_are_capped_per_principal_and_other_sites_are_refused(
+    strict_hub: RunningHub,
+) -> None:
+    hub = strict_hub
+    context = client_ssl(hub.certs / "ca.pem")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        url = f"{hub.url}/ws/live?access_token={hub.token()}"
+        open_ones = [await session.ws_connect(url) for _ in range(2)]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(url)
+        assert refused.value.status == 429
+        await open_ones[0].close()
+        for _ in range(50):  # the hub notices the close, then has room again
+            try:
+                open_ones[0] = await session.ws_connect(url)
+                break
+            except aiohttp.WSServerHandshakeError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("a closed dashboard's place was never freed")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as cross_site:
+            await session.ws_connect(
+                f"{hub.url}/ws/live",
+                headers={"Origin": "https://evil.example", "Cookie": f"access_token={hub.token()}"},
+            )
+        assert cross_site.value.status == 403
+        other = issue_token(hub.settings, scopes=["hub:read"], subject="someone-else")
+        same_site = await session.ws_connect(
+            f"{hub.url}/ws/live",
+            headers={"Origin": hub.url, "Authorization": f"Bearer {other.token}"},
+        )
+        assert (await same_site.receive_json(timeout=5))["type"] == "snapshot"
+        for ws in [*open_ones, same_site]:
+            await ws.close()

@@ -245,7 +245,29 @@ async def test_a_webhook_creation_is_audited_without_its_secret(
         ("https://224.0.0.251/hook", "224.0.0.251 is a multicast address"),
         ("https://0.0.0.0/hook", "0.0.0.0 is an unspecified address"),
         ("https://240.0.0.1/hook", "240.0.0.1 is a reserved address"),
-        ("https://100.64.0.1/hook", "100.64.0.1 is a non-public address"),
+        ("https://100.64.0.1/hook", "100.64.0.1 is a shared (carrier-grade NAT) address"),
+        ("https://0.1.2.3/hook", "0.1.2.3 is a 'this network' address"),
+        ("https://192.0.0.9/hook", "192.0.0.9 is an IETF protocol assignment address"),
+        ("https://192.0.2.7/hook", "192.0.2.7 is a documentation address"),
+        ("https://192.88.99.1/hook", "192.88.99.1 is a 6to4 relay anycast address"),
+        ("https://198.18.0.1/hook", "198.18.0.1 is a benchmarking address"),
+        ("https://255.255.255.255/hook", "255.255.255.255 is a broadcast address"),
+        # Non-public IPv6 that ipaddress's is_global and is_private let through on some Pythons.
+        ("https://[64:ff9b:1::a00:5]/hook", "64:ff9b:1::a00:5 is a local-use NAT64 address"),
+        ("https://[64:ff9b::a00:5]/hook", "64:ff9b::a00:5 (IPv4 10.0.0.5) is a private address"),
+        ("https://[64:ff9b::7f00:1]/hook", "64:ff9b::7f00:1 (IPv4 127.0.0.1) is a loopback address"),
+        ("https://[2002:a00:5::]/hook", "2002:a00:5:: (IPv4 10.0.0.5) is a private address"),
+        ("https://[2002:a9fe:a9fe::1]/hook", "(IPv4 169.254.169.254) is a link-local address"),
+        ("https://[::ffff:0:a00:5]/hook", "::ffff:0:a00:5 is an IPv4-translated address"),
+        ("https://[::a00:5]/hook", "::a00:5 is a deprecated IPv4-compatible address"),
+        ("https://[fec0::1]/hook", "fec0::1 is a deprecated site-local address"),
+        ("https://[100::1]/hook", "100::1 is a discard-only address"),
+        ("https://[2001:db8::1]/hook", "2001:db8::1 is a documentation address"),
+        ("https://[3fff::1]/hook", "3fff::1 is a documentation address"),
+        ("https://[2001::1]/hook", "2001::1 is a Teredo address"),
+        ("https://[2001:1::1]/hook", "2001:1::1 is an IETF protocol assignment address"),
+        ("https://[ff02::1]/hook", "ff02::1 is a multicast address"),
+        ("https://[5f00::1]/hook", "5f00::1 is a reserved address"),
         ("https://2130706433/hook", "host '2130706433' is not a canonical IP address"),
         ("https://user:pass@1.1.1.1/hook", "must not carry a user name or password"),
         ("http://user:pass@host.example/hook", "must not carry a user name or password"),
@@ -272,6 +294,26 @@ async def test_a_webhook_cannot_point_inside_the_network(
     assert reason in detail
     if url == "https://localhost/hook":
         assert "a loopback address; allow it with HUB_WEBHOOK_ALLOWED_NETWORKS" in detail
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed_networks"),
+    [
+        ("https://1.1.1.1/hook", []),
+        ("https://[2606:4700:4700::1111]/hook", []),
+        ("https://[::ffff:1.1.1.1]/hook", []),
+        ("https://[64:ff9b::101:101]/hook", []),  # NAT64 of 1.1.1.1
+        ("https://[2002:101:101::1]/hook", []),  # 6to4 of 1.1.1.1
+        ("https://[2001:4:112::1]/hook", []),  # AS112-v6: globally reachable, within 2001::/23
+        ("https://100.64.0.1/hook", ["100.64.0.0/10"]),
+        ("https://[2002:a00:5::]/hook", ["10.0.0.0/8"]),  # judged as the IPv4 address it reaches
+        ("https://[64:ff9b:1::a00:5]/hook", ["64:ff9b:1::/48"]),
+    ],
+)
+async def test_public_and_allowed_addresses_pass(url: str, allowed_networks: list[str]) -> None:
+    policy = DestinationPolicy(allowed_networks=tuple(ipaddress.ip_network(n) for n in allowed_networks))
+    literal = ipaddress.ip_address(URL(url).raw_host or "")
+    assert await policy.check(url) == [literal]
 
 
 async def test_allowed_networks_let_internal_receivers_through(

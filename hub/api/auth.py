@@ -12,10 +12,11 @@ from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from yarl import URL
 
 from hub.api.signatures import AGENT_SIGNATURE, SIGNATURES, SIGNED_AGENT
-from hub.keys import PRINCIPAL, REVOKED_TOKENS, VERIFIER
-from hub.problems import Unauthorized
+from hub.keys import PRINCIPAL, REVOKED_TOKENS, SETTINGS, VERIFIER
+from hub.problems import Forbidden, Unauthorized
 
 RouteHandler = TypeVar("RouteHandler", bound=Callable[..., Awaitable[web.StreamResponse]])
 _PROTECTED_PREFIXES = ("/api/", "/ws/")
@@ -30,6 +31,17 @@ def requires(scope: str | None) -> Callable[[RouteHandler], RouteHandler]:
         return handler
 
     return mark
+
+
+def _check_origin(request: web.Request) -> None:
+    # A browser attaches the token cookie to a WebSocket any site opens: only pages of this hub
+    # (same host) or of an allowed origin may use it. Clients that are not browsers send no Origin.
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    if origin in request.app[SETTINGS].allowed_origins or URL(origin).host == request.url.host:
+        return
+    raise Forbidden(f"WebSocket connections from {origin} are not allowed (HUB_ALLOWED_ORIGINS)")
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -58,6 +70,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if scope == AGENT_SIGNATURE:
         request[SIGNED_AGENT] = await request.app[SIGNATURES].verify(request)
         return await handler(request)
+    if request.path.startswith("/ws/"):
+        _check_origin(request)
     token = _bearer(request)
     if token is None:
         raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
@@ -76,5 +90,9 @@ def caller(request: web.Request) -> str:
         return f"principal:{principal.subject}"
     if SIGNED_AGENT in request:
         return f"agent:{request[SIGNED_AGENT]}"
-    # The TCP peer, never a forwarded header: a client must not choose whose limits it spends.
+    return peer(request)
+
+
+def peer(request: web.Request) -> str:
+    """Name the TCP peer of `request`: never a forwarded header, which a client could choose."""
     return f"address:{request.remote}"

@@ -9,8 +9,8 @@ from aiohttp import web
 
 from hub.api.auth import requires
 from hub.api.pagination import MAX_LIMIT
-from hub.keys import BUS, SETTINGS, STORE
-from hub.push import serve_dashboard
+from hub.keys import BUS, PRINCIPAL, REVOKED_TOKENS, SETTINGS, STORE
+from hub.push import Access, serve_dashboard
 
 routes = web.RouteTableDef()
 
@@ -29,4 +29,15 @@ async def live(request: web.Request) -> web.WebSocketResponse:
         alerts = await store.list_alerts(agent_id=None, severity=None, after=None, limit=top)
         return {"agents": agents.items, "scores": scores.items, "alerts": alerts.items, "ts": time.time()}
 
-    return await serve_dashboard(request, app[BUS], snapshot)
+    principal = request[PRINCIPAL]
+    access = Access(
+        owner=principal.subject,
+        valid_until=principal.expires_at,
+        still_valid=lambda: _not_revoked(app, principal.token_id),
+        recheck_s=app[SETTINGS].token_revocation_cache_s,
+    )
+    return await serve_dashboard(request, app[BUS], snapshot, access)
+
+
+async def _not_revoked(app: web.Application, token_id: str) -> bool:
+    return not await app[REVOKED_TOKENS].is_revoked(token_id)

@@ -1,4 +1,9 @@
-"""Rate limits: a token bucket per principal (or per client address on public routes)."""
+"""Rate limits: token buckets per client address (before authentication) and per caller.
+
+The address bucket bounds what anyone can make the hub do before a credential is checked
+(bad tokens, bad signatures, big bodies); the caller bucket (token subject or signing agent)
+then shares the hub fairly among authenticated callers, even behind one NAT or proxy.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from hub.api.auth import caller
-from hub.keys import SETTINGS
+from hub.api.auth import caller, peer
 from hub.problems import RESPONSE_HEADERS, RateLimited
 
 
@@ -55,16 +59,29 @@ class TokenBuckets:
         )
 
 
-RATE_LIMITS = web.AppKey("rate_limits", TokenBuckets)
+ADDRESS_LIMITS = web.AppKey("address_limits", TokenBuckets)
+CALLER_LIMITS = web.AppKey("caller_limits", TokenBuckets)
+
+
+@web.middleware
+async def address_rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Limit every `/api/` request by its TCP peer, before its credentials cost anything."""
+    if request.path.startswith("/api/"):
+        _spend(request, request.app[ADDRESS_LIMITS], peer(request))
+    return await handler(request)
 
 
 @web.middleware
 async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Limit every `/api/` request and say where the caller stands in X-RateLimit-* headers."""
-    if not request.path.startswith("/api/"):
-        return await handler(request)
-    buckets = request.app[RATE_LIMITS]
-    decision = buckets.take(caller(request))
+    """Limit every authenticated `/api/` request by its caller; the headers then speak of that bucket."""
+    key = caller(request)
+    if request.path.startswith("/api/") and key != peer(request):
+        _spend(request, request.app[CALLER_LIMITS], key)
+    return await handler(request)
+
+
+def _spend(request: web.Request, buckets: TokenBuckets, key: str) -> None:
+    decision = buckets.take(key)
     request[RESPONSE_HEADERS].update(
         {
             "X-RateLimit-Limit": str(buckets.burst),
@@ -73,10 +90,7 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
         }
     )
     if not decision.allowed:
-        settings = request.app[SETTINGS]
         raise RateLimited(
-            f"rate limit exceeded: {settings.rate_limit_burst} requests at once, "
-            f"{settings.rate_limit_per_s:g} a second sustained",
+            f"rate limit exceeded: {buckets.burst} requests at once, {buckets.rate:g} a second sustained",
             retry_after_s=max(1, math.ceil(decision.retry_after_s)),
         )
-    return await handler(request)

@@ -10,6 +10,9 @@ operator, `POST /api/v1/agents/{agent_id}/signing-secret`):
 A timestamp further than `hmac_max_skew_s` from the hub's clock is refused, and so is a
 signature seen before within that window: a captured request cannot be replayed, and a
 retry is signed anew. Every refusal is the same 401, so it tells nobody which agents exist.
+Signatures are remembered by this process: a restart, or another node, would accept one
+replay of a request from the last few minutes, which dedupe by `(agent_id, seq)` makes
+harmless to the stored events.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ AGENT_SIGNATURE = "agent:signature"  # the "scope" of routes agents call with si
 SIGNED_AGENT = web.RequestKey("signed_agent", str)  # the agent id a verified signature names
 _AGENT_ID = re.compile(AGENT_ID_PATTERN)
 _SIGNATURE = re.compile(r"^[0-9a-f]{64}$")
+_MAX_REMEMBERED = 1_000_000  # signatures kept against replays (about 150 MB at most)
 
 
 class SignatureVerifier:
@@ -75,6 +79,8 @@ class SignatureVerifier:
         if signature in self._seen:
             raise Unauthorized("this signed request was received before; sign each request anew")
         self._seen[signature] = now + 2 * self._max_skew_s
+        if len(self._seen) > _MAX_REMEMBERED:  # bounded: the oldest are the nearest to stale anyway
+            del self._seen[next(iter(self._seen))]
 
 
 SIGNATURES = web.AppKey("signatures", SignatureVerifier)

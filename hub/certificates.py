@@ -1,8 +1,9 @@
 """Agent certificates operators manage: upload, sign a CSR, list, get, revoke.
 
 The hub knows a certificate when an operator uploaded it (trusted by its exact fingerprint,
-PROTOCOL.md's self-signed flow), when it signed it through the API, or when an agent first
-connected with a certificate the CA issued some other way (`agenthub certs issue`).
+PROTOCOL.md's self-signed flow), when it or `agenthub certs issue` signed it, when an agent
+first connected with a certificate the CA issued some other way, or when an operator revoked
+it by sending the certificate itself.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ class CertificateService:
         """Trust the PEM certificate `pem` for `agent_id`, by its exact fingerprint, from now on.
 
         Refused unless its CN is `agent_id`, it is inside its validity period, its usages allow
-        a TLS client, and it was never revoked. Uploading the same certificate again answers the
-        record already kept.
+        a TLS client, and it was never revoked. Uploading a certificate the hub knows as issued
+        makes it trusted by fingerprint too (after a CA rotation, say); uploading it again answers
+        the record already kept.
         """
         check_agent_id(agent_id)
         cert = _one_certificate(pem)
@@ -91,16 +93,17 @@ class CertificateService:
         """The certificate with SHA-256 `fingerprint`."""
         return _view(await self._known(fingerprint), time.time())
 
-    async def revoke(self, fingerprint: str, reason: str) -> dict[str, Any]:
+    async def revoke(self, fingerprint: str, reason: str, *, pem: str | None = None) -> dict[str, Any]:
         """Revoke the certificate `fingerprint`: disconnect the agents using it now, refuse it from now on.
 
-        Only a certificate the hub knows can be revoked; every certificate an agent connected
-        with is known, so an unknown fingerprint (`NotFound`) cannot be any live agent's.
-        Revoking again keeps the first revocation's time and reason. The agent's HTTP signing
-        secret is withdrawn too; issue a new one if it should post over HTTP again. Sockets are closed on this
-        node only: a hub of several nodes refuses the certificate everywhere at its next connect.
+        A certificate the hub does not know (one the CA issued before `agenthub certs issue`
+        recorded what it issues, never used yet) is revoked when `pem` is the certificate itself:
+        it is recorded first. Without it, an unknown fingerprint is `NotFound`. Revoking again
+        keeps the first revocation's time and reason. The agent's HTTP signing secret is withdrawn
+        too; issue a new one if it should post over HTTP again. Sockets are closed on this node
+        only: a hub of several nodes refuses the certificate everywhere at its next connect.
         """
-        known = await self._known(fingerprint)
+        known = await self._known(fingerprint) if pem is None else await self._record(fingerprint, pem)
         await self._store.revoke(
             fingerprint, serial=known["serial"], agent_id=known["agent_id"], reason=reason
         )
@@ -112,6 +115,11 @@ class CertificateService:
     def ca_status(self) -> dict[str, Any]:
         """The current CA, the next one while a rotation is under way, and the bundle agents trust."""
         cas = trusted_cas(self._settings.certs_dir)
+        if not cas:
+            raise NotFound(
+                "this hub has no CA (a development hub started without certificates): "
+                "create one with 'agenthub certs init' and restart the hub"
+            )
         return {
             "current": _ca_view(cas[0]),
             "next": _ca_view(cas[1]) if len(cas) > 1 else None,
@@ -142,8 +150,26 @@ class CertificateService:
     async def _known(self, fingerprint: str) -> dict[str, Any]:
         record = await self._store.get_certificate(fingerprint)
         if record is None:
-            raise NotFound(f"no certificate with fingerprint {fingerprint} is known to this hub")
+            raise NotFound(
+                f"no certificate with fingerprint {fingerprint} is known to this hub; "
+                "send the certificate itself (`certificate`, PEM) to revoke one it has never seen"
+            )
         return record
+
+    async def _record(self, expected: str, pem: str) -> dict[str, Any]:
+        """Return the record of `pem`, made now if it is unknown and a CA the hub trusts issued it."""
+        cert = _one_certificate(pem)
+        if (found := fingerprint(cert)) != expected:
+            raise CertificateError(f"the certificate's fingerprint is {found}, not {expected}")
+        known = await self._store.get_certificate(found)
+        if known is not None:
+            return known
+        if not self._trust.issued_by_ca(cert):
+            raise CertificateError(
+                "the certificate was neither issued by a CA this hub trusts nor uploaded: "
+                "no agent can connect with it, so there is nothing to revoke"
+            )
+        return await self._store.save_certificate(certificate_record(cert, source="issued", now=time.time()))
 
 
 def _one_certificate(pem: str) -> x509.Certificate:

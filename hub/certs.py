@@ -3,8 +3,13 @@
 Rotation keeps agents connected: `begin_ca_rotation` writes a second CA (`ca-next.*`) that
 the hub trusts beside the current one and issues every new certificate from; operators
 re-issue agents under it (each gets the bundle of both CAs); `finish_ca_rotation` then
-retires the old CA (its key is deleted), makes the next one current and re-issues the
-hub's server certificate under it.
+re-issues the hub's server certificate under it, makes it current and retires the old CA
+(its key is deleted).
+
+Every file is written whole or not at all (a temporary file, fsynced, renamed over the old
+one, then the folder fsynced), and the retirement changes one file at a time in an order
+that leaves the folder usable after each step, so a failure or crash anywhere is finished
+by retrying it or by the next start (`complete_ca_retirement`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,12 +94,32 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    # Create with 0600 from the start: a key must never exist world-readable, even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _stage(path: Path, data: bytes, mode: int) -> Path:
+    """Write `data` beside `path` as `<name>.tmp`, on disk; return where."""
+    staged = path.with_name(path.name + ".tmp")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as handle:
+        # Before the first byte: a key must never exist more readable than `mode`, even briefly.
+        os.fchmod(handle.fileno(), mode)
         handle.write(data)
-    path.chmod(0o600)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return staged
+
+
+def _install(source: Path, path: Path) -> None:
+    """Rename `source` over `path` and make the rename itself durable."""
+    source.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes, *, private: bool = False) -> None:
+    """Replace `path` with `data` atomically: a reader sees the old file or the new one, whole."""
+    _install(_stage(path, data, 0o600 if private else 0o644), path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -102,6 +128,10 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -151,8 +181,7 @@ def create_ca(
     )
     directory.mkdir(parents=True, exist_ok=True)
     cert_name, key_name = (NEXT_CA_CERT, NEXT_CA_KEY) if next_ca else (CA_CERT, CA_KEY)
-    _write_private(directory / key_name, _key_pem(key))
-    (directory / cert_name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _save_pair(directory / cert_name, directory / key_name, cert, key)
     return cert
 
 
@@ -164,11 +193,26 @@ def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
         cert_path, key_path = directory / CA_CERT, directory / CA_KEY
     if not cert_path.is_file() or not key_path.is_file():
         raise CertificateError(f"no CA in {directory}: run 'agenthub certs init --dir {directory}' first")
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CertificateError(f"{key_path} is not an EC private key")
+    cert = _load_cert(cert_path)
+    key = _load_key(key_path)
+    if key.public_key() != cert.public_key():
+        # Only between the two last renames of a CA retirement: never sign with the retired key.
+        raise CertificateError(
+            f"{key_path} is not the key of {cert_path}: a CA retirement stopped before its end; "
+            "retry it (POST /api/v1/ca:retire) or restart the hub to finish it"
+        )
     return cert, key
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"{path} is not an EC private key")
+    return key
 
 
 def _leaf(
@@ -202,30 +246,45 @@ def _leaf(
     return builder.sign(ca_key, hashes.SHA256())
 
 
+def _save_pair(
+    cert_path: Path, key_path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> None:
+    # The key first: a certificate on disk always has its key beside it.
+    _write(key_path, _key_pem(key), private=True)
+    _write(cert_path, _cert_pem(cert))
+
+
 def _save(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> IssuedFiles:
     files = IssuedFiles(directory / f"{stem}.pem", directory / f"{stem}.key")
-    _write_private(files.key, _key_pem(key))
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _save_pair(files.cert, files.key, cert, key)
     return files
 
 
-def issue_server(directory: Path, hostnames: list[str]) -> IssuedFiles:
-    """Issue the hub's TLS server certificate for `hostnames` (DNS names or IP addresses)."""
+def _server_certificate(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    hostnames: list[str],
+    public_key: CertificatePublicKeyTypes,
+) -> x509.Certificate:
     alt_names: list[x509.GeneralName] = []
     for name in hostnames:
         try:
             alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             alt_names.append(x509.DNSName(name))
-    key = _new_key()
-    cert = _leaf(
-        load_ca(directory),
+    return _leaf(
+        ca,
         hostnames[0],
-        key.public_key(),
+        public_key,
         days=_SERVER_DAYS,
         usage=ExtendedKeyUsageOID.SERVER_AUTH,
         alt_names=alt_names,
     )
+
+
+def issue_server(directory: Path, hostnames: list[str]) -> IssuedFiles:
+    """Issue the hub's TLS server certificate for `hostnames` (DNS names or IP addresses)."""
+    key = _new_key()
+    cert = _server_certificate(load_ca(directory), hostnames, key.public_key())
     return _save(directory, "server", cert, key)
 
 
@@ -245,6 +304,25 @@ def _agent_certificate(
     )
 
 
+def new_agent_certificate(
+    directory: Path, agent_id: str, *, days: int = 365, not_before: dt.datetime | None = None
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Make a client certificate with CN = `agent_id` and EKU clientAuth, and its new key."""
+    check_agent_id(agent_id)  # before the id becomes a file name
+    if agent_id.lower() in _RESERVED_IDS:
+        raise CertificateError(f"{agent_id!r} names the hub's own certificate files; choose another agent id")
+    key = _new_key()
+    cert = _agent_certificate(
+        load_ca(directory), agent_id, key.public_key(), days=days, not_before=not_before
+    )
+    return cert, key
+
+
+def save_agent_files(folder: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> IssuedFiles:
+    """Write `<agent id>.pem` and `<agent id>.key` of a certificate `new_agent_certificate` made."""
+    return _save(folder, common_name(cert.subject), cert, key)
+
+
 def issue_agent(
     directory: Path,
     agent_id: str,
@@ -254,14 +332,8 @@ def issue_agent(
     out_dir: Path | None = None,
 ) -> IssuedFiles:
     """Issue a client certificate with CN = `agent_id` and EKU clientAuth, with a new key, as files."""
-    check_agent_id(agent_id)  # before the id becomes a file name
-    if agent_id.lower() in _RESERVED_IDS:
-        raise CertificateError(f"{agent_id!r} names the hub's own certificate files; choose another agent id")
-    key = _new_key()
-    cert = _agent_certificate(
-        load_ca(directory), agent_id, key.public_key(), days=days, not_before=not_before
-    )
-    return _save(out_dir or directory, agent_id, cert, key)
+    cert, key = new_agent_certificate(directory, agent_id, days=days, not_before=not_before)
+    return save_agent_files(out_dir or directory, cert, key)
 
 
 def sign_agent_csr(directory: Path, agent_id: str, csr_pem: str, *, days: int) -> x509.Certificate:
@@ -315,7 +387,7 @@ def init_pki(directory: Path, hostnames: list[str]) -> bool:
 def trusted_cas(directory: Path) -> list[x509.Certificate]:
     """The CAs whose agent certificates the hub accepts: the current one, and the next one if any."""
     paths = [directory / name for name in (CA_CERT, NEXT_CA_CERT)]
-    return [x509.load_pem_x509_certificate(path.read_bytes()) for path in paths if path.is_file()]
+    return [_load_cert(path) for path in paths if path.is_file()]
 
 
 def ca_bundle(directory: Path) -> str:
@@ -325,6 +397,7 @@ def ca_bundle(directory: Path) -> str:
 
 def begin_ca_rotation(directory: Path) -> x509.Certificate:
     """Create the next CA beside the current one; new certificates are issued from it from now on."""
+    complete_ca_retirement(directory)  # its leftover next key must not be taken for a new one's
     if (directory / NEXT_CA_CERT).is_file():
         raise CertificateRotationError("a CA rotation is already under way: finish it first")
     load_ca(directory)  # there is a current CA to rotate from
@@ -332,21 +405,47 @@ def begin_ca_rotation(directory: Path) -> x509.Certificate:
 
 
 def finish_ca_rotation(directory: Path) -> x509.Certificate:
-    """Retire the current CA, make the next one current and re-issue the server certificate under it.
+    """Re-issue the server certificate under the next CA, make that CA current and retire the old one.
 
     The retired CA's certificate is kept as `ca-retired-<serial>.pem`, for the record; its key
-    is deleted, so it can never sign again.
+    is deleted, so it can never sign again. One file changes at a time: a failure before the
+    commit (the rename of `ca-next.pem` over `ca.pem`) leaves the rotation under way, one after
+    it leaves the old key to delete; retrying finishes either.
     """
+    if complete_ca_retirement(directory):
+        return _load_cert(directory / CA_CERT)
     if not (directory / NEXT_CA_CERT).is_file():
         raise CertificateRotationError("no CA rotation is under way: begin one first")
-    old = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
-    hostnames = _server_names(x509.load_pem_x509_certificate((directory / SERVER_CERT).read_bytes()))
-    (directory / CA_CERT).rename(directory / f"ca-retired-{serial_hex(old)}.pem")
-    (directory / CA_KEY).unlink()
-    (directory / NEXT_CA_KEY).rename(directory / CA_KEY)
-    (directory / NEXT_CA_CERT).rename(directory / CA_CERT)
-    issue_server(directory, hostnames)
-    return x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
+    old = _load_cert(directory / CA_CERT)
+    next_ca = load_ca(directory)
+    # The server keeps its key and only its certificate changes: one rename, so the hub never
+    # holds a certificate and a key that do not match. Checked as the hub loads it, first.
+    server_key = directory / SERVER_KEY
+    hostnames = _server_names(_load_cert(directory / SERVER_CERT))
+    server = _server_certificate(next_ca, hostnames, _load_key(server_key).public_key())
+    staged = _stage(directory / SERVER_CERT, _cert_pem(server), 0o644)
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(staged, server_key)
+    # Presented from now on; agents following the rotation trust both CAs already.
+    _install(staged, directory / SERVER_CERT)
+    _write(directory / f"ca-retired-{serial_hex(old)}.pem", _cert_pem(old))
+    _install(directory / NEXT_CA_CERT, directory / CA_CERT)  # the commit: the old CA is no longer trusted
+    complete_ca_retirement(directory)
+    return next_ca[0]
+
+
+def complete_ca_retirement(directory: Path) -> bool:
+    """Finish a CA retirement that stopped after its commit (delete the old key); return True if it did.
+
+    That state is a next key without a next certificate that belongs to `ca.pem`; a next key
+    left by a rotation that stopped while beginning belongs to no certificate and is left alone.
+    """
+    next_key, current = directory / NEXT_CA_KEY, directory / CA_CERT
+    if (directory / NEXT_CA_CERT).exists() or not next_key.is_file() or not current.is_file():
+        return False
+    if _load_key(next_key).public_key() != _load_cert(current).public_key():
+        return False
+    _install(next_key, directory / CA_KEY)  # replacing the old key deletes it, last of all
+    return True
 
 
 def _server_names(cert: x509.Certificate) -> list[str]:

@@ -85,15 +85,22 @@ def cmd_certs_init(args: argparse.Namespace) -> None:
 
 
 def cmd_certs_issue(args: argparse.Namespace) -> None:
-    from cryptography import x509
+    from hub.audit import AuditLog, cli_action
+    from hub.certs import fingerprint, new_agent_certificate, save_agent_files, serial_hex
+    from hub.identity import certificate_record
 
-    from hub.audit import cli_action
-    from hub.certs import fingerprint, serial_hex
-
-    files = issue_agent(args.dir, args.agent_id, days=args.days)
-    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    cert, key = new_agent_certificate(args.dir, args.agent_id, days=args.days)
     target = {"agent_id": args.agent_id, "serial": serial_hex(cert), "fingerprint": fingerprint(cert)}
-    _audit(_settings(args), cli_action("issue_certificate", "agenthub certs issue", target))
+
+    async def record() -> None:
+        async with _open_store(_settings(args)) as store:
+            await store.save_certificate(certificate_record(cert, source="issued", now=time.time()))
+            await AuditLog(store).append(cli_action("issue_certificate", "agenthub certs issue", target))
+
+    # Recorded before the files are written: a certificate the hub does not know is never handed
+    # out, so any can be listed and revoked by fingerprint even if its agent never connects.
+    _run_async(record())
+    files = save_agent_files(args.dir, cert, key)
     print(f"issued {files.cert} and {files.key}")
 
 
@@ -342,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("agent_id", metavar="AGENT_ID")
     issue.add_argument("--dir", type=Path, default=Path(os.environ.get("HUB_CERTS_DIR", "certs")))
     issue.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
-    issue.add_argument("--data-dir", type=Path, help="hub state folder for the audit log (HUB_DATA_DIR)")
+    issue.add_argument(
+        "--data-dir", type=Path, help="hub state folder: the certificate and the audit log (HUB_DATA_DIR)"
+    )
     issue.set_defaults(func=cmd_certs_issue)
 
     token = commands.add_parser("token", help="operator tokens", description="Operator tokens.")

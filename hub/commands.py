@@ -227,8 +227,12 @@ class CommandService:
 
     async def _deliver(self, courier: Courier, command: dict[str, Any]) -> bool:
         """Mark one command delivered, then write it; False when the agent has gone."""
+        now = time.time()
+        # `expires_at` never changes: checked against the `now` stored, it is as good as a store condition.
+        if now >= command["expires_at"]:  # its TTL passed while earlier commands went out
+            return True
         delivered = await self._store.transition_command(
-            command["id"], expect=("queued",), changes={"state": "delivered", "delivered_at": time.time()}
+            command["id"], expect=("queued",), changes={"state": "delivered", "delivered_at": now}
         )
         if delivered is None:  # it expired meanwhile: nothing to send
             return True
@@ -236,7 +240,9 @@ class CommandService:
         self._changed(delivered)
         message = CommandMessage(id=command["id"], name=command["name"], args=command["args"])
         if await courier.send_command(
-            command["agent_id"], message, functools.partial(self._on_ack, command["id"])
+            command["agent_id"],
+            message,
+            functools.partial(self._on_ack, command["id"], command["expires_at"]),
         ):
             return True
         # Nothing reached a socket: the command waits for the agent's next hello.
@@ -247,12 +253,13 @@ class CommandService:
             self._changed(requeued)
         return False
 
-    async def _on_ack(self, command_id: str, *ack: Any) -> None:
+    async def _on_ack(self, command_id: str, expires_at: float, *ack: Any) -> None:
         # The transport calls this with the agent's ack arguments, maybe long after the send.
-        changes = {
-            **_outcome(command_id, ack, self._settings.command_max_ack_bytes),
-            "completed_at": time.time(),
-        }
+        now = time.time()
+        if now >= expires_at:  # `expired` is the only end left to it: the sweep records that
+            log.info("ignored an ack for command %s: it came after the TTL", command_id)
+            return
+        changes = {**_outcome(command_id, ack, self._settings.command_max_ack_bytes), "completed_at": now}
         try:
             done = await self._store.transition_command(command_id, expect=("delivered",), changes=changes)
         except Exception:

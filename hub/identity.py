@@ -24,6 +24,7 @@ from hub.certs import (
     begin_ca_rotation,
     ca_bundle,
     common_name,
+    complete_ca_retirement,
     fingerprint,
     finish_ca_rotation,
     is_valid_agent_id,
@@ -119,10 +120,19 @@ def check_agent_certificate(cert: x509.Certificate, now: dt.datetime) -> str:
 
 
 def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> Any:
+    # The extensions are parsed here, on first access: a malformed one is the sender's fault.
     try:
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
+    except x509.DuplicateExtension as exc:
+        raise IdentityError(
+            "cert_untrusted", f"The certificate carries the extension {exc.oid.dotted_string} more than once."
+        ) from None
+    except ValueError as exc:
+        raise IdentityError(
+            "cert_untrusted", f"The certificate's extensions cannot be parsed: {exc}."
+        ) from None
 
 
 def certificate_record(cert: x509.Certificate, *, source: CertificateSource, now: float) -> dict[str, Any]:
@@ -154,19 +164,22 @@ class AgentTrust:
     def __init__(self, store: Store, certs_dir: Path, context: ssl.SSLContext | None) -> None:
         self.context = context
         self._certs_dir = certs_dir
-        self._cas = trusted_cas(certs_dir) if (certs_dir / CA_CERT).is_file() else []
+        self._cas = trusted_cas(certs_dir)
         self._store = store
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> AgentTrust:
         """Load the hub CA and build the listener's TLS context (none in plain-HTTP development mode)."""
+        complete_ca_retirement(settings.certs_dir)  # one that stopped before deleting the old key
         context = None if settings.dev_insecure else server_ssl_context(settings.certs_dir)
         return cls(store, settings.certs_dir, context)
 
     def begin_rotation(self) -> x509.Certificate:
         """Create the next CA and trust it beside the current one from the next handshake on."""
-        next_ca = begin_ca_rotation(self._certs_dir)
-        self._cas.append(next_ca)
+        try:
+            next_ca = begin_ca_rotation(self._certs_dir)
+        finally:
+            self._cas = trusted_cas(self._certs_dir)
         self.trust(next_ca.public_bytes(Encoding.PEM).decode())
         return next_ca
 
@@ -176,11 +189,13 @@ class AgentTrust:
         OpenSSL cannot forget a trust anchor, so the retired CA still passes the handshake until
         the hub restarts; `identify` refuses its certificates from now on.
         """
-        current = finish_ca_rotation(self._certs_dir)
-        self._cas = [current]
-        if self.context is not None:  # the next handshakes present the re-issued server certificate
-            self.context.load_cert_chain(self._certs_dir / SERVER_CERT, self._certs_dir / SERVER_KEY)
-        return current
+        try:
+            return finish_ca_rotation(self._certs_dir)
+        finally:
+            # Even after a failure: the files are consistent at every step, and trust follows them.
+            self._cas = trusted_cas(self._certs_dir)
+            if self.context is not None:  # the next handshakes present the server certificate on disk
+                self.context.load_cert_chain(self._certs_dir / SERVER_CERT, self._certs_dir / SERVER_KEY)
 
     def issued_by_retiring_ca(self, cert: x509.Certificate) -> bool:
         """Return True when `cert` comes from a CA a rotation under way will retire."""

@@ -168,6 +168,9 @@ def _raw_seq(item: Any) -> int | None:
 def _describe(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False)[:3]:
-        where = ".".join(str(part) for part in error["loc"]) or "event"
-        parts.append(f"{where}: {error['msg']}")
+        if error["type"] == "recursion_depth_exceeded":  # absurd nesting, before the hub's own check
+            where, message = str(error["loc"][0]), "nested deeper than the hub accepts"
+        else:
+            where, message = ".".join(str(part) for part in error["loc"]) or "event", error["msg"]
+        parts.append(f"{where}: {message}")
     return "; ".join(parts)

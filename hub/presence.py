@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from hub.config import Settings
@@ -25,8 +26,20 @@ class _Live:
     last_heartbeat: float
 
 
+@dataclass(slots=True)
+class _Turn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # holding or waiting: the entry goes when the last one leaves
+
+
 class Presence:
-    """Track each connected agent's liveness and announce every change."""
+    """Track each connected agent's liveness and announce every change.
+
+    An agent's changes run one at a time, each storing its change before making it in
+    memory, so memory never claims what the store lacks. A disconnect is the exception:
+    the socket is gone whatever the store says, so an `offline` the store refused is kept
+    and retried by `watch`.
+    """
 
     def __init__(self, settings: Settings, store: Store, publish: Publisher) -> None:
         self._interval = settings.heartbeat_interval_s
@@ -36,6 +49,8 @@ class Presence:
         self._store = store
         self._publish = publish
         self._live: dict[str, _Live] = {}
+        self._turns: dict[str, _Turn] = {}
+        self._unsaved: dict[str, tuple[PresenceReason, float]] = {}  # agent id -> offline to store
 
     @property
     def connected(self) -> int:
@@ -45,20 +60,24 @@ class Presence:
         live = self._live.get(agent_id)
         return live.sid if live else None
 
-    async def connect(self, agent_id: str, sid: str, info: ConnectInfo, fingerprint: str) -> None:
-        """Record a new connection of `agent_id` as online."""
-        now = time.time()
-        await self._change(
-            agent_id,
-            "online",
-            "connected",
-            now,
-            connected_at=now,
-            cert_fingerprint=fingerprint,
-            node=self._node,
-            **info,
-        )
-        self._live[agent_id] = _Live(sid, "online", now)  # only once the store has it
+    async def connect(self, agent_id: str, sid: str, info: ConnectInfo, fingerprint: str) -> str | None:
+        """Record a new connection of `agent_id` as online; return the socket it replaces, if any."""
+        async with self._turn(agent_id):
+            now = time.time()
+            await self._change(
+                agent_id,
+                "online",
+                "connected",
+                now,
+                connected_at=now,
+                cert_fingerprint=fingerprint,
+                node=self._node,
+                **info,
+            )
+            previous = self._live.get(agent_id)
+            self._live[agent_id] = _Live(sid, "online", now)
+            self._unsaved.pop(agent_id, None)  # an older offline the store missed is out of date
+        return previous.sid if previous else None
 
     async def heartbeat(self, agent_id: str, sid: str, beat: Heartbeat) -> dict[str, float]:
         """Record a heartbeat and return its ack."""
@@ -66,25 +85,29 @@ class Presence:
         live = self._live.get(agent_id)
         if live is not None and live.sid == sid:
             live.last_heartbeat = now
-            if live.status != "online":
-                live.status = "online"
-                await self._change(agent_id, "online", "heartbeat", now, heartbeat=dict(beat))
-            else:
+            if live.status == "online":
                 await self._store.save_agent(agent_id, {"last_seen": now, "heartbeat": dict(beat)})
                 self._publish(
                     "agent",
                     agent_id,
                     {"agent_id": agent_id, "status": "online", "heartbeat": dict(beat), "ts": now},
                 )
+            else:  # if the store fails, the agent's next heartbeat tries again
+                await self._restatus(agent_id, live, "online", "heartbeat", now, heartbeat=dict(beat))
         return {"server_time": now, "next_in_s": self._interval}
 
     async def disconnect(self, agent_id: str, sid: str, reason: PresenceReason) -> None:
-        """Record that the socket `sid` of `agent_id` closed; a superseded socket changes nothing."""
-        live = self._live.get(agent_id)
-        if live is None or live.sid != sid:
-            return
-        del self._live[agent_id]
-        await self._change(agent_id, "offline", reason, time.time())
+        """Record that the socket `sid` of `agent_id` closed; a superseded socket changes nothing.
+
+        Never raises: an `offline` the store refuses is retried by `watch`.
+        """
+        async with self._turn(agent_id):
+            live = self._live.get(agent_id)
+            if live is None or live.sid != sid:
+                return
+            del self._live[agent_id]
+            self._unsaved[agent_id] = (reason, time.time())
+            await self._save_offline(agent_id)
 
     async def watch(self, disconnect: Disconnector) -> None:
         """Mark agents late, then offline, when heartbeats stop; runs until cancelled."""
@@ -96,6 +119,9 @@ class Presence:
                 log.exception("liveness check failed; will retry")
 
     async def _check(self, disconnect: Disconnector) -> None:
+        for agent_id in list(self._unsaved):
+            async with self._turn(agent_id):
+                await self._save_offline(agent_id)
         now = time.time()
         for agent_id, live in list(self._live.items()):
             silent = now - live.last_heartbeat
@@ -103,8 +129,47 @@ class Presence:
                 log.warning("agent %s missed its heartbeats for %.1fs: disconnecting", agent_id, silent)
                 await disconnect(live.sid, "missed_heartbeats")
             elif silent > self._late_after and live.status == "online":
-                live.status = "late"
-                await self._change(agent_id, "late", "missed_heartbeats", now)
+                await self._restatus(agent_id, live, "late", "missed_heartbeats", now)
+
+    async def _restatus(
+        self,
+        agent_id: str,
+        live: _Live,
+        status: AgentStatus,
+        reason: PresenceReason,
+        now: float,
+        **fields: Any,
+    ) -> None:
+        """Change the status of the connection `live`, unless another change came first."""
+        async with self._turn(agent_id):
+            if self._live.get(agent_id) is live and live.status != status:
+                await self._change(agent_id, status, reason, now, **fields)
+                live.status = status
+
+    async def _save_offline(self, agent_id: str) -> None:
+        """Store the `offline` that `agent_id` is waiting for, if any; the caller holds its turn."""
+        unsaved = self._unsaved.get(agent_id)
+        if unsaved is None:  # a connection since then stored a newer status
+            return
+        try:
+            await self._change(agent_id, "offline", *unsaved)
+        except Exception as exc:
+            log.warning("storing that agent %s is offline failed (%s); will retry", agent_id, exc)
+            return
+        del self._unsaved[agent_id]
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, agent_id: str) -> AsyncIterator[None]:
+        """Run the changes of `agent_id` one at a time, in the order they came."""
+        turn = self._turns.setdefault(agent_id, _Turn())
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[agent_id]
 
     async def _change(
         self, agent_id: str, status: AgentStatus, reason: PresenceReason, now: float, **fields: Any

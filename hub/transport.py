@@ -58,29 +58,22 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         self._revoked: dict[str, str] = {}  # fingerprint -> reason, for revocations while this hub runs
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        # Every attempt gets an answer: an exception other than ConnectionRefusedError would
+        # leave the client waiting for a CONNECT that never comes.
         try:
             identity = await self._identify(environ, auth)
             info = CONNECT_INFO_ADAPTER.validate_python(auth if isinstance(auth, dict) else {})
+            await self._admit(sid, identity, info)
         except IdentityError as refusal:
             log.warning("agent connection refused (%s): %s", refusal.code, refusal.message)
-            raise socketio.exceptions.ConnectionRefusedError(
-                refusal.message, {"code": refusal.code, "message": refusal.message}
-            ) from None
+            raise _refusal(refusal.code, refusal.message) from None
         except ValidationError as exc:
-            message = f"The connect auth payload is invalid: {exc.errors()[0]['msg']}"
-            raise socketio.exceptions.ConnectionRefusedError(
-                message, {"code": "auth_invalid", "message": message}
+            raise _refusal(
+                "auth_invalid", f"The connect auth payload is invalid: {exc.errors()[0]['msg']}"
             ) from None
-        try:
-            await self._admit(sid, identity, info)
         except Exception:
-            self._agents.pop(sid, None)
-            self._certs.pop(sid, None)
-            log.exception("admitting agent %s failed", identity.agent_id)
-            message = "The hub cannot admit agents right now; retry later."
-            raise socketio.exceptions.ConnectionRefusedError(
-                message, {"code": "unavailable", "message": message}
-            ) from None
+            log.exception("admitting an agent on socket %s failed", sid)
+            raise _refusal("unavailable", "The hub cannot admit agents right now; retry later.") from None
 
     async def _identify(self, environ: dict[str, Any], auth: Any) -> AgentIdentity:
         cert = peer_certificate(environ["aiohttp.request"])
@@ -95,18 +88,21 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
 
     async def _admit(self, sid: str, identity: AgentIdentity, info: ConnectInfo) -> None:
         agent_id = identity.agent_id
-        previous = self._presence.sid_of(agent_id)
+        last_seq = await self._ingestor.last_seq(agent_id)
+        # Presence is recorded last, once nothing else can fail: a refused socket leaves no trace.
+        previous = await self._presence.connect(agent_id, sid, info, identity.fingerprint)
         self._agents[sid] = agent_id
         self._certs[sid] = identity.fingerprint
-        await self._presence.connect(agent_id, sid, info, identity.fingerprint)
         if previous is not None:  # one socket per agent: the newest wins
             await self.close(previous, "superseded")
-        last_seq = await self._ingestor.last_seq(agent_id)
         log.info("agent %s connected (sid %s, last_seq %d)", agent_id, sid, last_seq)
         # hello must follow the CONNECT packet, which is sent after this handler returns.
         self.server.start_background_task(self._hello, sid, agent_id, last_seq)
 
     async def _hello(self, sid: str, agent_id: str, last_seq: int) -> None:
+        if self._presence.sid_of(agent_id) != sid:  # superseded before its CONNECT, when `close` could not
+            await self.close(sid, "superseded")
+            return
         reason = self._revoked.get(self._certs.get(sid, ""))
         if reason is not None:  # revoked while it was being admitted, when `revoke` could not close it
             await self._revoke_socket(sid, reason)
@@ -203,6 +199,11 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             return False
         await self.emit("command", message, to=sid, callback=on_ack)
         return True
+
+
+def _refusal(code: str, message: str) -> socketio.exceptions.ConnectionRefusedError:
+    """Build the refusal python-socketio sends as `connect_error` with PROTOCOL.md's code."""
+    return socketio.exceptions.ConnectionRefusedError(message, {"code": code, "message": message})
 
 
 async def _answer(call: Awaitable[Mapping[str, Any]], what: str, failure: str) -> dict[str, Any]:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import socketio
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from hub.certs import ca_bundle, load_ca
 from hub.config import Settings
+from hub.identity import server_ssl_context
 from tests.conftest import RunningHub, client_ssl, make_events, open_agent, start_hub, try_connect
 from tests.test_certificates import csr_for, save
 
@@ -89,3 +96,131 @@ async def test_rotating_the_ca_keeps_every_agent_connected(own_pki_hub: RunningH
     for conn in (early, moved, again):
         await conn.close()
     assert (await call(hub, "POST", "/api/v1/ca:retire", {}))[0] == 409  # nothing to retire
+
+
+async def test_uploading_a_certificate_known_as_issued_trusts_it_after_the_retirement(
+    own_pki_hub: RunningHub,
+) -> None:
+    hub = own_pki_hub
+    agent = await open_agent(hub, "agent-3")  # the hub knows its certificate now, as issued
+    await agent.close()
+    assert (await call(hub, "POST", "/api/v1/ca:rotate"))[0] == 201
+    assert (await call(hub, "POST", "/api/v1/ca:retire", {"force": True}))[0] == 200
+    cert, key = hub.certs / "agent-3.pem", hub.certs / "agent-3.key"
+    refusal = await try_connect(hub, cert, key)
+    assert refusal is not None
+    assert refusal["data"]["code"] == "cert_untrusted"
+
+    body = {"agent_id": "agent-3", "certificate": cert.read_text()}
+    status, view = await call(hub, "POST", "/api/v1/certificates", body)
+    assert (status, view["source"]) == (201, "uploaded")
+    assert await try_connect(hub, cert, key) is None
+
+
+# a retirement that fails midway ------------------------------------------------------------
+
+
+def trusting_both(hub: RunningHub, folder: Path) -> RunningHub:
+    """The hub as clients that trust both CAs of a rotation (as agents do) reach it."""
+    folder.mkdir(exist_ok=True)
+    if not (folder / "ca.pem").exists():
+        (folder / "ca.pem").write_text(ca_bundle(hub.certs))
+    return dataclasses.replace(hub, certs=folder)
+
+
+async def retire_failing_on(hub: RunningHub, target: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retire the CA while renaming a file over `target` fails as on a full disk."""
+    rename = os.replace
+
+    def failing(source: Any, destination: Any) -> None:
+        if Path(destination) == target:
+            raise OSError(errno.ENOSPC, "No space left on device", str(destination))
+        rename(source, destination)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", failing)
+        status, problem = await call(hub, "POST", "/api/v1/ca:retire", {"force": True})
+    assert (status, problem["title"]) == (500, "Internal error")
+
+
+async def old_ca_certificate_accepted(hub: RunningHub, certs: Path) -> bool:
+    """Whether agent-3, with its certificate of the old CA, may connect now."""
+    try:
+        refusal = await try_connect(hub, certs / "agent-3.pem", certs / "agent-3.key")
+    except socketio.exceptions.ConnectionError:
+        return False  # in the handshake: a hub started after the retirement no longer anchors the old CA
+    assert refusal is None or refusal["data"]["code"] == "cert_untrusted", refusal
+    return refusal is None
+
+
+async def rotation_under_way(hub: RunningHub, certs: Path) -> bool:
+    """What `GET /api/v1/ca` says, after checking that the hub trusts the old CA exactly then."""
+    status, ca = await call(hub, "GET", "/api/v1/ca")
+    assert status == 200, ca
+    under_way = ca["next"] is not None
+    assert await old_ca_certificate_accepted(hub, certs) == under_way
+    server_ssl_context(certs)  # the files make a hub that starts: a CA, and a server certificate with its key
+    return under_way
+
+
+def assert_retired(certs: Path, old_ca: x509.Certificate) -> None:
+    """Only the new CA is left: no next files, the old certificate kept for the record, its key gone."""
+    assert not (certs / "ca-next.pem").exists()
+    assert not (certs / "ca-next.key").exists()
+    assert not list(certs.glob("*.tmp"))
+    kept = (certs / f"ca-retired-{format(old_ca.serial_number, 'x')}.pem").read_bytes()
+    assert kept == old_ca.public_bytes(serialization.Encoding.PEM)
+    load_ca(certs)  # ca.key is the key of ca.pem
+    for path in certs.glob("*.key"):
+        assert serialization.load_pem_private_key(path.read_bytes(), None).public_key() != old_ca.public_key()
+
+
+@pytest.mark.parametrize(
+    ("failing", "under_way"),
+    [("server.pem", True), ("ca.pem", True), ("ca.key", False)],
+    ids=["before-the-server-certificate", "at-the-commit", "before-deleting-the-old-key"],
+)
+async def test_a_retirement_that_fails_midway_leaves_consistent_files_and_a_retry_finishes_it(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str, under_way: bool
+) -> None:
+    certs = settings.certs_dir
+    old_ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
+    runner, hub = await start_hub(settings)
+    try:
+        assert (await call(hub, "POST", "/api/v1/ca:rotate"))[0] == 201
+        client = trusting_both(hub, tmp_path / "both")
+        await retire_failing_on(client, certs / failing, monkeypatch)
+        assert await rotation_under_way(client, certs) == under_way
+
+        status, retired = await call(client, "POST", "/api/v1/ca:retire", {"force": True})
+        assert (status, retired["next"]) == (200, None)
+        assert not await rotation_under_way(client, certs)
+        assert_retired(certs, old_ca)
+    finally:
+        await runner.cleanup()
+    runner, hub = await start_hub(settings)
+    try:
+        assert not await rotation_under_way(trusting_both(hub, tmp_path / "both"), certs)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_restart_finishes_a_retirement_that_stopped_before_deleting_the_old_key(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    certs = settings.certs_dir
+    old_ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
+    runner, hub = await start_hub(settings)
+    try:
+        assert (await call(hub, "POST", "/api/v1/ca:rotate"))[0] == 201
+        await retire_failing_on(trusting_both(hub, tmp_path / "both"), certs / "ca.key", monkeypatch)
+    finally:
+        await runner.cleanup()
+    runner, hub = await start_hub(settings)
+    try:
+        assert_retired(certs, old_ca)
+        client = trusting_both(hub, tmp_path / "both")
+        assert not await rotation_under_way(client, certs)
+        assert (await call(client, "POST", "/api/v1/ca:retire", {"force": True}))[0] == 409  # nothing left
+    finally:
+        await runner.cleanup()

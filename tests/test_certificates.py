@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,12 @@ import socketio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+from hub.certs import issue_agent
 from hub.config import Settings
 from tests.conftest import ConnectAgent, RunningHub, client_ssl, open_agent, start_hub, try_connect
+from tests.test_cli import agenthub
 
 Key = ec.EllipticCurvePrivateKey
 NOW = dt.datetime.now(dt.UTC)
@@ -35,6 +37,7 @@ def self_signed(
     not_before: dt.datetime | None = None,
     usage: x509.ObjectIdentifier | None = None,
     issuer: tuple[x509.Certificate, Key] | None = None,
+    extensions: Sequence[x509.ExtensionType] = (),
 ) -> tuple[x509.Certificate, Key]:
     """A certificate as `openssl req -x509` makes one (CA:TRUE), or one `issuer` signs."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -52,6 +55,8 @@ def self_signed(
     )
     if usage is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
     return builder.sign(signer, hashes.SHA256()), key
 
 
@@ -145,6 +150,23 @@ def _server_only() -> str:
     return pem(self_signed("edge-1", usage=ExtendedKeyUsageOID.SERVER_AUTH)[0])
 
 
+def malformed_extension() -> str:
+    """A certificate whose extended key usage holds an INTEGER where OIDs belong."""
+    usage = x509.UnrecognizedExtension(ExtensionOID.EXTENDED_KEY_USAGE, b"\x30\x03\x02\x01\x01")
+    return pem(self_signed("edge-1", extensions=[usage])[0])
+
+
+def duplicate_extension() -> str:
+    """A certificate carrying the extension 1.2.3 twice (no builder makes one: the DER is edited)."""
+    first, second = (
+        x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), b"\x05\x00") for oid in ("1.2.3", "1.2.4")
+    )
+    der = self_signed("edge-1", extensions=[first, second])[0].public_bytes(serialization.Encoding.DER)
+    oid_1_2_4, oid_1_2_3 = b"\x06\x02\x2a\x04", b"\x06\x02\x2a\x03"
+    assert der.count(oid_1_2_4) == 1
+    return pem(x509.load_der_x509_certificate(der.replace(oid_1_2_4, oid_1_2_3)))
+
+
 @pytest.mark.parametrize(
     ("make", "words"),
     [
@@ -154,8 +176,19 @@ def _server_only() -> str:
         (_expired, "expired at"),
         (_not_yet_valid, "not valid before"),
         (_server_only, "does not allow clientAuth"),
+        (malformed_extension, "extensions cannot be parsed"),
+        (duplicate_extension, "carries the extension 1.2.3 more than once"),
     ],
-    ids=["empty", "garbage", "two", "expired", "not-yet-valid", "server-auth-only"],
+    ids=[
+        "empty",
+        "garbage",
+        "two",
+        "expired",
+        "not-yet-valid",
+        "server-auth-only",
+        "malformed-extension",
+        "duplicate-extension",
+    ],
 )
 async def test_an_unusable_certificate_is_refused_saying_why(
     hub: RunningHub, http: aiohttp.ClientSession, make: Callable[[], str], words: str
@@ -431,4 +464,72 @@ async def test_revoking_an_unknown_fingerprint_is_404(hub: RunningHub, http: aio
     )
     assert status == 404
     assert "ab" * 32 in problem["detail"]
+    assert "send the certificate itself" in problem["detail"]
     assert (await call(http, hub, "GET", "/api/v1/certificates/not-hex", scope="hub:read"))[0] == 422
+
+
+async def test_a_certificate_the_cli_issued_can_be_revoked_before_its_agent_ever_connects(
+    hub: RunningHub, http: aiohttp.ClientSession
+) -> None:
+    data_dir = str(hub.settings.data_dir)
+    result = await asyncio.to_thread(
+        agenthub, "certs", "issue", "leaked-1", "--dir", str(hub.certs), "--data-dir", data_dir, cwd=hub.certs
+    )
+    assert result.returncode == 0, result.stderr
+    fp = fingerprint(x509.load_pem_x509_certificate((hub.certs / "leaked-1.pem").read_bytes()))
+    status, known = await call(http, hub, "GET", f"/api/v1/certificates/{fp}", scope="hub:read")
+    assert (status, known["agent_id"], known["source"]) == (200, "leaked-1", "issued")
+
+    status, revoked = await call(http, hub, "POST", f"/api/v1/certificates/{fp}:revoke", {"reason": "leaked"})
+    assert (status, revoked["status"], revoked["disconnected"]) == (200, "revoked", 0)
+    refusal = await try_connect(hub, hub.certs / "leaked-1.pem", hub.certs / "leaked-1.key")
+    assert refusal is not None
+    assert refusal["data"]["code"] == "cert_revoked"
+
+
+async def test_a_certificate_the_hub_never_saw_is_revoked_by_sending_it(
+    hub: RunningHub, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # Issued by the hub's CA but never recorded (before the CLI recorded what it issues, or
+    # with another data folder), and never used to connect.
+    files = issue_agent(hub.certs, "leaked-2", out_dir=tmp_path)
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    path = f"/api/v1/certificates/{fingerprint(cert)}:revoke"
+    other, _ = self_signed("leaked-2")
+    status, problem = await call(http, hub, "POST", path, {"reason": "leaked", "certificate": pem(other)})
+    assert status == 422
+    assert f"fingerprint is {fingerprint(other)}, not {fingerprint(cert)}" in problem["detail"]
+
+    status, revoked = await call(http, hub, "POST", path, {"reason": "leaked", "certificate": pem(cert)})
+    assert status == 200, revoked
+    assert (revoked["agent_id"], revoked["source"], revoked["status"]) == ("leaked-2", "issued", "revoked")
+    refusal = await try_connect(hub, files.cert, files.key)
+    assert refusal is not None
+    assert refusal["data"]["code"] == "cert_revoked"
+
+    # A certificate no agent can connect with (another issuer, never uploaded) is not recorded.
+    foreign = pem(other)
+    status, problem = await call(
+        http,
+        hub,
+        "POST",
+        f"/api/v1/certificates/{fingerprint(other)}:revoke",
+        {"reason": "x", "certificate": foreign},
+    )
+    assert status == 422
+    assert "neither issued by a CA this hub trusts nor uploaded" in problem["detail"]
+    assert (await call(http, hub, "GET", f"/api/v1/certificates/{fingerprint(other)}", scope="hub:read"))[
+        0
+    ] == 404
+
+
+async def test_a_hub_without_a_ca_says_so(settings: Settings, tmp_path: Path) -> None:
+    bare = settings.model_copy(update={"dev_insecure": True, "certs_dir": tmp_path / "no-certs"})
+    runner, hub = await start_hub(bare)
+    try:
+        async with aiohttp.ClientSession(base_url=hub.url) as http:
+            status, problem = await call(http, hub, "GET", "/api/v1/ca", scope="hub:read")
+    finally:
+        await runner.cleanup()
+    assert status == 404
+    assert "this hub has no CA" in problem["detail"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -340,3 +341,49 @@ async def test_an_agents_commands_list_newest_first_by_state_and_page(
         assert response.status == 404
     async with http.get("/api/v1/commands/nope", headers=auth(hub)) as response:
         assert response.status == 404
+
+
+@pytest.fixture
+async def unswept(settings: Settings) -> AsyncIterator[RunningHub]:
+    """A hub that sweeps expired commands once a minute: only the TTL checks stop them meanwhile."""
+    runner, running = await start_hub(settings.model_copy(update={"command_sweep_interval_s": 60.0}))
+    yield running
+    await runner.cleanup()
+
+
+async def test_an_ack_after_the_ttl_does_not_complete_the_command(unswept: RunningHub) -> None:
+    agent = Agent(hold=True)
+    conn = await open_agent(unswept, "agent-1", handlers={"command": agent.on_command})
+    try:
+        async with operator(unswept) as http:
+            view = (await send(unswept, http, {"name": "ping", "ttl_s": 0.2, "wait_s": 0}))[1]
+            assert view["state"] == "delivered"
+            await asyncio.sleep(0.3)
+            agent.release.set()
+            ping = (await send(unswept, http, {"name": "ping"}))[1]  # acks come in order: the late one is in
+            assert ping["state"] == "completed"
+            late = await get(unswept, http, view["id"])
+            assert (late["state"], late["completed_at"], late["result"]) == ("delivered", None, None)
+    finally:
+        await conn.close()
+
+
+async def test_a_command_whose_ttl_passes_before_its_turn_is_never_sent(
+    unswept: RunningHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = await open_agent(unswept, "agent-1")
+    await conn.close()
+    async with operator(unswept) as http:
+        stale = (await send(unswept, http, {"name": "flush_spool", "ttl_s": 0.1, "wait_s": 0}))[1]
+        await asyncio.sleep(0.2)
+        # Read the queue as it stood before the TTL passed, as a delivery behind others does.
+        real = unswept.store.queued_commands
+        monkeypatch.setattr(unswept.store, "queued_commands", lambda agent_id, now: real(agent_id, 0.0))
+        agent = Agent()
+        conn = await open_agent(unswept, "agent-1", handlers={"command": agent.on_command})
+        try:
+            assert (await send(unswept, http, {"name": "ping"}))[1]["state"] == "completed"
+            assert [command["name"] for command in agent.received] == ["ping"]
+            assert (await get(unswept, http, stale["id"]))["state"] == "queued"  # until the sweep
+        finally:
+            await conn.close()

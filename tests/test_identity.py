@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hub.certs import load_ca
+from hub.identity import IdentityError, check_agent_certificate
 from tests.conftest import ConnectAgent, RunningHub, try_connect
+from tests.test_certificates import duplicate_extension, malformed_extension
 
 
 def _cert_with_cn(
@@ -83,6 +86,23 @@ async def test_certificate_without_client_auth_usage_is_refused(hub: RunningHub,
         return
     assert refusal is not None
     assert refusal["data"]["code"] == "cert_untrusted"
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [(malformed_extension, "cannot be parsed"), (duplicate_extension, "1.2.3 more than once")],
+    ids=["malformed-extension", "duplicate-extension"],
+)
+def test_a_certificate_whose_extensions_cannot_be_read_is_untrusted(
+    make: Callable[[], str], words: str
+) -> None:
+    # OpenSSL will not use these in a handshake; the hub's own check (uploads pass it too) must
+    # refuse them as well, not crash.
+    cert = x509.load_pem_x509_certificate(make().encode())
+    with pytest.raises(IdentityError) as refusal:
+        check_agent_certificate(cert, dt.datetime.now(dt.UTC))
+    assert refusal.value.code == "cert_untrusted"
+    assert words in refusal.value.message
 
 
 async def test_revoked_certificate_is_refused(hub: RunningHub, connect_agent: ConnectAgent) -> None:

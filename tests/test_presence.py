@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
+from hub.app import NAMESPACE_KEY
 from hub.config import Settings
+from hub.problems import Unavailable
 from tests.conftest import ConnectAgent, RunningHub, make_events, open_agent, start_hub
 
 BEAT = {
@@ -69,6 +72,49 @@ async def test_heartbeating_agent_stays_online(hub: RunningHub, connect_agent: C
         await agent.send(BEAT, event="heartbeat")
         await asyncio.sleep(0.1)
     assert (await hub.store.get_agent("agent-3"))["status"] == "online"
+
+
+def _refuse_first_write(monkeypatch: pytest.MonkeyPatch, hub: RunningHub, *statuses: str) -> list[str]:
+    """Make the store refuse the first write of each of `statuses` once; return those refused."""
+    real = hub.store.save_agent
+    refused: list[str] = []
+
+    async def save_agent(agent_id: str, fields: dict[str, Any]) -> None:
+        status = fields.get("status")
+        if status in statuses and status not in refused:
+            refused.append(status)
+            raise Unavailable("storage unavailable: disk I/O error", retry_after_ms=100)
+        await real(agent_id, fields)
+
+    monkeypatch.setattr(hub.store, "save_agent", save_agent)
+    return refused
+
+
+async def test_an_offline_the_store_refused_is_stored_later(
+    hub: RunningHub, connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = await connect_agent("agent-1")
+    refused = _refuse_first_write(monkeypatch, hub, "offline")
+    await agent.close()
+    offline = await _status_becomes(hub, "agent-1", "offline")
+    assert offline["status_reason"] in ("clean_disconnect", "transport_lost")
+    assert refused == ["offline"]
+    # The disconnect handler did not fail, so python-socketio finished its own cleanup.
+    assert not hub.app[NAMESPACE_KEY].server.manager.pending_disconnect
+
+
+async def test_late_and_back_online_are_stored_though_the_store_refused_them_once(
+    hub: RunningHub, connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = await connect_agent("agent-2")
+    refused = _refuse_first_write(monkeypatch, hub, "late", "online")
+    await _status_becomes(hub, "agent-2", "late")  # the watcher tries again
+    failed = await agent.send(BEAT, event="heartbeat")
+    assert failed["error"]["code"] == "unavailable"
+    await agent.send(BEAT, event="heartbeat")  # the next heartbeat tries again
+    back = await _status_becomes(hub, "agent-2", "online")
+    assert back["status_reason"] == "heartbeat"
+    assert refused == ["late", "online"]
 
 
 async def test_restart_keeps_acked_events_and_marks_agents_offline(settings: Settings) -> None:

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
+import aiohttp
 import msgpack
 import pytest
 import socketio
 
+from hub.app import NAMESPACE_KEY
 from hub.config import Settings
-from tests.conftest import ConnectAgent, RunningHub, make_events, open_agent, start_hub
+from hub.keys import INGESTOR, PRESENCE
+from hub.problems import Unavailable
+from tests.conftest import (
+    ConnectAgent,
+    RunningHub,
+    client_ssl,
+    make_events,
+    open_agent,
+    start_hub,
+    try_connect,
+)
 
 
 async def test_hello_reports_last_stored_seq(hub: RunningHub, connect_agent: ConnectAgent) -> None:
@@ -251,3 +264,81 @@ async def test_one_socket_cannot_pile_up_unbounded_batches(settings: Settings) -
         await agent.close()
     finally:
         await runner.cleanup()
+
+
+def _disk_error() -> Unavailable:
+    return Unavailable("storage unavailable: disk I/O error", retry_after_ms=100)
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        ("get_certificate", sqlite3.OperationalError("disk I/O error")),
+        ("is_revoked", _disk_error()),
+        (
+            "save_certificate",
+            Unavailable("storage unavailable: database or disk is full", retry_after_ms=100),
+        ),
+    ],
+)
+async def test_a_store_failure_while_identifying_is_answered_unavailable(
+    hub: RunningHub, connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch, call: str, error: Exception
+) -> None:
+    async def failing(*args: object) -> None:
+        raise error
+
+    monkeypatch.setattr(hub.store, call, failing)
+    refusal = await try_connect(hub, hub.certs / "agent-1.pem", hub.certs / "agent-1.key")
+    assert refusal is not None
+    assert refusal["data"]["code"] == "unavailable"
+    assert not hub.app[NAMESPACE_KEY].server.manager.pending_connect
+    monkeypatch.undo()
+    assert (await connect_agent("agent-1")).sio.connected
+
+
+@pytest.mark.parametrize("call", ["last_seq", "save_agent"])
+async def test_a_refused_connection_leaves_the_agents_socket_in_place(
+    hub: RunningHub, connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    first = await connect_agent("agent-1")
+    sid = hub.app[PRESENCE].sid_of("agent-1")
+
+    async def failing(*args: object) -> None:
+        raise _disk_error()
+
+    monkeypatch.setattr(hub.app[INGESTOR] if call == "last_seq" else hub.store, call, failing)
+    refusal = await try_connect(hub, hub.certs / "agent-1.pem", hub.certs / "agent-1.key")
+    assert refusal is not None
+    assert refusal["data"]["code"] == "unavailable"
+    monkeypatch.undo()
+    assert hub.app[PRESENCE].sid_of("agent-1") == sid
+    assert first.sio.connected
+    assert (await first.send({"events": make_events(1, 2)}))["accepted"] == 2
+    assert (await hub.store.get_agent("agent-1"))["status"] == "online"
+
+
+async def test_simultaneous_connections_of_one_agent_leave_one_socket(hub: RunningHub) -> None:
+    presence = hub.app[PRESENCE]
+    for _ in range(5):
+        sockets = await asyncio.gather(_dial(hub, "agent-1"), _dial(hub, "agent-1"))
+        try:
+            for _ in range(250):
+                if sum(sio.connected for sio, _session in sockets) < 2:
+                    break
+                await asyncio.sleep(0.02)
+            alive = [sio.get_sid("/agent") for sio, _session in sockets if sio.connected]
+            assert alive == [presence.sid_of("agent-1")]
+        finally:
+            for sio, session in sockets:
+                await sio.disconnect()
+                await session.close()
+    assert not presence._turns  # no per-agent lock outlives its use
+
+
+async def _dial(hub: RunningHub, agent_id: str) -> tuple[socketio.AsyncClient, aiohttp.ClientSession]:
+    """Connect a socket of `agent_id` without waiting for its hello (a superseded one gets none)."""
+    ctx = client_ssl(hub.certs / "ca.pem", hub.certs / f"{agent_id}.pem", hub.certs / f"{agent_id}.key")
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx))
+    sio = socketio.AsyncClient(http_session=session, reconnection=False)
+    await sio.connect(hub.url, namespaces=["/agent"], transports=["websocket"], wait_timeout=10)
+    return sio, session

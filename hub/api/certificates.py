@@ -78,6 +78,11 @@ class RevokeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str = Field(min_length=1, max_length=500, description="why; the agent is told it")
+    certificate: str | None = Field(
+        None,
+        max_length=_MAX_PEM_CHARS,
+        description="the certificate itself, PEM: needed only for one the hub has never seen",
+    )
 
 
 class CertificateQuery(PageQuery):
@@ -143,9 +148,11 @@ async def revoke_certificate(
 ) -> dict[str, Any]:
     """Revoke a certificate: its agents are told why and disconnected at once, and refused from now on.
 
-    Revoking again keeps the first revocation. A fingerprint the hub does not know is 404.
+    Revoking again keeps the first revocation. A certificate the hub has never seen (issued by
+    its CA, never used) is revoked when the body carries it (`certificate`, PEM, whose fingerprint
+    must be the one in the path); without it, an unknown fingerprint is 404.
     """
-    return await request.app[CERTIFICATES].revoke(path.fingerprint, body.reason)
+    return await request.app[CERTIFICATES].revoke(path.fingerprint, body.reason, pem=body.certificate)
 
 
 class CaView(TypedDict):
@@ -170,7 +177,10 @@ class RetireBody(BaseModel):
 
 @api.get("/api/v1/ca", scope="hub:read", response=CaStatus)
 async def get_ca(request: web.Request) -> dict[str, Any]:
-    """The hub's CA, the next one during a rotation, and the PEM bundle agents should trust."""
+    """The hub's CA, the next one during a rotation, and the PEM bundle agents should trust.
+
+    404 when the hub has no CA (a development hub started without certificates).
+    """
     return request.app[CERTIFICATES].ca_status()
 
 
@@ -189,6 +199,8 @@ async def retire_ca(request: web.Request, *, body: RetireBody) -> dict[str, Any]
     """Finish a CA rotation: retire the old CA and present a server certificate from the new one.
 
     Refused (409, naming them) while agents last connected with a certificate of the old CA,
-    unless `force`. Connected agents stay connected.
+    unless `force`. Connected agents stay connected. One that stops on a file error (500)
+    leaves the rotation under way or the old CA retired, as `GET /api/v1/ca` shows; retrying
+    finishes it.
     """
     return await request.app[CERTIFICATES].finish_rotation(force=body.force)

@@ -151,7 +151,10 @@ class Store(Protocol):
 
     # agent certificates
     async def save_certificate(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Record a certificate unless its fingerprint is known; return the stored record."""
+        """Record a certificate unless its fingerprint is known; return the stored record.
+
+        Saving a known certificate as "uploaded" marks it uploaded: trusted by fingerprint.
+        """
         ...
 
     async def get_certificate(self, fingerprint: str) -> dict[str, Any] | None: ...

@@ -570,7 +570,8 @@ class SqliteStore:
         def save(conn: sqlite3.Connection) -> dict[str, Any]:
             conn.execute(
                 f"INSERT INTO certificates ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "  # noqa: S608 - column names come from code, never from input
-                "ON CONFLICT (fingerprint) DO NOTHING",
+                "ON CONFLICT (fingerprint) DO UPDATE SET source = 'uploaded' "
+                "WHERE excluded.source = 'uploaded'",
                 list(record.values()),
             )
             return _rows(conn, self._CERTIFICATES_SQL + " WHERE fingerprint = ?", [record["fingerprint"]])[0]

@@ -418,8 +418,8 @@ def finish_ca_rotation(directory: Path) -> x509.Certificate:
         raise CertificateRotationError("no CA rotation is under way: begin one first")
     old = _load_cert(directory / CA_CERT)
     next_ca = load_ca(directory)
-    # The server keeps its key and only its certificate changes: one rename, so the hub never
-    # holds a certificate and a key that do not match. Checked as the hub loads it, first.
+    # The server keeps its key and only its certificate changes, in one rename: the hub never
+    # holds a certificate and a key that do not match. The pair is checked before it is installed.
     server_key = directory / SERVER_KEY
     hostnames = _server_names(_load_cert(directory / SERVER_CERT))
     server = _server_certificate(next_ca, hostnames, _load_key(server_key).public_key())

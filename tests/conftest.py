@@ -232,6 +232,21 @@ async def http(hub: RunningHub) -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+async def call(
+    http: aiohttp.ClientSession,
+    hub: RunningHub,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    scope: str = "hub:admin",
+) -> tuple[int, Any]:
+    """Make an API call with a token of `scope`; return the status and the JSON answer (None for 204)."""
+    headers = {"Authorization": f"Bearer {hub.token(scope)}"}
+    async with http.request(method, path, json=body, headers=headers) as response:
+        return response.status, None if response.status == 204 else await response.json(content_type=None)
+
+
 def make_events(start: int, count: int, *, pid: int = 1000, kind: str = "file_open") -> list[dict[str, Any]]:
     return [
         {

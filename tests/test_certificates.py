@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from hub.certs import issue_agent
 from hub.config import Settings
-from tests.conftest import ConnectAgent, RunningHub, client_ssl, open_agent, start_hub, try_connect
+from tests.conftest import ConnectAgent, RunningHub, call, client_ssl, open_agent, start_hub, try_connect
 from tests.test_cli import agenthub
 
 Key = ec.EllipticCurvePrivateKey
@@ -78,20 +78,6 @@ def save(folder: Path, agent_id: str, cert: x509.Certificate, key: Key) -> tuple
         )
     )
     return cert_path, key_path
-
-
-async def call(
-    http: aiohttp.ClientSession,
-    hub: RunningHub,
-    method: str,
-    path: str,
-    body: Any = None,
-    *,
-    scope: str = "hub:admin",
-) -> tuple[int, dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {hub.token(scope)}"}
-    async with http.request(method, path, json=body, headers=headers) as response:
-        return response.status, await response.json()
 
 
 async def upload(

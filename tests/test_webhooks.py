@@ -15,7 +15,7 @@ from yarl import URL
 
 from hub.config import Settings
 from hub.notify import DestinationPolicy, DestinationRefused, GuardedResolver
-from tests.conftest import RunningHub, client_ssl, start_hub
+from tests.conftest import RunningHub, call, client_ssl, start_hub
 
 WEBHOOKS = "/api/v1/webhooks"
 # A public address: nothing is sent to it (deliveries are a later issue), so it need not answer.
@@ -36,20 +36,6 @@ async def internal_hub(settings: Settings) -> AsyncIterator[RunningHub]:
     runner, hub = await start_hub(settings.model_copy(update={"webhook_allowed_networks": LOOPBACK}))
     yield hub
     await runner.cleanup()
-
-
-async def call(
-    http: aiohttp.ClientSession,
-    hub: RunningHub,
-    method: str,
-    path: str,
-    body: Any = None,
-    *,
-    scope: str = "hub:admin",
-) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {hub.token(scope)}"}
-    async with http.request(method, path, json=body, headers=headers) as response:
-        return response.status, None if response.status == 204 else await response.json(content_type=None)
 
 
 async def create(http: aiohttp.ClientSession, hub: RunningHub, **fields: Any) -> dict[str, Any]:

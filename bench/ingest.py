@@ -1,9 +1,12 @@
-"""Ingest benchmark: N agents over real mTLS sockets, the hub beside a bare python-socketio server.
+"""Ingest benchmark: N agents over real mTLS sockets, the hub beside two baselines.
 
-Both servers run as their own process pinned to core 0; this load generator pins itself
-to core 1. Each agent keeps one batch in flight (call, await the ack, repeat). Every
-batch carries one event that matches a detection rule for a fresh process, so each batch
-produces one score push; a dashboard WebSocket measures emit-to-push latency from it.
+Baselines in the same run: a bare python-socketio server that only counts and acks, and
+the hub's own HMAC-signed HTTP ingest (one request per batch, keep-alive; the design of
+HTTP-only platforms), with the hub's rate limits lifted for it. Every server runs as its
+own process pinned to core 0; this load generator pins itself to core 1. Each agent keeps
+one batch in flight (send, await the ack, repeat). Every batch carries one event that
+matches a detection rule for a fresh process, so each batch produces one score push; a
+dashboard WebSocket measures emit-to-push latency from it.
 
     python -m bench.ingest [--agents 50] [--batch 100] [--seconds 10] [--quick]
 """
@@ -13,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import platform
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import socketio
 
 from hub.certs import init_pki, issue_agent
@@ -185,6 +191,58 @@ async def _agent(
         await session.close()
 
 
+async def _http_agent(
+    url: str,
+    certs: Path,
+    index: int,
+    result: Result,
+    stop_at: float,
+    measure_from: float,
+    emitted: dict[tuple[str, int], float],
+    counted: list[int],
+    secret: str,
+) -> None:
+    agent_id = f"bench-{index}"
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    seq, batch_no = 1, index * 10_000_000
+    async with aiohttp.ClientSession(base_url=url, connector=aiohttp.TCPConnector(ssl=context)) as session:
+        while time.monotonic() < stop_at:
+            batch_no += 1
+            events = _events(index, batch_no, result.batch, seq)
+            body = orjson.dumps({"events": events})
+            stamp = str(int(time.time()))
+            signature = hmac.new(secret.encode(), stamp.encode() + body, hashlib.sha256).hexdigest()
+            headers = {
+                "X-Agent-ID": agent_id,
+                "X-Agent-Timestamp": stamp,
+                "X-Agent-Signature": signature,
+                "Content-Type": "application/json",
+            }
+            sent = time.monotonic()
+            emitted[(agent_id, events[-1]["pid"])] = time.time()
+            async with session.post("/api/v1/events", data=body, headers=headers) as response:
+                ack = await response.json(content_type=None)
+            done = time.monotonic()
+            if response.status != 200:
+                await asyncio.sleep(0.1)
+                continue
+            seq += len(events)
+            if sent >= measure_from and done <= stop_at:
+                counted[0] += ack["accepted"]
+                result.ack_ms.append((done - sent) * 1000)
+
+
+async def _signing_secrets(url: str, certs: Path, token: str, agents: int) -> list[str]:
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    headers = {"Authorization": f"Bearer {token}"}
+    secrets: list[str] = []
+    async with aiohttp.ClientSession(base_url=url, connector=aiohttp.TCPConnector(ssl=context)) as session:
+        for i in range(agents):
+            async with session.post(f"/api/v1/agents/bench-{i}/signing-secret", headers=headers) as response:
+                secrets.append((await response.json())["secret"])
+    return secrets
+
+
 async def _dashboard(
     url: str,
     token: str,
@@ -214,13 +272,23 @@ async def _dashboard(
 async def _drive(url: str, certs: Path, result: Result, seconds: float, token: str | None) -> None:
     emitted: dict[tuple[str, int], float] = {}
     counted = [0]
+    secrets = (
+        await _signing_secrets(url, certs, token or "", result.agents) if result.target == "http" else []
+    )
     start = time.monotonic() + 2.0  # connect everyone first
     measure_from = start + 1.0  # then warm up for a second
     stop_at = measure_from + seconds
-    tasks = [
-        asyncio.create_task(_agent(url, certs, i, result, stop_at, measure_from, emitted, counted))
-        for i in range(result.agents)
-    ]
+    if secrets:
+        agents = [
+            _http_agent(url, certs, i, result, stop_at, measure_from, emitted, counted, secrets[i])
+            for i in range(result.agents)
+        ]
+    else:
+        agents = [
+            _agent(url, certs, i, result, stop_at, measure_from, emitted, counted)
+            for i in range(result.agents)
+        ]
+    tasks = [asyncio.create_task(agent) for agent in agents]
     if token:
         tasks.append(
             asyncio.create_task(_dashboard(url, token, certs, result, stop_at, measure_from, emitted))
@@ -245,8 +313,13 @@ def _run_target(
         "HUB_DATA_DIR": str(data_dir),
         "HUB_CERTS_DIR": str(certs),
         "HUB_LOG_LEVEL": "WARNING",
+        # One load generator on one address: the API's rate limits would measure themselves.
+        "HUB_RATE_LIMIT_PER_S": "1e9",
+        "HUB_RATE_LIMIT_BURST": "1000000000",
+        "HUB_RATE_LIMIT_ADDRESS_PER_S": "1e9",
+        "HUB_RATE_LIMIT_ADDRESS_BURST": "1000000000",
     }
-    if target == "hub":
+    if target in ("hub", "http"):
         command = [sys.executable, "-m", "hub.cli", "serve", "--port", str(port)]
     else:
         command = [
@@ -261,9 +334,9 @@ def _run_target(
     proc = _start(command, env, port)
     result = Result(target, args.agents, args.batch, encoding, rate)
     token = None
-    if target == "hub":
+    if target in ("hub", "http"):
         settings = Settings(data_dir=workdir, jwt_secret=SECRET)
-        token = create_token(settings, scopes=["hub:read"], subject="bench")
+        token = create_token(settings, scopes=["hub:admin"], subject="bench")
     try:
         asyncio.run(_drive(f"https://127.0.0.1:{port}", certs, result, args.seconds, token))
     finally:
@@ -343,6 +416,13 @@ def main() -> None:
         push_p99_ms=_pct(first.half_peak.push_ms, 99),
         saturated_ack_p99_ms=_pct(first.peak["hub"].ack_ms, 99),
     )
+    if "http" in first.peak:  # measured with JSON batches
+        socket_over_http = first.peak["hub"].events_per_s / max(1.0, first.peak["http"].events_per_s)
+        print(f"hub socket/HTTP per batch: {socket_over_http:.2f}")
+        summary.update(
+            http_events_per_s=round(first.peak["http"].events_per_s),
+            ratio_socket_http=round(socket_over_http, 3),
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {RESULTS}")
@@ -359,7 +439,7 @@ class EncodingRun:
 def _run_encoding(encoding: str, args: argparse.Namespace, certs: Path, workdir: Path) -> EncodingRun:
     results: list[Result] = []
     peak: dict[str, Result] = {}
-    for target in ("bare", "hub"):
+    for target in ("bare", "hub", "http") if encoding == "json" else ("bare", "hub"):
         _say(f"{target} ({encoding}, {args.agents} agents, batches of {args.batch}), saturated", args)
         peak[target] = _run_target(target, args, certs, workdir, encoding)
         results.append(peak[target])

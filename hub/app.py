@@ -27,7 +27,6 @@ from hub.api.pagination import Cursors
 from hub.api.ratelimit import (
     ADDRESS_LIMITS,
     CALLER_LIMITS,
-    TokenBuckets,
     address_rate_limit_middleware,
     rate_limit_middleware,
 )
@@ -59,6 +58,7 @@ from hub.keys import (
     STORE,
     VERIFIER,
 )
+from hub.limits import TokenBuckets
 from hub.presence import Presence
 from hub.problems import problem_middleware
 from hub.push import PushBus

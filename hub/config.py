@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     scoring_wait_s: float = Field(
         5.0, gt=0, description="longest a batch waits for scoring before 'overloaded'"
     )
+    agent_max_events_per_s: float = Field(20_000.0, gt=0, description="events a second one agent may sustain")
+    agent_burst_events: int = Field(
+        60_000,
+        gt=0,
+        description="events one agent may send at once (a spool flush); at least max_batch_events",
+    )
     commit_max_events: int = Field(5_000, gt=0, description="most events in one group commit")
     retry_after_ms: int = Field(1000, gt=0)
     max_batches_in_flight: int = Field(
@@ -165,6 +171,10 @@ class Settings(BaseSettings):
             raise ValueError("heartbeat_offline_after must be larger than heartbeat_late_after")
         if self.max_frame_bytes < self.max_batch_bytes:
             raise ValueError("max_frame_bytes must be at least max_batch_bytes")
+        if self.agent_burst_events < self.max_batch_events:
+            raise ValueError(
+                "agent_burst_events must be at least max_batch_events, or a full batch never passes"
+            )
         return self
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 
 from hub.codec import decode_batch, nested_deeper_than
 from hub.config import Settings
+from hub.limits import TokenBuckets
 from hub.models import EVENT_ADAPTER, EVENT_LIST_ADAPTER, BatchAck, Event, Rejection
 from hub.problems import Overloaded, Unavailable
 from hub.scoring import ScoringService
@@ -29,6 +31,7 @@ class Ingestor:
         self._store = store
         self._scoring = scoring
         self._last_seq: dict[str, int] = {}
+        self._quotas = TokenBuckets(rate=settings.agent_max_events_per_s, burst=settings.agent_burst_events)
         # Stored bodies are msgpack: a reused Packer costs a sixth of a per-call orjson.dumps.
         self._packer = msgpack.Packer()
         self.in_flight = 0  # events taken in and not yet acked
@@ -56,6 +59,12 @@ class Ingestor:
             raise Overloaded(self._paused, retry_after_ms=settings.retry_after_ms)
         if self.in_flight + self._scoring.backlog + len(raw) > settings.ingest_max_pending_events:
             raise Overloaded("the hub's ingest queue is full", retry_after_ms=settings.retry_after_ms)
+        quota = self._quotas.take(agent_id, cost=len(raw))
+        if not quota.allowed:  # one agent flooding is throttled alone
+            raise Overloaded(
+                f"agent {agent_id} is over its quota of {settings.agent_max_events_per_s:g} events/s",
+                retry_after_ms=max(1, math.ceil(quota.retry_after_s * 1000)),
+            )
         # Counted from here: batches waiting for scoring hold memory too.
         self.in_flight += len(raw)
         self._idle.clear()

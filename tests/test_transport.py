@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
 
 import aiohttp
 import msgpack
@@ -15,6 +16,7 @@ from hub.config import Settings
 from hub.keys import INGESTOR, PRESENCE
 from hub.problems import Unavailable
 from tests.conftest import (
+    AgentConn,
     ConnectAgent,
     RunningHub,
     client_ssl,
@@ -342,3 +344,41 @@ async def _dial(hub: RunningHub, agent_id: str) -> tuple[socketio.AsyncClient, a
     sio = socketio.AsyncClient(http_session=session, reconnection=False)
     await sio.connect(hub.url, namespaces=["/agent"], transports=["websocket"], wait_timeout=10)
     return sio, session
+
+
+@pytest.fixture
+async def quota_hub(settings: Settings) -> AsyncIterator[RunningHub]:
+    quota = {"agent_max_events_per_s": 2000.0, "agent_burst_events": 2000}
+    runner, running = await start_hub(settings.model_copy(update=quota))
+    yield running
+    await runner.cleanup()
+
+
+async def test_an_agent_flooding_past_its_quota_is_throttled_alone(quota_hub: RunningHub) -> None:
+    hub = quota_hub
+    flooder, steady = await open_agent(hub, "agent-1"), await open_agent(hub, "agent-2")
+    try:
+        accepted = {"agent-1": 0, "agent-2": 0}
+        throttled = {"agent-1": 0, "agent-2": 0}
+
+        async def send(conn: AgentConn, agent_id: str, batches: int, pause_s: float) -> None:
+            seq = 1
+            for _ in range(batches):
+                ack = await conn.send({"events": make_events(seq, 100)})
+                if "error" in ack:
+                    assert ack["error"]["code"] == "overloaded"
+                    assert ack["error"]["retry_after_ms"] > 0
+                    throttled[agent_id] += 1
+                else:
+                    accepted[agent_id] += ack["accepted"]
+                    seq += 100
+                await asyncio.sleep(pause_s)
+
+        # Over about 2 s the flooder offers ten times its quota; the steady agent half of it.
+        await asyncio.gather(send(flooder, "agent-1", 400, 0.0), send(steady, "agent-2", 20, 0.1))
+        assert throttled["agent-1"] > 0
+        assert accepted["agent-1"] < 0.5 * 400 * 100
+        assert (throttled["agent-2"], accepted["agent-2"]) == (0, 2000)
+    finally:
+        await flooder.close()
+        await steady.close()

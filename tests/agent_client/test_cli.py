@@ -160,3 +160,38 @@ async def test_sigterm_stops_a_collecting_agent_cleanly(hub: RunningHub, tmp_pat
     assert agent.returncode == 0, err.decode()
     assert await hub.store.count_events("agent-1") > 0
     assert "clean_disconnect" in str(await hub.store.get_agent("agent-1"))
+
+
+async def test_a_frozen_agent_goes_offline_and_flushes_its_spool_after_it_thaws(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    replay = tmp_path / "events.jsonl"
+    lines = [
+        {"ts": 1_700_000_000 + i, "kind": "file_open", "pid": 78, "path": f"/srv/f{i}"} for i in range(1500)
+    ]
+    replay.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    options = ["--replay", str(replay), "--replay-rate", "500", "--exit-when-drained"]
+    agent = await _agent("run", *_identity(hub), "--spool", str(tmp_path / "spool.db"), *options)
+    try:
+        for _ in range(600):
+            if await hub.store.count_events("agent-1") >= 300:
+                break
+            await asyncio.sleep(0.02)
+        agent.send_signal(signal.SIGSTOP)
+        frozen_at = asyncio.get_running_loop().time()
+        # Offline after 3 missed heartbeat intervals (1.5 s here) and one watcher pass.
+        await until(lambda: hub.app[PRESENCE].sid_of("agent-1") is None, limit_s=10)
+        assert asyncio.get_running_loop().time() - frozen_at < 4
+        stored = await hub.store.get_agent("agent-1")
+        assert (stored["status"], stored["status_reason"]) == ("offline", "missed_heartbeats")
+        frozen_count = await hub.store.count_events("agent-1")
+        assert frozen_count < 1500
+        agent.send_signal(signal.SIGCONT)
+        _, err = await asyncio.wait_for(agent.communicate(), 60)
+    finally:
+        if agent.returncode is None:
+            agent.send_signal(signal.SIGCONT)
+            agent.kill()
+            await agent.wait()
+    assert agent.returncode == 0, err.decode()
+    assert await hub.store.count_events("agent-1") == 1500

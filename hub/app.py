@@ -98,6 +98,7 @@ def create_app(settings: Settings) -> web.Application:
         max_pending=settings.push_max_pending,
         max_subscribers=settings.push_max_dashboards,
         max_per_owner=settings.push_max_dashboards_per_principal,
+        send_timeout_s=settings.push_send_timeout_s,
     )
     engine = RiskEngine(rules, RiskParams.from_settings(settings))
     scoring = ScoringService(engine, store, bus.publish, max_backlog=settings.scoring_max_backlog)

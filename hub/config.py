@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     push_max_dashboards_per_principal: int = Field(
         20, gt=0, description="dashboard connections one token subject may hold at once"
     )
+    push_send_timeout_s: float = Field(
+        10.0, gt=0, description="a dashboard that takes no data for this long is cut off"
+    )
     push_max_pending: int = Field(
         10_000, gt=0, description="coalesced updates held per slow subscriber before dropping"
     )

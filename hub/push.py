@@ -32,6 +32,7 @@ class PushStats:
     published: int = 0
     coalesced: int = 0
     resyncs: int = 0
+    cutoffs: int = 0  # dashboards closed because they stopped reading
 
 
 class Subscriber:
@@ -73,7 +74,10 @@ class Subscriber:
 class PushBus:
     """In-process fan-out to every subscribed dashboard."""
 
-    def __init__(self, *, max_pending: int, max_subscribers: int, max_per_owner: int) -> None:
+    def __init__(
+        self, *, max_pending: int, max_subscribers: int, max_per_owner: int, send_timeout_s: float
+    ) -> None:
+        self.send_timeout_s = send_timeout_s
         self._subscribers: set[Subscriber] = set()
         self._max_pending = max_pending
         self._max_subscribers = max_subscribers
@@ -141,7 +145,7 @@ async def serve_dashboard(
     try:
         await ws.prepare(request)
         tasks = [
-            asyncio.create_task(_send_updates(ws, subscriber, snapshot)),
+            asyncio.create_task(_send_updates(request, ws, subscriber, snapshot, bus)),
             asyncio.create_task(_end_with_access(ws, access)),
         ]
         try:
@@ -166,15 +170,31 @@ async def _end_with_access(ws: web.WebSocketResponse, access: Access) -> None:
         await asyncio.sleep(min(access.recheck_s, remaining))
 
 
-async def _send_updates(ws: web.WebSocketResponse, subscriber: Subscriber, snapshot: SnapshotSource) -> None:
+async def _send_updates(
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    subscriber: Subscriber,
+    snapshot: SnapshotSource,
+    bus: PushBus,
+) -> None:
     while not ws.closed:
         await subscriber.ready.wait()
         if subscriber.needs_snapshot:
             # Updates arriving while the snapshot is read are queued and sent after it.
             subscriber.needs_snapshot = False
             subscriber.take()
-            data = await snapshot()
-            await ws.send_frame(orjson.dumps({"type": "snapshot", "data": data}), WSMsgType.TEXT)
-            continue
-        for message in subscriber.take():
-            await ws.send_frame(message, WSMsgType.TEXT)
+            frames = [orjson.dumps({"type": "snapshot", "data": await snapshot()})]
+        else:
+            frames = subscriber.take()
+        for frame in frames:
+            try:
+                await asyncio.wait_for(ws.send_frame(frame, WSMsgType.TEXT), bus.send_timeout_s)
+            except TimeoutError:
+                # It stopped reading: what it would get is coalesced already, so cut it off.
+                bus.stats.cutoffs += 1
+                log.warning(
+                    "dashboard of %s stopped reading for %.0f s: closed", subscriber.owner, bus.send_timeout_s
+                )
+                if request.transport is not None:
+                    request.transport.abort()
+                return

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -146,3 +148,38 @@ async def test_dashboards_are_capped_per_principal_and_other_sites_are_refused(
         assert (await same_site.receive_json(timeout=5))["type"] == "snapshot"
         for ws in [*open_ones, same_site]:
             await ws.close()
+
+
+async def test_a_dashboard_that_stops_reading_is_cut_off_and_counted(settings: Settings) -> None:
+    runner, hub = await start_hub(settings.model_copy(update={"push_send_timeout_s": 0.5}))
+    writer = None
+    try:
+        port = int(hub.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_ssl(hub.certs / "ca.pem"), server_hostname="127.0.0.1"
+        )
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /ws/live?access_token={hub.token()} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        await writer.drain()
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        # From here on the client reads nothing: its buffers fill, then the hub's.
+        bus = hub.app[BUS]
+        for index in range(1000):
+            bus.publish("score", f"p{index}", {"blob": "x" * 60_000})
+            await asyncio.sleep(0)
+            if bus.stats.cutoffs:
+                break
+        for _ in range(200):
+            if bus.stats.cutoffs:
+                break
+            await asyncio.sleep(0.05)
+        assert bus.stats.cutoffs == 1
+        assert bus.subscriber_count == 0
+    finally:
+        if writer is not None:
+            writer.close()
+        await runner.cleanup()

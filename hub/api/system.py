@@ -49,6 +49,7 @@ async def stats(request: web.Request) -> Stats:
         push_published=bus.stats.published,
         push_coalesced=bus.stats.coalesced,
         push_resyncs=bus.stats.resyncs,
+        push_cutoffs=bus.stats.cutoffs,
     )
 
 

@@ -84,3 +84,4 @@ class Stats(TypedDict):
     push_published: int
     push_coalesced: int
     push_resyncs: int
+    push_cutoffs: int

@@ -13,7 +13,6 @@ from pathlib import Path
 import aiohttp_jinja2
 import jinja2
 import orjson
-import socketio
 import swagger_ui_bundle
 from aiohttp import web
 
@@ -66,7 +65,7 @@ from hub.rules import load_rules
 from hub.scoring import RiskEngine, RiskParams, ScoringService
 from hub.store.sqlite import SqliteStore
 from hub.tokens import RevokedTokens, TokenVerifier, load_secret
-from hub.transport import AgentNamespace
+from hub.transport import NAMESPACE, AgentNamespace, AgentServer
 
 log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -128,9 +127,10 @@ def create_app(settings: Settings) -> web.Application:
     app[OPENAPI] = orjson.dumps(openapi_document(TABLES, title="Agent Hub API", version=__version__))
     app[STARTED_AT] = time.time()
 
-    sio = socketio.AsyncServer(
+    sio = AgentServer(
         async_mode="aiohttp",
         json=SocketJson,
+        namespaces=[NAMESPACE],  # not the default "/": it admits anyone, certificate or not
         max_http_buffer_size=settings.max_frame_bytes,
         logger=False,
         engineio_logger=False,

@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
+import engineio
 import socketio
 from pydantic import ValidationError
 
@@ -22,6 +23,8 @@ from hub.problems import HubError, InternalError, InvalidInput, Overloaded, erro
 
 log = logging.getLogger(__name__)
 NAMESPACE = "/agent"
+_RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error"})  # only the server raises these
+_MAX_ATTACHMENTS = 16  # binary attachments one packet may announce; an agent sends one
 
 # python-socketio's disconnect reasons, in PROTOCOL.md's words.
 _REASONS: dict[str, PresenceReason] = {
@@ -119,6 +122,19 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             self._greeted.add(sid)
             await self._commands.deliver_queued(agent_id)
 
+    async def trigger_event(self, event: str, *args: Any) -> Any:
+        # Every event is answered: upstream acks an unknown one with nothing, and one with
+        # extra arguments not at all (its handler's TypeError ends the task).
+        if event in _RESERVED_EVENTS:
+            return await super().trigger_event(event, *args)
+        if not callable(getattr(self, f"on_{event}", None)):
+            return error_ack(
+                InvalidInput(f"unknown event {event[:64]!r}; agents send 'events' and 'heartbeat'")
+            )
+        if len(args) > 2:  # the sid, then the one payload every agent event has
+            return error_ack(InvalidInput(f"{event!r} takes one argument, got {len(args) - 1}"))
+        return await super().trigger_event(event, *args)
+
     async def on_events(self, sid: str, payload: Any = None) -> dict[str, Any]:
         agent_id = self._agents.get(sid)
         if agent_id is None:
@@ -199,6 +215,74 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             return False
         await self.emit("command", message, to=sid, callback=on_ack)
         return True
+
+
+class AgentServer(socketio.AsyncServer):  # type: ignore[misc]  # socketio ships no types
+    """python-socketio's server, closing a socket that breaks the Socket.IO protocol.
+
+    Upstream logs a packet it cannot decode or dispatch and carries on: its sender waits for
+    an ack forever, a half-received binary packet swallows every later message or piles up
+    any number of attachments, and a client may emit the reserved `connect` and `disconnect`
+    events. The reference (JavaScript) server closes such a connection; so does this one.
+    """
+
+    async def _handle_eio_message(self, eio_sid: str, data: str | bytes) -> None:
+        if eio_sid not in self.eio.sockets:  # closed already: frames still in flight are dropped
+            return
+        try:
+            _check_attachment(self._binary_packet.get(eio_sid), data, self.eio.max_http_buffer_size)
+            await super()._handle_eio_message(eio_sid, data)
+            _check_announced(self._binary_packet.get(eio_sid))
+        except Exception as error:  # whatever upstream could not handle: the packet is broken
+            await self._close_broken(eio_sid, error)
+
+    async def _handle_event(self, eio_sid: str, namespace: str | None, ack_id: int | None, data: Any) -> None:
+        if not (isinstance(data, list) and data and isinstance(data[0], str)) or data[0] in _RESERVED_EVENTS:
+            raise ValueError("an event must be a list [name, *args] whose name is not reserved")
+        await super()._handle_event(eio_sid, namespace, ack_id, data)
+
+    async def _close_broken(self, eio_sid: str, error: Exception) -> None:
+        self._binary_packet.pop(eio_sid, None)
+        log.warning("closing socket %s: it broke the Socket.IO protocol (%.200s)", eio_sid, error)
+        await self.eio.disconnect(eio_sid)
+
+    def _engineio_server_class(self) -> type[engineio.AsyncServer]:
+        return _EngineServer
+
+
+class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]  # engineio ships no types
+    """python-engineio's server, closing a socket without waiting for its client."""
+
+    async def disconnect(self, sid: str | None = None) -> None:
+        socket = self.sockets.get(sid) if sid is not None else None
+        if socket is None:
+            await super().disconnect(sid)
+            return
+        # Upstream waits until the client takes the CLOSE packet: a long-polling client that
+        # never polls again (one that sent an over-limit body, say) holds the request forever.
+        await socket.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+        self.sockets.pop(sid, None)
+        # After CLOSE, the end of the queue: the WebSocket writer then closes the connection
+        # rather than waiting for the client to, which a hostile one never does.
+        socket.queue.put_nowait(None)
+
+
+def _check_attachment(pending: Any, data: str | bytes, limit: int) -> None:
+    """Refuse what cannot be the next attachment of the binary packet `pending` (if any)."""
+    if pending is None:
+        return
+    if not isinstance(data, bytes):
+        raise ValueError("a text packet arrived where a binary attachment was due")
+    if sum(map(len, pending.attachments)) + len(data) > limit:
+        raise ValueError(f"binary attachments over {limit} bytes (max_frame_bytes)")
+
+
+def _check_announced(pending: Any) -> None:
+    """Refuse a binary packet that announces no attachment, or more than an agent sends."""
+    if pending is None or pending.attachments:
+        return
+    if not 0 < pending.attachment_count <= _MAX_ATTACHMENTS:
+        raise ValueError(f"a binary packet announcing {pending.attachment_count} attachments")
 
 
 def _refusal(code: str, message: str) -> socketio.exceptions.ConnectionRefusedError:

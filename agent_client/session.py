@@ -107,7 +107,6 @@ class AgentSession:
         self.max_batch = DEFAULT_MAX_BATCH
         self._last_hello: dict[str, Any] | None = None
         self._acked_seq = 0
-        self._unconfirmed: set[int] = set()
         self._client: socketio.AsyncClient | None = None
         self._emit_lock = asyncio.Lock()
         self._streams: set[asyncio.Task[None]] = set()
@@ -444,14 +443,7 @@ class AgentSession:
                 return
 
     async def _resume(self, last_seq: int) -> None:
-        # hello.last_seq is the highest seq the hub stored, not a promise that everything
-        # below it is stored: a batch sent and never acked may be missing while a later one
-        # committed. Keep everything from the lowest such batch; the hub dedupes resends.
-        floor = min(self._unconfirmed, default=None)
-        self._unconfirmed.clear()
-        through = last_seq if floor is None else min(last_seq, floor - 1)
-        await asyncio.to_thread(self.spool.resume, through)
-        self._acked_seq = max(through, 0)
+        self._acked_seq = await asyncio.to_thread(self.spool.resume, last_seq)
         self._check_drained()
 
     async def _send_window(self) -> None:
@@ -513,12 +505,10 @@ class AgentSession:
     async def _deliver(self, events: list[Event]) -> None:
         payload = encode_batch(events, self.encoding)
         low, high = events[0]["seq"], events[-1]["seq"]
-        self._unconfirmed.add(low)
         while True:
             ack = await self._call("events", payload)
             error = ack.get("error") if isinstance(ack, dict) else {"code": "bad_ack", "message": repr(ack)}
             if not error:
-                self._unconfirmed.discard(low)
                 _log_rejections(ack, low, high)
                 return
             code = error.get("code") if isinstance(error, dict) else None
@@ -527,11 +517,9 @@ class AgentSession:
                 middle = len(events) // 2
                 await self._deliver(events[:middle])
                 await self._deliver(events[middle:])
-                self._unconfirmed.discard(low)
                 return
             if code in PERMANENT_CODES:
                 log.error("hub refused the batch seq %d-%d for good (%r); dropping it", low, high, error)
-                self._unconfirmed.discard(low)
                 return
             # unavailable, overloaded, internal, or an answer we do not understand: the hub
             # may recover, and dropping would lose events it never stored. Keep and retry.

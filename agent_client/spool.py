@@ -81,21 +81,22 @@ class Spool:
                 self._next_seq = seq + 1
                 self._set_meta("next_seq", self._next_seq)
 
-    def resume(self, last_seq: int) -> None:
-        """Apply a hello's `last_seq`: forget what the hub has, keep (renumbered) what it lacks.
+    def resume(self, last_seq: int) -> int:
+        """Apply a hello's `last_seq`; return the seq through which the hub has confirmed everything.
 
+        `last_seq` is the highest seq the hub stored, not a promise that everything below it
+        is stored: a batch answered `overloaded` may be missing while a later one committed.
+        So a file already numbered with the hub's seqs keeps every event it holds (none was
+        confirmed: confirmed ones are deleted) and sends them again; the hub dedupes. This
+        improves on PROTOCOL.md, which lets an agent drop everything up to `last_seq`.
         Until a first hello has been applied to this file, its seqs are not the hub's: the
         file is new, or was lost and replaced, so whatever it holds is new to the hub and
-        moves above `last_seq` (whether or not it has already grown past it). After that,
-        seqs are shared and `last_seq` simply retires what the hub has.
+        moves above `last_seq` (whether or not it has already grown past it).
         """
-        with self._lock:
-            synced = bool(self._meta("synced"))
-        if synced:
-            self.ack_through(last_seq)
-            return
         with self._lock, self._transaction():
             first = self._db.execute("SELECT MIN(seq) FROM events").fetchone()[0]
+            if self._meta("synced"):
+                return (first if first is not None else self._next_seq) - 1
             shift = 0 if first is None or first > last_seq else last_seq + 1 - first
             # Through negative seqs: old and new ranges may overlap, and the key must stay unique.
             self._db.execute("UPDATE events SET seq = -seq")
@@ -103,6 +104,7 @@ class Spool:
             self._next_seq = max(self._next_seq + shift, last_seq + 1)
             self._set_meta("next_seq", self._next_seq)
             self._set_meta("synced", 1)
+        return last_seq
 
     def depth(self) -> int:
         """Return how many events wait for the hub."""

@@ -391,3 +391,16 @@ async def test_a_batch_refused_as_overloaded_survives_a_reconnect(
     assert agent.session.last_hello is not None
     assert agent.session.last_hello["last_seq"] == 1500
     assert await _stored_seqs(hub) == list(range(1, 1501))
+
+
+async def test_hellos_without_a_resend_between_them_lose_nothing(tmp_path: Path) -> None:
+    # Batches 11-20 and 31-40 were answered `overloaded` while the others committed, so the
+    # hub's last_seq is 50; then two connections in a row dropped before any resend.
+    session = AgentSession("https://127.0.0.1:9", None, None, None, tmp_path / "spool.db")
+    await session._resume(0)
+    session.spool.append([{"ts": 1.0, "kind": "custom", "pid": 1} for _ in range(50)])
+    await session._resume(50)
+    await session._resume(50)
+    assert [event["seq"] for event in session.spool.pending(0, 100)] == list(range(1, 51))
+    assert session.acked_seq == 0
+    session.spool.close()

@@ -96,11 +96,18 @@ def test_overflow_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
         reopened.close()
 
 
-def test_resume_drops_what_the_hub_has(spool: Spool) -> None:
+def test_resume_keeps_everything_the_hub_never_confirmed(spool: Spool) -> None:
     spool.resume(0)  # the first hello: from now on seqs are shared with the hub
     spool.append(_events(5))
-    spool.resume(3)
-    assert [event["seq"] for event in spool.pending(0, 10)] == [4, 5]
+    # The hub stored up to 3, but maybe not 1 or 2 (a batch answered `overloaded` while a
+    # later one committed): nothing unconfirmed is dropped; resending is deduped.
+    assert spool.resume(3) == 0
+    assert [event["seq"] for event in spool.pending(0, 10)] == [1, 2, 3, 4, 5]
+    spool.ack_through(2)
+    assert spool.resume(5) == 2
+    assert [event["seq"] for event in spool.pending(0, 10)] == [3, 4, 5]
+    spool.ack_through(5)
+    assert spool.resume(9) == 5  # empty: confirmed through what it numbered
 
 
 def test_a_replaced_spool_that_grew_past_the_hub_keeps_everything(tmp_path: Path) -> None:
@@ -108,8 +115,8 @@ def test_a_replaced_spool_that_grew_past_the_hub_keeps_everything(tmp_path: Path
     spool.append(_events(25))
     spool.resume(20)
     assert [event["seq"] for event in spool.pending(0, 100)] == list(range(21, 46))
-    spool.resume(30)  # synced now: a later hello retires what the hub has
-    assert spool.pending(0, 100)[0]["seq"] == 31
+    assert spool.resume(30) == 20  # synced now: a later hello drops nothing unconfirmed
+    assert spool.pending(0, 100)[0]["seq"] == 21
     spool.close()
 
 

@@ -4,13 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format typecheck bench bench-quick clean help
+.PHONY: run test lint format typecheck bench bench-quick soak clean help
 
 help:
 	@echo "make run          hub on https://127.0.0.1:8443 with a demo agent (SQLite, dev certificates)"
 	@echo "make test         ruff, mypy, then the whole test suite"
 	@echo "make bench        ingest benchmark: the hub against a bare python-socketio server"
 	@echo "make bench-quick  the same, shorter"
+	@echo "make soak         reliability checks that take minutes (kill -9 the hub while agents stream)"
 	@echo "make typecheck    mypy on hub/ and agent_client/"
 
 $(STAMP): pyproject.toml
@@ -41,6 +42,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.ingest --quick
+
+# The second run provokes gaps (earlier batches answered "overloaded" while later ones commit)
+# and kills the hub while agents reconnect: RELIABILITY.md.
+soak: $(STAMP)
+	$(BIN)/python -m bench.reliability.kill9
+	$(BIN)/python -m bench.reliability.kill9 --agents 20 --kills 20 --min-up 0.05 --max-up 1.5 \
+		--hub-setting MAX_BATCH_EVENTS=10 --hub-setting MAX_BATCHES_IN_FLIGHT=1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

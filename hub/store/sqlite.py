@@ -12,6 +12,7 @@ a group commit is then one thread hop instead of one per statement.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
 import sqlite3
@@ -94,10 +95,7 @@ class SqliteStore:
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         loop = asyncio.get_running_loop()
-        self._writer_conn = await loop.run_in_executor(self._write_thread, _connect, self._path)
-        # Event bodies hold command lines: owner only (SQLite gives -wal and -shm the same mode).
-        self._path.chmod(0o600)
-        await loop.run_in_executor(self._write_thread, _migrate, self._writer_conn)
+        self._writer_conn = await loop.run_in_executor(self._write_thread, self._open_writer)
         # Checkpoints run in their own thread, beside the writer: an automatic checkpoint
         # inside COMMIT would stall every ack waiting on that commit.
         self._writer_conn.execute("PRAGMA wal_autocheckpoint=0")
@@ -105,6 +103,17 @@ class SqliteStore:
         self._checkpoint_conn = await loop.run_in_executor(self._checkpoint_thread, _connect, self._path)
         self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="sqlite-checkpoint")
+
+    def _open_writer(self) -> sqlite3.Connection:
+        # Processes opening a new database at once (the hub, `agenthub certs issue`...) would
+        # race to switch it to WAL and to apply the first migration: one at a time.
+        with (self._path.parent / f"{self._path.name}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            conn = _connect(self._path)
+            # Event bodies hold command lines: owner only (SQLite gives -wal and -shm the same mode).
+            self._path.chmod(0o600)
+            _migrate(conn)
+        return conn
 
     async def close(self) -> None:
         if self._writer_task:

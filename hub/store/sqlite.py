@@ -15,6 +15,7 @@ import asyncio
 import fcntl
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -107,12 +108,15 @@ class SqliteStore:
     def _open_writer(self) -> sqlite3.Connection:
         # Processes opening a new database at once (the hub, `agenthub certs issue`...) would
         # race to switch it to WAL and to apply the first migration: one at a time.
-        with (self._path.parent / f"{self._path.name}.lock").open("a") as lock:
+        lock = os.open(self._path.parent / f"{self._path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             conn = _connect(self._path)
             # Event bodies hold command lines: owner only (SQLite gives -wal and -shm the same mode).
             self._path.chmod(0o600)
             _migrate(conn)
+        finally:
+            os.close(lock)  # closing releases the lock
         return conn
 
     async def close(self) -> None:

@@ -43,11 +43,14 @@ def _settings(args: argparse.Namespace) -> Settings:
         if (value := getattr(args, name, None)) is not None
     }
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "settings"
         raise CliError(f"bad setting {field} (HUB_{field.upper()}): {first['msg']}") from None
+    if not args.debug:
+        logging.getLogger().setLevel(settings.log_level)
+    return settings
 
 
 def _run_async(main: Coroutine[Any, Any, T]) -> T:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -159,7 +160,7 @@ class Settings(BaseSettings):
         86_400.0, ge=0, description="longest a rotated-out webhook secret may keep signing beside the new one"
     )
 
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("risk_thresholds")
     @classmethod

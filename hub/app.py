@@ -93,6 +93,7 @@ def create_app(settings: Settings) -> web.Application:
         settings.db_path,
         commit_max_events=settings.commit_max_events,
         retry_after_ms=settings.retry_after_ms,
+        busy_timeout_s=settings.sqlite_busy_timeout_s,
     )
     bus = PushBus(
         max_pending=settings.push_max_pending,

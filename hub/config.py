@@ -74,6 +74,9 @@ class Settings(BaseSettings):
         gt=0,
         description="events one agent may send at once (a spool flush); at least max_batch_events",
     )
+    sqlite_busy_timeout_s: float = Field(
+        5.0, gt=0, description="how long a write waits for a lock another process holds before `unavailable`"
+    )
     commit_max_events: int = Field(5_000, gt=0, description="most events in one group commit")
     retry_after_ms: int = Field(1000, gt=0)
     max_batches_in_flight: int = Field(

@@ -382,3 +382,36 @@ async def test_an_agent_flooding_past_its_quota_is_throttled_alone(quota_hub: Ru
     finally:
         await flooder.close()
         await steady.close()
+
+
+@pytest.fixture
+async def impatient_hub(settings: Settings) -> AsyncIterator[RunningHub]:
+    runner, running = await start_hub(settings.model_copy(update={"sqlite_busy_timeout_s": 0.3}))
+    yield running
+    await runner.cleanup()
+
+
+async def test_a_store_locked_by_another_process_answers_unavailable_and_loses_nothing(
+    impatient_hub: RunningHub,
+) -> None:
+    hub = impatient_hub
+    agent = await open_agent(hub, "agent-1")
+    try:
+        assert (await agent.send({"events": make_events(1, 10)}))["accepted"] == 10
+        # Another program takes the database's write lock and keeps it.
+        locker = sqlite3.connect(hub.settings.db_path, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            ack = await agent.send({"events": make_events(11, 10)})
+            assert ack["error"]["code"] == "unavailable"
+            assert ack["error"]["retry_after_ms"] > 0
+            assert (await agent.send({"events": make_events(11, 10)}))["error"]["code"] == "unavailable"
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        # The lock is gone: the agent's retry is stored, once.
+        ack = await agent.send({"events": make_events(11, 10)})
+        assert (ack["accepted"], ack["duplicates"], ack["last_seq"]) == (10, 0, 20)
+        assert await hub.store.count_events("agent-1") == 20
+    finally:
+        await agent.close()

@@ -54,13 +54,15 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: the WAL is fsynced at every commit, so an acked event survives a power cut.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
+    # How long a statement waits for a lock another process holds before failing; a failed
+    # write is answered `unavailable`, and the agent keeps its batch and retries.
+    conn.execute(f"PRAGMA busy_timeout={round(busy_timeout_s * 1000)}")
     conn.execute("PRAGMA journal_size_limit=67108864")  # truncate a WAL that grew past 64 MiB
     return conn
 
@@ -77,8 +79,16 @@ def _migrate(conn: sqlite3.Connection) -> None:
 class SqliteStore:
     """The embedded store; see the module docstring for how writes are made durable."""
 
-    def __init__(self, path: Path, *, commit_max_events: int = 5_000, retry_after_ms: int = 1000):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        commit_max_events: int = 5_000,
+        retry_after_ms: int = 1000,
+        busy_timeout_s: float = 30.0,
+    ):
         self._path = path
+        self._busy_timeout_s = busy_timeout_s
         self._commit_max = commit_max_events
         self._retry_after_ms = retry_after_ms
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
@@ -100,8 +110,11 @@ class SqliteStore:
         # Checkpoints run in their own thread, beside the writer: an automatic checkpoint
         # inside COMMIT would stall every ack waiting on that commit.
         self._writer_conn.execute("PRAGMA wal_autocheckpoint=0")
-        self._reader_conn = await loop.run_in_executor(self._read_thread, _connect, self._path)
-        self._checkpoint_conn = await loop.run_in_executor(self._checkpoint_thread, _connect, self._path)
+        timeout = self._busy_timeout_s
+        self._reader_conn = await loop.run_in_executor(self._read_thread, _connect, self._path, timeout)
+        self._checkpoint_conn = await loop.run_in_executor(
+            self._checkpoint_thread, _connect, self._path, timeout
+        )
         self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-writer")
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(), name="sqlite-checkpoint")
 
@@ -111,7 +124,7 @@ class SqliteStore:
         lock = os.open(self._path.parent / f"{self._path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            conn = _connect(self._path)
+            conn = _connect(self._path, self._busy_timeout_s)
             # Event bodies hold command lines: owner only (SQLite gives -wal and -shm the same mode).
             self._path.chmod(0o600)
             _migrate(conn)

@@ -106,6 +106,24 @@ async def start_hub(settings: Settings) -> tuple[web.AppRunner, RunningHub]:
     return runner, RunningHub(app, f"{scheme}://127.0.0.1:{port}", settings, settings.certs_dir)
 
 
+HubStarter = Callable[[dict[str, Any]], Awaitable[RunningHub]]
+
+
+@pytest.fixture
+async def hub_with(settings: Settings) -> AsyncIterator[HubStarter]:
+    """Start real hubs with some settings changed: `await hub_with({"max_batch_events": 10})`."""
+    runners: list[web.AppRunner] = []
+
+    async def start(overrides: dict[str, Any]) -> RunningHub:
+        runner, running = await start_hub(settings.model_copy(update=overrides))
+        runners.append(runner)
+        return running
+
+    yield start
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def hub(settings: Settings) -> AsyncIterator[RunningHub]:
     runner, running = await start_hub(settings)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -16,7 +15,15 @@ from hub.api import TABLES
 from hub.config import Settings
 from hub.problems import problem_middleware
 from hub.tokens import create_token
-from tests.conftest import ConnectAgent, RunningHub, client_ssl, make_events, open_agent, start_hub
+from tests.conftest import (
+    ConnectAgent,
+    HubStarter,
+    RunningHub,
+    client_ssl,
+    make_events,
+    open_agent,
+    start_hub,
+)
 from tests.test_scoring import attack
 
 
@@ -275,12 +282,8 @@ async def test_one_key_sent_at_once_many_times_does_the_work_once(
 
 
 @pytest.fixture
-async def limited_hub(settings: Settings) -> AsyncIterator[RunningHub]:
-    runner, running = await start_hub(
-        settings.model_copy(update={"rate_limit_burst": 3, "rate_limit_per_s": 0.5})
-    )
-    yield running
-    await runner.cleanup()
+async def limited_hub(hub_with: HubStarter) -> RunningHub:
+    return await hub_with({"rate_limit_burst": 3, "rate_limit_per_s": 0.5})
 
 
 async def test_rate_limit_is_per_principal_with_headers_and_retry_after(limited_hub: RunningHub) -> None:
@@ -309,12 +312,8 @@ async def test_rate_limit_is_per_principal_with_headers_and_retry_after(limited_
 
 
 @pytest.fixture
-async def address_limited_hub(settings: Settings) -> AsyncIterator[RunningHub]:
-    runner, running = await start_hub(
-        settings.model_copy(update={"rate_limit_address_burst": 3, "rate_limit_address_per_s": 0.5})
-    )
-    yield running
-    await runner.cleanup()
+async def address_limited_hub(hub_with: HubStarter) -> RunningHub:
+    return await hub_with({"rate_limit_address_burst": 3, "rate_limit_address_per_s": 0.5})
 
 
 async def test_requests_refused_before_authentication_are_rate_limited_by_address(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,6 @@ from hub.config import Settings
 from hub.identity import server_ssl_context
 from tests.conftest import RunningHub, client_ssl, make_events, open_agent, start_hub, try_connect
 from tests.test_certificates import csr_for, save
-
-
-@pytest.fixture
-async def own_pki_hub(settings: Settings) -> AsyncIterator[RunningHub]:
-    runner, hub = await start_hub(settings)
-    yield hub
-    await runner.cleanup()
 
 
 async def call(hub: RunningHub, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
@@ -54,8 +46,7 @@ async def reissue(hub: RunningHub, agent_id: str, folder: Path) -> x509.Certific
     return cert
 
 
-async def test_rotating_the_ca_keeps_every_agent_connected(own_pki_hub: RunningHub, tmp_path: Path) -> None:
-    hub = own_pki_hub
+async def test_rotating_the_ca_keeps_every_agent_connected(hub: RunningHub, tmp_path: Path) -> None:
     reissued = tmp_path / "reissued"
     reissued.mkdir()
     old_ca = x509.load_pem_x509_certificate((hub.certs / "ca.pem").read_bytes())
@@ -99,9 +90,8 @@ async def test_rotating_the_ca_keeps_every_agent_connected(own_pki_hub: RunningH
 
 
 async def test_uploading_a_certificate_known_as_issued_trusts_it_after_the_retirement(
-    own_pki_hub: RunningHub,
+    hub: RunningHub,
 ) -> None:
-    hub = own_pki_hub
     agent = await open_agent(hub, "agent-3")  # the hub knows its certificate now, as issued
     await agent.close()
     assert (await call(hub, "POST", "/api/v1/ca:rotate"))[0] == 201

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -11,7 +10,7 @@ import pytest
 
 from agent_client.commands import execute
 from hub.config import Settings
-from tests.conftest import AgentConn, ConnectAgent, RunningHub, client_ssl, open_agent, start_hub
+from tests.conftest import AgentConn, ConnectAgent, HubStarter, RunningHub, client_ssl, open_agent, start_hub
 
 SEND = "/api/v1/agents/{agent_id}/commands"
 
@@ -344,11 +343,9 @@ async def test_an_agents_commands_list_newest_first_by_state_and_page(
 
 
 @pytest.fixture
-async def unswept(settings: Settings) -> AsyncIterator[RunningHub]:
+async def unswept(hub_with: HubStarter) -> RunningHub:
     """A hub that sweeps expired commands once a minute: only the TTL checks stop them meanwhile."""
-    runner, running = await start_hub(settings.model_copy(update={"command_sweep_interval_s": 60.0}))
-    yield running
-    await runner.cleanup()
+    return await hub_with({"command_sweep_interval_s": 60.0})
 
 
 async def test_an_ack_after_the_ttl_does_not_complete_the_command(unswept: RunningHub) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from hub.app import NAMESPACE_KEY
 from hub.config import Settings
 from hub.problems import Unavailable
-from tests.conftest import ConnectAgent, RunningHub, make_events, open_agent, start_hub
+from tests.conftest import ConnectAgent, HubStarter, RunningHub, make_events, open_agent, start_hub
 
 BEAT = {
     "ts": 1.0,
@@ -25,11 +24,9 @@ BEAT = {
 
 
 @pytest.fixture
-async def hub(settings: Settings) -> AsyncIterator[RunningHub]:
+async def hub(hub_with: HubStarter) -> RunningHub:
     """A hub expecting heartbeats every 0.2 s: late after 0.3 s, offline after 0.6 s."""
-    runner, running = await start_hub(settings.model_copy(update={"heartbeat_interval_s": 0.2}))
-    yield running
-    await runner.cleanup()
+    return await hub_with({"heartbeat_interval_s": 0.2})
 
 
 async def _status_becomes(hub: RunningHub, agent_id: str, status: str) -> dict[str, object]:

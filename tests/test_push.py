@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -13,14 +12,12 @@ import pytest
 from hub.config import Settings
 from hub.keys import BUS
 from hub.tokens import issue_token
-from tests.conftest import RunningHub, client_ssl, start_hub
+from tests.conftest import HubStarter, RunningHub, client_ssl, start_hub
 
 
 @pytest.fixture
-async def hub(settings: Settings) -> AsyncIterator[RunningHub]:
-    runner, running = await start_hub(settings.model_copy(update={"push_max_pending": 50}))
-    yield running
-    await runner.cleanup()
+async def hub(hub_with: HubStarter) -> RunningHub:
+    return await hub_with({"push_max_pending": 50})
 
 
 async def _dashboard(hub: RunningHub, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
@@ -80,11 +77,9 @@ async def test_dashboard_token_in_query_cookie_or_header(hub: RunningHub) -> Non
 
 
 @pytest.fixture
-async def strict_hub(settings: Settings) -> AsyncIterator[RunningHub]:
+async def strict_hub(hub_with: HubStarter) -> RunningHub:
     limits = {"push_max_dashboards_per_principal": 2, "token_revocation_cache_s": 0.2}
-    runner, running = await start_hub(settings.model_copy(update=limits))
-    yield running
-    await runner.cleanup()
+    return await hub_with(limits)
 
 
 async def test_a_dashboard_closes_when_its_token_is_revoked_or_expires(strict_hub: RunningHub) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 
 import aiohttp
 import msgpack
@@ -18,6 +17,7 @@ from hub.problems import Unavailable
 from tests.conftest import (
     AgentConn,
     ConnectAgent,
+    HubStarter,
     RunningHub,
     client_ssl,
     make_events,
@@ -347,11 +347,9 @@ async def _dial(hub: RunningHub, agent_id: str) -> tuple[socketio.AsyncClient, a
 
 
 @pytest.fixture
-async def quota_hub(settings: Settings) -> AsyncIterator[RunningHub]:
+async def quota_hub(hub_with: HubStarter) -> RunningHub:
     quota = {"agent_max_events_per_s": 2000.0, "agent_burst_events": 2000}
-    runner, running = await start_hub(settings.model_copy(update=quota))
-    yield running
-    await runner.cleanup()
+    return await hub_with(quota)
 
 
 async def test_an_agent_flooding_past_its_quota_is_throttled_alone(quota_hub: RunningHub) -> None:
@@ -385,10 +383,8 @@ async def test_an_agent_flooding_past_its_quota_is_throttled_alone(quota_hub: Ru
 
 
 @pytest.fixture
-async def impatient_hub(settings: Settings) -> AsyncIterator[RunningHub]:
-    runner, running = await start_hub(settings.model_copy(update={"sqlite_busy_timeout_s": 0.3}))
-    yield running
-    await runner.cleanup()
+async def impatient_hub(hub_with: HubStarter) -> RunningHub:
+    return await hub_with({"sqlite_busy_timeout_s": 0.3})
 
 
 async def test_a_store_locked_by_another_process_answers_unavailable_and_loses_nothing(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,7 +14,7 @@ from yarl import URL
 
 from hub.config import Settings
 from hub.notify import DestinationPolicy, DestinationRefused, GuardedResolver
-from tests.conftest import RunningHub, call, client_ssl, start_hub
+from tests.conftest import HubStarter, RunningHub, call, client_ssl
 
 WEBHOOKS = "/api/v1/webhooks"
 # A public address: nothing is sent to it (deliveries are a later issue), so it need not answer.
@@ -31,11 +30,9 @@ def settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def internal_hub(settings: Settings) -> AsyncIterator[RunningHub]:
+async def internal_hub(hub_with: HubStarter) -> RunningHub:
     """A hub whose webhooks may reach loopback receivers (HUB_WEBHOOK_ALLOWED_NETWORKS)."""
-    runner, hub = await start_hub(settings.model_copy(update={"webhook_allowed_networks": LOOPBACK}))
-    yield hub
-    await runner.cleanup()
+    return await hub_with({"webhook_allowed_networks": LOOPBACK})
 
 
 async def create(http: aiohttp.ClientSession, hub: RunningHub, **fields: Any) -> dict[str, Any]:

@@ -13,7 +13,9 @@ from hub.problems import BatchTooLarge, InvalidInput
 class WirePayload(dict[str, Any]):
     """An object argument of a Socket.IO event, with the size of the text it arrived in."""
 
-    wire_bytes: int = 0
+    def __init__(self, value: dict[str, Any], wire_bytes: int) -> None:
+        super().__init__(value)
+        self.wire_bytes = wire_bytes
 
 
 class SocketJson:
@@ -31,11 +33,8 @@ class SocketJson:
     def loads(data: str | bytes, **_: Any) -> Any:
         value = orjson.loads(data)
         if isinstance(value, list) and len(value) == 2 and type(value[1]) is dict:
-            payload = WirePayload(value[1])
-            payload.wire_bytes = (
-                len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
-            )
-            value[1] = payload
+            size = len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
+            value[1] = WirePayload(value[1], size)
         return value
 
 

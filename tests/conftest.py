@@ -250,6 +250,11 @@ async def http(hub: RunningHub) -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+def bearer(hub: RunningHub, *scopes: str) -> dict[str, str]:
+    """The Authorization header of a token with `scopes` (hub:read by default)."""
+    return {"Authorization": f"Bearer {hub.token(*scopes)}"}
+
+
 async def call(
     http: aiohttp.ClientSession,
     hub: RunningHub,

@@ -19,16 +19,13 @@ from tests.conftest import (
     ConnectAgent,
     HubStarter,
     RunningHub,
+    bearer,
     client_ssl,
     make_events,
     open_agent,
     start_hub,
 )
 from tests.test_scoring import attack
-
-
-def bearer(hub: RunningHub, *scopes: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {hub.token(*scopes)}"}
 
 
 async def problem_of(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:

@@ -12,12 +12,8 @@ import aiohttp
 import pytest
 
 from hub.config import Settings, default_rule_files
-from tests.conftest import ConnectAgent, RunningHub, client_ssl, make_events, open_agent, start_hub
+from tests.conftest import ConnectAgent, RunningHub, bearer, client_ssl, make_events, open_agent, start_hub
 from tests.test_scoring import T0, attack
-
-
-def bearer(hub: RunningHub, *scopes: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {hub.token(*scopes)}"}
 
 
 async def get(http: aiohttp.ClientSession, hub: RunningHub, path: str, **params: Any) -> Any:

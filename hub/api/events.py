@@ -58,10 +58,7 @@ async def ingest_events(request: web.Request) -> BatchAck:
         payload: object = raw
     elif request.content_type == "application/json":
         decoded = parse_json(raw)
-        payload = decoded
-        if isinstance(decoded, dict):
-            payload = WirePayload(decoded)
-            payload.wire_bytes = len(raw)
+        payload = WirePayload(decoded, len(raw)) if isinstance(decoded, dict) else decoded
     else:
         raise UnsupportedMediaType(
             f"send the batch as application/json or application/msgpack, not {request.content_type}"

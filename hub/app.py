@@ -53,20 +53,28 @@ from hub.keys import (
     PRESENCE,
     REVOKED_TOKENS,
     SCORING,
+    SESSIONS,
     SETTINGS,
     STARTED_AT,
     STORE,
+    USERS,
     VERIFIER,
 )
 from hub.limits import TokenBuckets
 from hub.presence import Presence
 from hub.problems import problem_middleware
+from hub.pulse import beat
 from hub.push import PushBus
 from hub.rules import load_rules
 from hub.scoring import RiskEngine, RiskParams, ScoringService
+from hub.sessions import SessionService
 from hub.store.sqlite import SqliteStore
 from hub.tokens import RevokedTokens, TokenVerifier, load_secret
 from hub.transport import NAMESPACE, AgentNamespace, AgentServer
+from hub.users import Users
+from web.signin import page_headers
+from web.signin import routes as signin_routes
+from web.views import routes as page_routes
 
 log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -118,6 +126,8 @@ def create_app(settings: Settings) -> web.Application:
     app[VERIFIER] = TokenVerifier(settings)
     app[REVOKED_TOKENS] = RevokedTokens(store, ttl_s=settings.token_revocation_cache_s)
     app[AUDIT] = AuditLog(store)
+    app[USERS] = Users(settings, store)
+    app[SESSIONS] = SessionService(settings, store)
     app[CURSORS] = Cursors(load_secret(settings))
     app[JOBS] = Jobs()
     app[SIGNATURES] = SignatureVerifier(store, max_skew_s=settings.hmac_max_skew_s)
@@ -144,7 +154,9 @@ def create_app(settings: Settings) -> web.Application:
         table.add_to(app)
     app.add_routes(live_routes)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(WEB_DIR / "templates"), autoescape=True)
-    app.router.add_get("/", _live_page)
+    app.add_routes(signin_routes)
+    app.add_routes(page_routes)
+    app.on_response_prepare.append(page_headers)
     app.router.add_static("/static/swagger-ui/", swagger_ui_bundle.swagger_ui_path)
     app.router.add_static("/static/", WEB_DIR / "static")
     app.cleanup_ctx.append(_lifecycle)
@@ -172,10 +184,6 @@ async def _command_expiry(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(expirer, return_exceptions=True)
 
 
-async def _live_page(request: web.Request) -> web.Response:
-    return aiohttp_jinja2.render_template("live.html", request, {"version": __version__})
-
-
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store, scoring, presence = app[STORE], app[SCORING], app[PRESENCE]
     await store.open()
@@ -184,13 +192,25 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await store.mark_all_offline("transport_lost", time.time())
     scorer = asyncio.create_task(scoring.run(), name="scoring")
     watcher = asyncio.create_task(presence.watch(app[NAMESPACE_KEY].close), name="presence")
+    pulse = asyncio.create_task(
+        beat(
+            app[INGESTOR],
+            scoring,
+            presence,
+            store,
+            app[BUS].publish,
+            interval_s=app[SETTINGS].push_stats_interval_s,
+        ),
+        name="pulse",
+    )
     yield
     # Stop in order: no new work, score and persist what was stored, then close the store.
     watcher.cancel()
+    pulse.cancel()
     await app[JOBS].close()
     await app[INGESTOR].close()  # batches under way commit and reach scoring first
     scoring.stop()
-    await asyncio.gather(watcher, scorer, return_exceptions=True)
+    await asyncio.gather(watcher, pulse, scorer, return_exceptions=True)
     await store.close()
 
 

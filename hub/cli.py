@@ -1,4 +1,4 @@
-"""`agenthub`: serve, certs, token, recalculate, demo."""
+"""`agenthub`: serve, certs, token, users, audit, recalculate, demo."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,10 +23,12 @@ from hub.certs import CertificateError, init_pki, issue_agent
 from hub.config import Settings
 from hub.problems import HubError
 from hub.rules import RuleError
+from hub.sessions import ROLES
 
 if TYPE_CHECKING:
     from hub.audit import Action
     from hub.store.sqlite import SqliteStore
+    from hub.users import Users
 
 log = logging.getLogger("agenthub")
 T = TypeVar("T")
@@ -151,6 +154,96 @@ def cmd_token_revoke(args: argparse.Namespace) -> None:
     record = _run_async(run())
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record["revoked_at"]))
     print(f"token {args.jti} revoked at {when}; a running hub refuses it within seconds")
+
+
+def _read_password(prompt: str) -> str:
+    """Ask for a new password twice on a terminal; otherwise read one line from standard input."""
+    import getpass
+
+    if not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise CliError("no password on standard input")
+        return password
+    password = getpass.getpass(prompt)
+    if getpass.getpass("Repeat it: ") != password:
+        raise CliError("the two passwords differ")
+    return password
+
+
+def _users_action(args: argparse.Namespace, action: str, change: Callable[[Users], Awaitable[Any]]) -> None:
+    """Run `change` on the hub's accounts and record it in the audit log under `action`."""
+    from hub.audit import AuditLog, cli_action
+    from hub.users import Users
+
+    settings = _settings(args)
+
+    async def run() -> None:
+        async with _open_store(settings) as store:
+            try:
+                await change(Users(settings, store))
+            except (ValueError, LookupError) as exc:
+                raise CliError(str(exc)) from None
+            command = f"agenthub users {args.users_command}"
+            await AuditLog(store).append(cli_action(action, command, {"user": args.name}))
+
+    _run_async(run())
+
+
+def cmd_users_add(args: argparse.Namespace) -> None:
+    from hub.users import check_role, check_user_name
+
+    try:  # before asking for a password that would be thrown away
+        check_user_name(args.name)
+        check_role(args.role)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    password = _read_password(f"Password for {args.name}: ")
+    _users_action(args, "add_user", lambda users: users.add(args.name, role=args.role, password=password))
+    print(f"user {args.name} added with role {args.role}")
+
+
+def cmd_users_passwd(args: argparse.Namespace) -> None:
+    password = _read_password(f"New password for {args.name}: ")
+    _users_action(args, "set_user_password", lambda users: users.set_password(args.name, password))
+    print(f"password of {args.name} changed; their sessions have ended")
+
+
+def cmd_users_role(args: argparse.Namespace) -> None:
+    _users_action(args, "set_user_role", lambda users: users.set_role(args.name, args.role))
+    print(f"{args.name} is now {args.role}")
+
+
+def cmd_users_unlock(args: argparse.Namespace) -> None:
+    _users_action(args, "unlock_user", lambda users: users.unlock(args.name))
+    print(f"{args.name} may sign in again")
+
+
+def cmd_users_remove(args: argparse.Namespace) -> None:
+    _users_action(args, "remove_user", lambda users: users.remove(args.name))
+    print(f"user {args.name} removed; their sessions have ended")
+
+
+def cmd_users_list(args: argparse.Namespace) -> None:
+    from hub.users import Users
+
+    settings = _settings(args)
+
+    async def run() -> list[dict[str, Any]]:
+        async with _open_store(settings, must_exist=True) as store:
+            return await Users(settings, store).list()
+
+    rows = _run_async(run())
+    if not rows:
+        print("no users yet: agenthub users add NAME --role viewer|operator|admin")
+        return
+    now = time.time()
+    print(f"{'NAME':<24} {'ROLE':<9} {'LAST SIGN-IN':<20} STATE")
+    for row in rows:
+        last = row["last_signin_at"]
+        shown = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(last)) if last else "never"
+        state = f"locked {math.ceil(row['locked_until'] - now)} s" if row["locked_until"] > now else "ok"
+        print(f"{row['name']:<24} {row['role']:<9} {shown:<20} {state}")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> None:
@@ -387,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     _state_options(revoke)
     revoke.set_defaults(func=cmd_token_revoke)
 
+    _users_parser(commands)
+
     audit = commands.add_parser("audit", help="the operator audit log", description="The operator audit log.")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     verify = audit_commands.add_parser(
@@ -415,6 +510,35 @@ def build_parser() -> argparse.ArgumentParser:
     _state_options(demo)
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _users_parser(commands: Any) -> None:
+    users = commands.add_parser(
+        "users",
+        help="operator accounts for the web pages",
+        description="Operator accounts: each signs in to the pages with a name and password, "
+        "and its role grants API scopes (viewer: hub:read, operator: hub:write, admin: hub:admin).",
+    )
+    users_commands = users.add_subparsers(dest="users_command", required=True, metavar="COMMAND")
+    asked = "The password is asked twice on a terminal, or read as one line from standard input."
+    specs: list[tuple[str, str, Callable[[argparse.Namespace], None]]] = [
+        ("add", f"Add an account with a role. {asked}", cmd_users_add),
+        ("passwd", f"Set an account's password; its sessions end. {asked}", cmd_users_passwd),
+        ("role", "Give an account another role; its sessions take it at once.", cmd_users_role),
+        ("unlock", "Clear an account's failed sign-ins and lockout.", cmd_users_unlock),
+        ("remove", "Delete an account; its sessions end.", cmd_users_remove),
+        ("list", "List the accounts with role, last sign-in and lockout.", cmd_users_list),
+    ]
+    for name, description, func in specs:
+        sub = users_commands.add_parser(name, help=description.split(".")[0].lower(), description=description)
+        if name != "list":
+            sub.add_argument("name", metavar="NAME", help="the account's user name")
+        if name == "add":
+            sub.add_argument("--role", required=True, choices=ROLES, help="viewer, operator or admin")
+        if name == "role":
+            sub.add_argument("role", metavar="ROLE", choices=ROLES, help="viewer, operator or admin")
+        _state_options(sub)
+        sub.set_defaults(func=func)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

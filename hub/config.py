@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(10.0, gt=0)
     heartbeat_late_after: float = Field(1.5, gt=1, description="intervals before 'late'")
     heartbeat_offline_after: float = Field(3.0, gt=1, description="intervals before 'offline'")
+    heartbeat_history_s: float = Field(
+        86_400.0, gt=0, description="how long each agent's heartbeats are kept for its charts"
+    )
 
     # risk model (DESIGN.md)
     rule_files: list[Path] = Field(default_factory=default_rule_files)
@@ -109,9 +112,25 @@ class Settings(BaseSettings):
     push_send_timeout_s: float = Field(
         10.0, gt=0, description="a dashboard that takes no data for this long is cut off"
     )
+    push_stats_interval_s: float = Field(
+        1.0, gt=0, description="how often dashboards are pushed the hub's event rate and health"
+    )
     push_max_pending: int = Field(
         10_000, gt=0, description="coalesced updates held per slow subscriber before dropping"
     )
+
+    # operator accounts and web sessions
+    session_idle_s: float = Field(
+        8 * 3600.0, gt=0, description="a web session unused for this long ends (operators sign in again)"
+    )
+    session_max_s: float = Field(24 * 3600.0, gt=0, description="a web session ends this long after sign-in")
+    signin_max_failures: int = Field(
+        5, gt=0, description="failed sign-ins in a row before the account is locked for a while"
+    )
+    signin_lockout_s: float = Field(
+        30.0, gt=0, description="first lockout; each further failure doubles it, up to signin_lockout_max_s"
+    )
+    signin_lockout_max_s: float = Field(900.0, gt=0, description="longest lockout after failed sign-ins")
 
     # operator API
     api_max_body_bytes: int = Field(

@@ -16,8 +16,10 @@ from hub.jobs import Jobs
 from hub.presence import Presence
 from hub.push import PushBus
 from hub.scoring import ScoringService
+from hub.sessions import Session, SessionService
 from hub.store import Store
 from hub.tokens import Principal, RevokedTokens, TokenVerifier
+from hub.users import Users
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
@@ -31,6 +33,8 @@ AUDIT = web.AppKey("audit", AuditLog)
 COMMANDS = web.AppKey("commands", CommandService)
 AGENT_TRUST = web.AppKey("agent_trust", AgentTrust)  # owns the listener's TLS context
 CERTIFICATES = web.AppKey("certificates", CertificateService)
+SESSIONS = web.AppKey("sessions", SessionService)
+USERS = web.AppKey("users", Users)
 STARTED_AT = web.AppKey("started_at", float)
 # Declared by annotation: the API modules that define these types import this module.
 CURSORS: web.AppKey[Cursors] = web.AppKey("cursors")
@@ -41,3 +45,4 @@ if TYPE_CHECKING:
     from hub.api.pagination import Cursors
 
 PRINCIPAL = web.RequestKey("principal", Principal)
+SESSION = web.RequestKey("session", Session)  # set when a signed-in operator's cookie authenticated

@@ -17,6 +17,7 @@ from hub.store import Store
 log = logging.getLogger(__name__)
 Publisher = Callable[[str, str, dict[str, Any]], None]
 Disconnector = Callable[[str, PresenceReason], Awaitable[None]]
+_PRUNE_EVERY_S = 60.0  # heartbeat history is pruned this often: a cheap, indexed delete
 
 
 @dataclass(slots=True)
@@ -51,6 +52,8 @@ class Presence:
         self._live: dict[str, _Live] = {}
         self._turns: dict[str, _Turn] = {}
         self._unsaved: dict[str, tuple[PresenceReason, float]] = {}  # agent id -> offline to store
+        self._history_s = settings.heartbeat_history_s
+        self._pruned_at = 0.0
 
     @property
     def connected(self) -> int:
@@ -110,11 +113,12 @@ class Presence:
             await self._save_offline(agent_id)
 
     async def watch(self, disconnect: Disconnector) -> None:
-        """Mark agents late, then offline, when heartbeats stop; runs until cancelled."""
+        """Mark agents late, then offline, when heartbeats stop; prune old heartbeats; run until cancelled."""
         while True:
             await asyncio.sleep(min(1.0, self._interval / 4))
             try:
                 await self._check(disconnect)
+                await self._prune_history()
             except Exception:  # the store failed: liveness must keep being watched
                 log.exception("liveness check failed; will retry")
 
@@ -130,6 +134,12 @@ class Presence:
                 await disconnect(live.sid, "missed_heartbeats")
             elif silent > self._late_after and live.status == "online":
                 await self._restatus(agent_id, live, "late", "missed_heartbeats", now)
+
+    async def _prune_history(self) -> None:
+        now = time.time()
+        if now - self._pruned_at >= _PRUNE_EVERY_S:
+            self._pruned_at = now  # a failed prune waits its turn too: the next one catches up
+            await self._store.prune_heartbeats(now - self._history_s)
 
     async def _restatus(
         self,

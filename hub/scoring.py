@@ -67,6 +67,7 @@ class ProcessRisk:
     alerted_rules: list[str] = field(default_factory=list)
     risk_score: float = 0.0
     exited: bool = False
+    stored: bool = False  # sent to the store once: its exit must reach the store too
 
     @property
     def process_key(self) -> str:
@@ -105,6 +106,22 @@ class ProcessRisk:
 
 
 _RECORD_FIELDS = tuple(ProcessRisk.__dataclass_fields__)
+_LINEAGE_DEPTH = 16  # ancestors stored with a risky process, for the process tree around it
+
+
+def _store(table: dict[int, ProcessRisk], process: ProcessRisk, changed: dict[str, ProcessRisk]) -> None:
+    """Send `process` to the store, with its live ancestors not stored yet.
+
+    Riskless processes are not stored (most never gain risk), but the tree around a risky one
+    must show where it came from: a web server that spawned a shell scores nothing itself.
+    """
+    for _ in range(_LINEAGE_DEPTH + 1):
+        changed[process.process_key] = process
+        process.stored = True
+        parent = table.get(process.ppid) if process.ppid is not None else None
+        if parent is None or parent.stored:
+            return
+        process = parent
 
 
 class RiskEngine:
@@ -123,6 +140,7 @@ class RiskEngine:
         table = self._live.setdefault(agent_id, {})
         for record in records:
             process = ProcessRisk.from_record(record)
+            process.stored = True
             table[process.pid] = process
 
     def processes(self) -> Iterable[ProcessRisk]:
@@ -143,11 +161,11 @@ class RiskEngine:
         matched = self.rules.match(event, self._context(table, process)) if possible else []
         alerts = self._add(process, matched, event["ts"]) if matched else []
         if matched:
-            changed[process.process_key] = process
+            _store(table, process, changed)
         if kind == "process_exit":
             process.exited = True
             del table[process.pid]
-            if process.risk_score > 0:  # riskless processes were never stored
+            if process.stored:  # most processes never gain risk and are never stored
                 changed[process.process_key] = process
         return alerts
 
@@ -171,7 +189,8 @@ class RiskEngine:
         previous = table.get(event["pid"])
         if previous is not None:  # the pid was reused: the old process is gone
             previous.exited = True
-            changed[previous.process_key] = previous
+            if previous.stored:
+                changed[previous.process_key] = previous
         process = self._new_process(agent_id, table, event)
         parent = table.get(process.ppid) if process.ppid is not None else None
         if parent is not None and self.params.inherit_fraction > 0:
@@ -181,7 +200,7 @@ class RiskEngine:
                 process.contributions[INHERITED] = [inherited, 1]
                 process.inherited_from = parent.process_id
                 process.risk_score = self._score(process.raw())
-                changed[process.process_key] = process
+                _store(table, process, changed)
         return process
 
     def _new_process(self, agent_id: str, table: dict[int, ProcessRisk], event: Event) -> ProcessRisk:

@@ -99,7 +99,7 @@ async def start_hub(settings: Settings) -> tuple[web.AppRunner, RunningHub]:
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, 0, ssl_context=listener_ssl(app))
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=listener_ssl(app))
     await site.start()
     port = runner.addresses[0][1]
     scheme = "http" if settings.dev_insecure else "https"

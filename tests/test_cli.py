@@ -23,12 +23,15 @@ def assert_user_error(result: subprocess.CompletedProcess[str], words: str) -> N
     assert "Traceback" not in result.stderr
 
 
-def agenthub(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def agenthub(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
     return subprocess.run(
         [sys.executable, "-m", "hub.cli", *args],
         cwd=cwd,
         env={**clean, **(env or {})},
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=60,

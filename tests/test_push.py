@@ -17,7 +17,8 @@ from tests.conftest import HubStarter, RunningHub, client_ssl, start_hub
 
 @pytest.fixture
 async def hub(hub_with: HubStarter) -> RunningHub:
-    return await hub_with({"push_max_pending": 50})
+    # No stats pushes in between: these tests count and order what the bus sends.
+    return await hub_with({"push_max_pending": 50, "push_stats_interval_s": 3600})
 
 
 async def _dashboard(hub: RunningHub, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
@@ -78,7 +79,11 @@ async def test_dashboard_token_in_query_cookie_or_header(hub: RunningHub) -> Non
 
 @pytest.fixture
 async def strict_hub(hub_with: HubStarter) -> RunningHub:
-    limits = {"push_max_dashboards_per_principal": 2, "token_revocation_cache_s": 0.2}
+    limits = {
+        "push_max_dashboards_per_principal": 2,
+        "token_revocation_cache_s": 0.2,
+        "push_stats_interval_s": 3600,
+    }
     return await hub_with(limits)
 
 

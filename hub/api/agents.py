@@ -13,7 +13,7 @@ from typing_extensions import TypedDict  # pydantic needs this TypedDict on Pyth
 from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.params import AgentPath
 from hub.api.spec import ApiRoutes
-from hub.api.views import AgentView
+from hub.api.views import AgentView, HeartbeatPoint
 from hub.keys import STORE
 from hub.problems import NotFound
 
@@ -40,6 +40,31 @@ async def get_agent(request: web.Request, *, path: AgentPath) -> dict[str, Any]:
     if agent is None:
         raise NotFound(f"no agent {path.agent_id!r} has connected to this hub")
     return agent
+
+
+class HeartbeatQuery(PageQuery):
+    since: float | None = Field(None, description="heartbeats received at or after this (epoch seconds)")
+    until: float | None = Field(None, description="heartbeats received before this (epoch seconds)")
+
+
+@api.get(
+    "/api/v1/agents/{agent_id}/heartbeats",
+    scope="hub:read",
+    path_params=AgentPath,
+    query=HeartbeatQuery,
+    response=PageOf[HeartbeatPoint],
+)
+async def list_heartbeats(request: web.Request, *, path: AgentPath, query: HeartbeatQuery) -> dict[str, Any]:
+    """List an agent's recent heartbeats (CPU, memory, disk...), oldest first, by hub receive time.
+
+    The hub keeps `heartbeat_history_s` of them.
+    """
+    store = request.app[STORE]
+    if await store.get_agent(path.agent_id) is None:
+        raise NotFound(f"no agent {path.agent_id!r} has connected to this hub")
+    return await paginate(
+        request, query, store.list_heartbeats, path.agent_id, since=query.since, until=query.until
+    )
 
 
 class SigningSecret(TypedDict):

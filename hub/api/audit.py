@@ -55,13 +55,19 @@ def _status_of(exc: Exception) -> int:
 
 async def _record(request: web.Request, status: int) -> None:
     who = request.get(PRINCIPAL)
-    if who is None:
-        return
+    if who is not None:
+        await record_action(request, actor=who.subject, token_id=who.token_id, status=status)
+
+
+async def record_action(
+    request: web.Request, *, actor: str, status: int, token_id: str | None = None
+) -> None:
+    """Append what `request` did, by `actor`, to the audit log; a failure is logged, not raised."""
     match = request.match_info
     resource = match.route.resource
     action = Action(
-        actor=who.subject,
-        token_id=who.token_id,
+        actor=actor,
+        token_id=token_id,
         action=match.route.name or str(getattr(match.handler, "__name__", "unknown")),
         method=request.method,
         path=resource.canonical if resource is not None else request.path,

@@ -1,8 +1,13 @@
-"""Refuse by default: every `/api/` and `/ws/` route needs a token unless marked public.
+"""Refuse by default: every route needs a credential unless marked public.
 
-Order of checks: a route must declare its scope (`requires`); then a bearer token must be
-present (401), valid (signature, algorithm, issuer, audience, times: 401), not revoked
-(401 "the token has been revoked"), and hold the route's scope (403).
+Order of checks: an `/api/` or `/ws/` route must declare its scope (`requires`); a page
+needs `hub:read` unless it says otherwise. Then the caller proves who it is: a bearer token
+that is valid (signature, algorithm, issuer, audience, times) and not revoked, or the session
+cookie of a signed-in operator (401 for the API, a redirect to `/signin` for pages). A request
+that changes something with a session cookie must carry that session's CSRF token in
+`X-CSRF-Token` (403). Last, the credential must hold the route's scope (403).
+Only agents' own paths pass untouched: `/socket.io/` (certificates, checked by the transport)
+and `/static/` (assets).
 """
 
 from __future__ import annotations
@@ -15,12 +20,18 @@ from aiohttp.typedefs import Handler
 from yarl import URL
 
 from hub.api.signatures import AGENT_SIGNATURE, SIGNATURES, SIGNED_AGENT
-from hub.keys import PRINCIPAL, REVOKED_TOKENS, SETTINGS, VERIFIER
+from hub.keys import PRINCIPAL, REVOKED_TOKENS, SESSION, SESSIONS, SETTINGS, VERIFIER
 from hub.problems import Forbidden, Unauthorized
+from hub.sessions import Session, cookie_name
+from hub.tokens import Principal
 
 RouteHandler = TypeVar("RouteHandler", bound=Callable[..., Awaitable[web.StreamResponse]])
 _PROTECTED_PREFIXES = ("/api/", "/ws/")
+_UNGUARDED_PREFIXES = ("/socket.io/", "/static/")
+_PAGE_SCOPE = "hub:read"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _SCOPE_ATTR = "_hub_scope"
+CSRF_HEADER = "X-CSRF-Token"
 
 
 def requires(scope: str | None) -> Callable[[RouteHandler], RouteHandler]:
@@ -56,15 +67,17 @@ def _bearer(request: web.Request) -> str | None:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authenticate every protected path and check the handler's declared scope."""
-    if not request.path.startswith(_PROTECTED_PREFIXES):
+    """Authenticate every path but the agents' own, and check the handler's declared scope."""
+    if request.path.startswith(_UNGUARDED_PREFIXES):
         return await handler(request)
+    is_page = not request.path.startswith(_PROTECTED_PREFIXES)
     route_handler = request.match_info.handler
     if not hasattr(route_handler, _SCOPE_ATTR):
         if request.match_info.http_exception is not None:
             raise request.match_info.http_exception
-        raise Unauthorized("this route declares no scope and is refused")
-    scope = getattr(route_handler, _SCOPE_ATTR)
+        if not is_page:
+            raise Unauthorized("this route declares no scope and is refused")
+    scope = getattr(route_handler, _SCOPE_ATTR, _PAGE_SCOPE)
     if scope is None:
         return await handler(request)
     if scope == AGENT_SIGNATURE:
@@ -72,15 +85,42 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     if request.path.startswith("/ws/"):
         _check_origin(request)
-    token = _bearer(request)
-    if token is None:
-        raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
-    who = request.app[VERIFIER].verify(token)
-    if await request.app[REVOKED_TOKENS].is_revoked(who.token_id):
-        raise Unauthorized("the token has been revoked")
+    token = None if is_page else _bearer(request)  # pages are for people: signed in, with a session
+    if token is not None:
+        who = await _token_principal(request, token)
+    elif (session := await signed_in(request)) is not None:
+        _check_csrf(request, session)
+        who = session.principal()
+        request[SESSION] = session
+    elif is_page:
+        raise web.HTTPSeeOther(URL("/signin").with_query(next=request.path_qs))
+    else:
+        raise Unauthorized("a bearer token is required (Authorization: Bearer <token>) or a session")
     who.require(scope)
     request[PRINCIPAL] = who
     return await handler(request)
+
+
+async def _token_principal(request: web.Request, token: str) -> Principal:
+    who = request.app[VERIFIER].verify(token)
+    if await request.app[REVOKED_TOKENS].is_revoked(who.token_id):
+        raise Unauthorized("the token has been revoked")
+    return who
+
+
+async def signed_in(request: web.Request) -> Session | None:
+    """Return the live session whose cookie `request` carries, if any."""
+    value = request.cookies.get(cookie_name(request.app[SETTINGS]))
+    return await request.app[SESSIONS].find(value) if value else None
+
+
+def _check_csrf(request: web.Request, session: Session) -> None:
+    # The cookie rides along with any request the browser makes, whoever made the page that
+    # asks; only pages of this hub can read the token to echo it.
+    if request.method in _SAFE_METHODS:
+        return
+    if not session.csrf_matches(request.headers.get(CSRF_HEADER)):
+        raise Forbidden(f"the {CSRF_HEADER} header is missing or does not match this session")
 
 
 def caller(request: web.Request) -> str:

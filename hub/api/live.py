@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from hub.api.auth import requires
 from hub.api.pagination import MAX_LIMIT
-from hub.keys import BUS, PRINCIPAL, REVOKED_TOKENS, SETTINGS, STORE
+from hub.keys import BUS, PRINCIPAL, REVOKED_TOKENS, SESSION, SESSIONS, SETTINGS, STORE
 from hub.push import Access, serve_dashboard
 
 routes = web.RouteTableDef()
@@ -27,17 +28,34 @@ async def live(request: web.Request) -> web.WebSocketResponse:
         agents = await store.list_agents(status=None, after=None, limit=MAX_LIMIT)
         scores = await store.list_scores(risk_min=0.01, agent_id=None, after=None, limit=top)
         alerts = await store.list_alerts(agent_id=None, severity=None, after=None, limit=top)
-        return {"agents": agents.items, "scores": scores.items, "alerts": alerts.items, "ts": time.time()}
+        return {
+            "agents": agents.items,  # the first MAX_LIMIT: counts cover them all
+            "agent_counts": await store.count_agents(),
+            "scores": scores.items,
+            "alerts": alerts.items,
+            "ts": time.time(),
+        }
 
     principal = request[PRINCIPAL]
     access = Access(
         owner=principal.subject,
         valid_until=principal.expires_at,
-        still_valid=lambda: _not_revoked(app, principal.token_id),
+        still_valid=_still_valid(request),
         recheck_s=app[SETTINGS].token_revocation_cache_s,
     )
     return await serve_dashboard(request, app[BUS], snapshot, access)
 
 
-async def _not_revoked(app: web.Application, token_id: str) -> bool:
-    return not await app[REVOKED_TOKENS].is_revoked(token_id)
+def _still_valid(request: web.Request) -> Callable[[], Awaitable[bool]]:
+    # A page's dashboard lasts as long as its session (signed out anywhere: closed); a token's
+    # as long as it is not revoked.
+    app = request.app
+    session = request.get(SESSION)
+    if session is not None:
+        return lambda: app[SESSIONS].alive(session.id_hash)
+    token_id = request[PRINCIPAL].token_id
+
+    async def not_revoked() -> bool:
+        return not await app[REVOKED_TOKENS].is_revoked(token_id)
+
+    return not_revoked

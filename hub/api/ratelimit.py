@@ -23,8 +23,8 @@ CALLER_LIMITS = web.AppKey("caller_limits", TokenBuckets)
 
 @web.middleware
 async def address_rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Limit every `/api/` request by its TCP peer, before its credentials cost anything."""
-    if request.path.startswith("/api/"):
+    """Limit every `/api/` request and sign-in by its TCP peer, before credentials cost anything."""
+    if request.path.startswith("/api/") or request.path == "/signin":
         _spend(request, request.app[ADDRESS_LIMITS], peer(request))
     return await handler(request)
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.spec import ApiRoutes, json_response
-from hub.api.views import ProcessView
+from hub.api.views import ProcessTree, ProcessView
 from hub.jobs import JobView, recalculate_live
 from hub.keys import BUS, INGESTOR, JOBS, SCORING, SETTINGS, STORE
 from hub.models import AGENT_ID_PATTERN, ScoreView, score_view
@@ -82,6 +82,28 @@ async def list_processes(request: web.Request, *, query: ProcessQuery) -> dict[s
 async def get_process(request: web.Request, *, path: ProcessPath) -> dict[str, Any]:
     """Get one process: what scoring knows of it, its score and explanation."""
     return _process_view(await _process(request, path.process_key))
+
+
+_TREE_ANCESTORS, _TREE_DESCENDANTS, _TREE_NODES = 16, 3, 200
+
+
+@api.get(
+    "/api/v1/processes/{process_key}/tree", scope="hub:read", path_params=ProcessPath, response=ProcessTree
+)
+async def get_process_tree(request: web.Request, *, path: ProcessPath) -> dict[str, Any]:
+    """Get a process with its ancestors and descendants on its agent, each naming its `parent_key`.
+
+    Parents are found by ppid: up to 16 levels of ancestors (topmost first), then descendants up
+    to 3 levels below, level by level; 200 processes at most. A parent is the newest process
+    with that pid that started no later than its child (pids are reused).
+    """
+    nodes = await request.app[STORE].process_tree(
+        path.process_key, ancestors=_TREE_ANCESTORS, descendants=_TREE_DESCENDANTS, limit=_TREE_NODES
+    )
+    if nodes is None:
+        raise NotFound(f"no process {path.process_key!r}")
+    views = [{**_process_view(node), "parent_key": node["parent_key"]} for node in nodes]
+    return {"process_key": path.process_key, "nodes": views}
 
 
 async def _process(request: web.Request, process_key: str) -> dict[str, Any]:

@@ -27,6 +27,18 @@ class AgentView(TypedDict):
     risk: float
 
 
+class HeartbeatPoint(TypedDict):
+    """One stored heartbeat; `ts` is when the hub received it, the rest what the agent sent."""
+
+    ts: float
+    cpu_percent: float | None
+    mem_percent: float | None
+    disk_percent: float | None
+    spool_depth: int | None
+    dropped: int | None
+    uptime_s: float | None
+
+
 class StoredEvent(Event, total=False):
     """An event as stored: what the agent sent, plus who sent it and when it arrived."""
 
@@ -41,6 +53,15 @@ class ProcessView(ScoreView):
     inherited_from: str | None
     fired_thresholds: list[float]
     alerted_rules: list[str]
+
+
+class ProcessNode(ProcessView):
+    parent_key: str | None  # its parent among the tree's nodes; null for the topmost
+
+
+class ProcessTree(TypedDict):
+    process_key: str
+    nodes: list[ProcessNode]
 
 
 class AlertView(TypedDict):

@@ -295,7 +295,17 @@ class SqliteStore:
             f"INSERT INTO agents (agent_id, {', '.join(names)}) VALUES (?{', ?' * len(names)}) "  # noqa: S608 - column names come from code, never from input
             f"ON CONFLICT (agent_id) DO UPDATE SET {', '.join(f'{n} = excluded.{n}' for n in names)}"
         )
-        await self._write(lambda c: c.execute(sql, [agent_id, *values]))
+        beat = fields.get("heartbeat")
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute(sql, [agent_id, *values])
+            if beat is not None:
+                conn.execute(
+                    _INSERT_HEARTBEAT_SQL,
+                    [agent_id, fields["last_seen"], *(beat.get(name) for name in _HEARTBEAT_COLUMNS)],
+                )
+
+        await self._write(save)
 
     async def get_agent(self, agent_id: str) -> dict[str, Any] | None:
         rows = await self._read(lambda c: _rows(c, _AGENTS_SQL + " WHERE agent_id = ?", [agent_id]))
@@ -315,6 +325,29 @@ class SqliteStore:
         sql += " ORDER BY agent_id LIMIT ?"
         rows = await self._read(lambda c: _rows(c, sql, [*params, limit + 1]))
         return _page([_agent_view(row) for row in rows], limit, lambda item: [item["agent_id"]])
+
+    async def count_agents(self) -> dict[str, int]:
+        sql = "SELECT status, count(*) FROM agents GROUP BY status"
+        rows = await self._read(lambda c: c.execute(sql).fetchall())
+        return {"online": 0, "late": 0, "offline": 0} | dict(rows)
+
+    async def list_heartbeats(
+        self, agent_id: str, *, since: float | None, until: float | None, after: list[Any] | None, limit: int
+    ) -> Page:
+        sql = f"SELECT ts, {', '.join(_HEARTBEAT_COLUMNS)} FROM heartbeats WHERE agent_id = ? AND ts > ?"  # noqa: S608 - column names come from code
+        params: list[Any] = [agent_id, after[0] if after else -1.0e300]
+        for condition, value in (("ts >= ?", since), ("ts < ?", until)):
+            if value is not None:
+                sql += f" AND {condition}"
+                params.append(value)
+        rows = await self._read(lambda c: _rows(c, sql + " ORDER BY ts LIMIT ?", [*params, limit + 1]))
+        return _page(rows, limit, lambda row: [row["ts"]])
+
+    async def prune_heartbeats(self, before: float) -> int:
+        deleted: int = await self._write(
+            lambda c: c.execute("DELETE FROM heartbeats WHERE ts < ?", (before,)).rowcount
+        )
+        return deleted
 
     async def mark_all_offline(self, reason: str, now: float) -> None:
         await self._write(
@@ -385,6 +418,11 @@ class SqliteStore:
             ).fetchone()
         )
         return orjson.loads(row[0]) if row else None
+
+    async def process_tree(
+        self, process_key: str, *, ancestors: int, descendants: int, limit: int
+    ) -> list[dict[str, Any]] | None:
+        return await self._read(lambda c: _process_tree(c, process_key, ancestors, descendants, limit))
 
     # alerts ------------------------------------------------------------------------------
 
@@ -755,6 +793,104 @@ class SqliteStore:
         )
         return deleted == 1
 
+    # operator accounts and web sessions --------------------------------------------------
+
+    async def insert_user(self, record: dict[str, Any]) -> bool:
+        if not set(record) <= set(_USER_COLUMNS):
+            raise ValueError(f"unknown user columns {sorted(set(record) - set(_USER_COLUMNS))}")
+        names = list(record)
+
+        def insert(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                f"INSERT INTO users ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "  # noqa: S608 - column names come from code
+                "ON CONFLICT (name) DO NOTHING",
+                [record[name] for name in names],
+            )
+            return cursor.rowcount == 1
+
+        inserted: bool = await self._write(insert)
+        return inserted
+
+    async def get_user(self, name: str) -> dict[str, Any] | None:
+        rows = await self._read(lambda c: _rows(c, "SELECT * FROM users WHERE name = ?", [name]))
+        return rows[0] if rows else None
+
+    async def list_users(self) -> list[dict[str, Any]]:
+        columns = ", ".join(name for name in _USER_COLUMNS if name != "password_hash")
+        return await self._read(lambda c: _rows(c, f"SELECT {columns} FROM users ORDER BY name", []))  # noqa: S608 - column names come from code
+
+    async def update_user(self, name: str, fields: dict[str, Any]) -> bool:
+        if not fields or not set(fields) <= _USER_CHANGEABLE:
+            raise ValueError(f"cannot change user columns {sorted(set(fields) - _USER_CHANGEABLE)}")
+        sql = f"UPDATE users SET {', '.join(f'{n} = ?' for n in fields)} WHERE name = ?"  # noqa: S608 - names checked above
+        updated: int = await self._write(lambda c: c.execute(sql, [*fields.values(), name]).rowcount)
+        return updated == 1
+
+    async def add_signin_failure(self, name: str) -> int | None:
+        rows = await self._write(
+            lambda c: c.execute(
+                "UPDATE users SET failed_signins = failed_signins + 1 WHERE name = ? "
+                "RETURNING failed_signins",
+                (name,),
+            ).fetchall()
+        )
+        return int(rows[0][0]) if rows else None
+
+    async def delete_user(self, name: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM sessions WHERE user_name = ?", (name,))
+            return conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 1
+
+        deleted: bool = await self._write(delete)
+        return deleted
+
+    async def insert_session(self, record: dict[str, Any]) -> None:
+        values = [record.get(name) for name in _SESSION_COLUMNS]
+        await self._write(
+            lambda c: c.execute(
+                f"INSERT INTO sessions ({', '.join(_SESSION_COLUMNS)}) "  # noqa: S608 - column names come from code
+                f"VALUES ({', '.join('?' * len(_SESSION_COLUMNS))})",
+                values,
+            )
+        )
+
+    async def get_session(self, id_hash: str) -> dict[str, Any] | None:
+        rows = await self._read(
+            lambda c: _rows(
+                c,
+                "SELECT sessions.*, users.role FROM sessions JOIN users ON users.name = sessions.user_name "
+                "WHERE id_hash = ?",
+                [id_hash],
+            )
+        )
+        return rows[0] if rows else None
+
+    async def touch_session(self, id_hash: str, *, last_seen_at: float, expires_at: float) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE sessions SET last_seen_at = ?, expires_at = ? WHERE id_hash = ?",
+                (last_seen_at, expires_at, id_hash),
+            )
+        )
+
+    async def delete_session(self, id_hash: str) -> bool:
+        deleted: int = await self._write(
+            lambda c: c.execute("DELETE FROM sessions WHERE id_hash = ?", (id_hash,)).rowcount
+        )
+        return deleted == 1
+
+    async def delete_sessions(self, user_name: str) -> int:
+        deleted: int = await self._write(
+            lambda c: c.execute("DELETE FROM sessions WHERE user_name = ?", (user_name,)).rowcount
+        )
+        return deleted
+
+    async def prune_sessions(self, now: float) -> int:
+        deleted: int = await self._write(
+            lambda c: c.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount
+        )
+        return deleted
+
     # revocation --------------------------------------------------------------------------
 
     async def is_revoked(self, fingerprint: str) -> bool:
@@ -787,9 +923,9 @@ def _insert_events_sql(rows: int) -> str:
 
 def _upsert_processes(conn: sqlite3.Connection, states: list[dict[str, Any]]) -> None:
     conn.executemany(
-        "INSERT INTO processes (process_key, agent_id, pid, start_ts, risk_score, exited, updated_ts, state) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (process_key) DO UPDATE SET "
-        "risk_score = excluded.risk_score, exited = excluded.exited, "
+        "INSERT INTO processes (process_key, agent_id, pid, start_ts, ppid, risk_score, exited, updated_ts, "
+        "state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (process_key) DO UPDATE SET "
+        "ppid = excluded.ppid, risk_score = excluded.risk_score, exited = excluded.exited, "
         "updated_ts = excluded.updated_ts, state = excluded.state",
         [
             (
@@ -797,6 +933,7 @@ def _upsert_processes(conn: sqlite3.Connection, states: list[dict[str, Any]]) ->
                 s["agent_id"],
                 s["pid"],
                 s["start_ts"],
+                s["ppid"],
                 s["risk_score"],
                 int(s["exited"]),
                 s["updated_ts"],
@@ -805,6 +942,74 @@ def _upsert_processes(conn: sqlite3.Connection, states: list[dict[str, Any]]) ->
             for s in states
         ],
     )
+
+
+# A process's parent is the newest process of its agent with its ppid that started no later
+# than it: pids are reused, so an older holder of that pid may be in the table too.
+_PARENT_SQL = (
+    "SELECT state FROM processes WHERE agent_id = ? AND pid = ? AND start_ts <= ? AND process_key != ? "
+    "ORDER BY start_ts DESC LIMIT 1"
+)
+# The same rule seen from the parent: no newer holder of its pid started before the child.
+_CHILDREN_SQL = (
+    "SELECT state FROM processes AS child WHERE agent_id = ? AND ppid = ? AND start_ts >= ? "
+    "AND process_key != ? AND NOT EXISTS (SELECT 1 FROM processes AS other WHERE "
+    "other.agent_id = child.agent_id AND other.pid = child.ppid AND other.start_ts > ? "
+    "AND other.start_ts <= child.start_ts AND other.process_key != child.process_key) "
+    "ORDER BY start_ts, process_key LIMIT ?"
+)
+
+
+def _process_tree(
+    conn: sqlite3.Connection, process_key: str, ancestors: int, descendants: int, limit: int
+) -> list[dict[str, Any]] | None:
+    row = conn.execute("SELECT state FROM processes WHERE process_key = ?", (process_key,)).fetchone()
+    if row is None:
+        return None
+    process = {**orjson.loads(row[0]), "parent_key": None}
+    seen = {process_key}  # bad data could make a cycle: no process is taken twice
+    chain = _ancestors(conn, process, ancestors, seen)
+    return chain + _descendants(conn, process, descendants, limit - len(chain), seen)
+
+
+def _ancestors(
+    conn: sqlite3.Connection, process: dict[str, Any], levels: int, seen: set[str]
+) -> list[dict[str, Any]]:
+    """`process` and up to `levels` of its ancestors, the topmost first."""
+    chain = [process]
+    while len(chain) <= levels and (child := chain[-1])["ppid"] is not None:
+        params = (child["agent_id"], child["ppid"], child["start_ts"], child["process_key"])
+        row = conn.execute(_PARENT_SQL, params).fetchone()
+        parent = orjson.loads(row[0]) if row else None
+        if parent is None or parent["process_key"] in seen:
+            break
+        child["parent_key"] = parent["process_key"]
+        seen.add(parent["process_key"])
+        chain.append({**parent, "parent_key": None})
+    return chain[::-1]
+
+
+def _descendants(
+    conn: sqlite3.Connection, process: dict[str, Any], levels: int, room: int, seen: set[str]
+) -> list[dict[str, Any]]:
+    """Up to `room` descendants of `process`, `levels` deep at most, level by level."""
+    found: list[dict[str, Any]] = []
+    level = [process]
+    for _ in range(levels):
+        below: list[dict[str, Any]] = []
+        for node in level:
+            if len(found) >= room:
+                return found
+            key, start_ts = node["process_key"], node["start_ts"]
+            params = (node["agent_id"], node["pid"], start_ts, key, start_ts, room - len(found))
+            for (state,) in conn.execute(_CHILDREN_SQL, params).fetchall():
+                child = {**orjson.loads(state), "parent_key": key}
+                if child["process_key"] not in seen:
+                    seen.add(child["process_key"])
+                    below.append(child)
+                    found.append(child)
+        level = below
+    return found
 
 
 # An agent's risk is the highest of its live processes.
@@ -859,6 +1064,19 @@ def _webhook_record(row: dict[str, Any]) -> dict[str, Any]:
     record["event_types"] = orjson.loads(record["event_types"])
     record["enabled"] = bool(record["enabled"])
     return record
+
+
+_HEARTBEAT_COLUMNS = ("cpu_percent", "mem_percent", "disk_percent", "spool_depth", "dropped", "uptime_s")
+_INSERT_HEARTBEAT_SQL = (
+    f"INSERT OR REPLACE INTO heartbeats (agent_id, ts, {', '.join(_HEARTBEAT_COLUMNS)}) "  # noqa: S608 - column names come from code
+    f"VALUES (?, ?{', ?' * len(_HEARTBEAT_COLUMNS)})"
+)
+
+_USER_COLUMNS = ("name", "role", "password_hash", "created_at", "password_changed_at", "failed_signins",
+                 "locked_until", "last_signin_at")  # fmt: skip
+_USER_CHANGEABLE = frozenset(_USER_COLUMNS) - {"name", "created_at"}
+_SESSION_COLUMNS = ("id_hash", "user_name", "csrf_token", "created_at", "last_seen_at", "expires_at",
+                    "address")  # fmt: skip
 
 
 def _page(items: list[dict[str, Any]], limit: int, key: Callable[[dict[str, Any]], list[Any]]) -> Page:

@@ -1,0 +1,58 @@
+"""The hub's pulse: once a second, dashboards get its rates, agent counts and health (`stats`).
+
+One reading per interval serves every dashboard (the bus encodes it once), instead of each
+page polling `/api/v1/stats` and `/api/v1/health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hub.ingest import Ingestor
+from hub.presence import Presence
+from hub.scoring import ScoringService
+from hub.store import Store
+
+Publisher = Callable[[str, str, dict[str, Any]], None]
+
+
+async def beat(
+    ingestor: Ingestor,
+    scoring: ScoringService,
+    presence: Presence,
+    store: Store,
+    publish: Publisher,
+    *,
+    interval_s: float = 1.0,
+) -> None:
+    """Publish a `stats` message every `interval_s` until cancelled."""
+    last_count, last_at = ingestor.accepted, time.monotonic()
+    while True:
+        await asyncio.sleep(interval_s)
+        now = time.monotonic()
+        rate = (ingestor.accepted - last_count) / (now - last_at)
+        last_count, last_at = ingestor.accepted, now
+        publish(
+            "stats",
+            "hub",
+            {
+                "ts": time.time(),
+                "events_per_s": round(rate, 1),
+                "events_accepted": ingestor.accepted,
+                "agents_connected": presence.connected,
+                "scoring_backlog": scoring.backlog,
+                **await _from_store(store),
+            },
+        )
+
+
+async def _from_store(store: Store) -> dict[str, Any]:
+    """Count agents by status in the store (every node's), which also shows that it answers."""
+    try:
+        counts = await asyncio.wait_for(store.count_agents(), timeout=1.0)
+    except Exception:  # whatever the store raises, the dashboards show the same word
+        return {"database": "unavailable", "agents": None}
+    return {"database": "ok", "agents": counts}

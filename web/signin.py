@@ -1,0 +1,168 @@
+"""Signing in and out of the pages, and the headers every page is served with.
+
+Sign-in is a plain form post. Before a session exists, the form is protected against
+cross-site posts by a double-submit token: a random value in a SameSite=Strict cookie that
+the form must repeat. A successful sign-in starts a session (see `hub.sessions`) and sets its
+cookie HttpOnly, Secure and SameSite=Strict; sign-out ends it on every node. Failures are
+recorded in the audit log and count towards the account's lockout (see `hub.users`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from hub import __version__
+from hub.api.audit import record_action
+from hub.api.auth import requires, signed_in
+from hub.config import Settings
+from hub.keys import SESSIONS, SETTINGS, USERS
+from hub.problems import Forbidden
+from hub.sessions import cookie_name
+from hub.users import USER_NAME, AccountLocked, SignInRefused
+
+routes = web.RouteTableDef()
+_FORM_COOKIE = "signin"  # the double-submit token of the sign-in form
+_FORM_COOKIE_MAX_AGE_S = 3600
+# Pages load nothing from elsewhere and run no inline script: an injected tag does nothing.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",  # pages carry CSRF tokens and operators' data
+}
+
+
+async def page_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Give every HTML answer the pages' security headers, unless its handler chose its own."""
+    if response.content_type == "text/html":
+        for name, value in _PAGE_HEADERS.items():
+            response.headers.setdefault(name, value)
+
+
+@routes.get("/signin")
+@requires(None)
+async def signin_page(request: web.Request) -> web.StreamResponse:
+    """Show the sign-in form; a signed-in operator goes straight on."""
+    target = _local_target(request.query.get("next"))
+    if await signed_in(request) is not None:
+        return _redirect(target)
+    return _form(request, target=target)
+
+
+@routes.post("/signin")
+@requires(None)
+async def signin(request: web.Request) -> web.StreamResponse:
+    """Check the name and password; start a session or show the form again saying why not."""
+    form = await request.post()
+    target = _local_target(_field(form, "next"))
+    name = _field(form, "username").strip()
+    if not _form_token_matches(request, form):
+        return _form(request, target=target, name=name, status=403, error=_EXPIRED)
+    try:
+        user = await request.app[USERS].authenticate(name, _field(form, "password"))
+    except SignInRefused as exc:
+        await _audit(request, name, status=401)
+        return _form(request, target=target, name=name, status=401, error=str(exc))
+    except AccountLocked as exc:
+        await _audit(request, name, status=429)
+        response = _form(request, target=target, name=name, status=429, error=str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+    settings = request.app[SETTINGS]
+    cookie_value, _ = await request.app[SESSIONS].start(user["name"], address=request.remote)
+    await _audit(request, user["name"], status=303)
+    response = _redirect(target)
+    _set_cookie(response, settings, "session", cookie_value, max_age=settings.session_max_s)
+    response.del_cookie(cookie_name(settings, _FORM_COOKIE), path="/")
+    return response
+
+
+@routes.post("/signout")
+@requires(None)
+async def signout(request: web.Request) -> web.StreamResponse:
+    """End the session (its form must carry the session's CSRF token) and show the sign-in form."""
+    settings = request.app[SETTINGS]
+    session = await signed_in(request)
+    if session is not None:
+        form = await request.post()
+        if not session.csrf_matches(_field(form, "csrf_token")):
+            raise Forbidden("the sign-out form does not carry this session's CSRF token")
+        await request.app[SESSIONS].end(request.cookies[cookie_name(settings)])
+        await _audit(request, session.user, status=303)
+    response = _redirect("/signin")
+    response.del_cookie(cookie_name(settings), path="/")
+    return response
+
+
+_EXPIRED = "The sign-in form had expired; please sign in again."
+
+
+def _form(
+    request: web.Request, *, target: str, name: str = "", status: int = 200, error: str | None = None
+) -> web.Response:
+    settings = request.app[SETTINGS]
+    token = request.cookies.get(cookie_name(settings, _FORM_COOKIE))
+    if not token or len(token) > 100:
+        token = secrets.token_urlsafe(32)
+    context: dict[str, Any] = {
+        "session": None,
+        "version": __version__,
+        "form_token": token,
+        "next": target,
+        "username": name,
+        "error": error,
+    }
+    response = aiohttp_jinja2.render_template("signin.html", request, context, status=status)
+    _set_cookie(response, settings, _FORM_COOKIE, token, max_age=_FORM_COOKIE_MAX_AGE_S)
+    return response
+
+
+def _form_token_matches(request: web.Request, form: MultiDictProxy[Any]) -> bool:
+    expected = request.cookies.get(cookie_name(request.app[SETTINGS], _FORM_COOKIE))
+    presented = _field(form, "csrf_token")
+    return bool(expected) and secrets.compare_digest((expected or "").encode(), presented.encode())
+
+
+def _field(form: MultiDictProxy[Any], name: str) -> str:
+    value = form.get(name)
+    return value if isinstance(value, str) else ""
+
+
+def _local_target(target: str | None) -> str:
+    # Only a path of this hub: "//evil.example" or "/\\evil.example" would leave it.
+    if target and target.startswith("/") and not target.startswith(("//", "/\\")) and len(target) < 2048:
+        return target
+    return "/"
+
+
+def _redirect(target: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": target})
+
+
+def _set_cookie(
+    response: web.StreamResponse, settings: Settings, purpose: str, value: str, *, max_age: float
+) -> None:
+    response.set_cookie(
+        cookie_name(settings, purpose),
+        value,
+        max_age=int(max_age),
+        path="/",
+        httponly=True,
+        secure=not settings.dev_insecure,
+        samesite="Strict",
+    )
+
+
+async def _audit(request: web.Request, name: str, *, status: int) -> None:
+    # The name as typed, when it could be one: a refused sign-in's "name" may be anything.
+    actor = f"user:{name}" if USER_NAME.match(name) else "user:?"
+    await record_action(request, actor=actor, status=status)

@@ -331,9 +331,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if not (certs / f"{DEMO_AGENT}.pem").is_file():
         issue_agent(certs, DEMO_AGENT)
         print(f"issued the demo agent certificate {certs}/{DEMO_AGENT}.pem")
-    from hub.tokens import create_token
-
-    token = create_token(settings, scopes=["hub:admin"], subject="demo-operator", ttl_s=12 * 3600)
+    password = _demo_admin_password(settings)
     env = {**os.environ, "HUB_DATA_DIR": str(data), "HUB_CERTS_DIR": str(certs)}
     hub = subprocess.Popen(
         [
@@ -370,10 +368,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
                 str(data / f"{DEMO_AGENT}-spool.db"),
             ]
         )
+        sign_in = f"user admin, password {password}" if password else "your own account (agenthub users add)"
         print(
-            f"\n  Dashboard: {url}/#token={token}\n  (the browser will warn about the development CA;"
-            f" trust {certs}/ca.pem to silence it)\n  Operator token (hub:admin, 12 h):\n  {token}\n"
-            "  Ctrl-C stops the hub and the agent.\n",
+            f"\n  Dashboard: {url}/  (sign in: {sign_in})\n  The browser will warn about the development"
+            f" CA; trust {certs}/ca.pem to silence it.\n  Ctrl-C stops the hub and the agent.\n",
             flush=True,
         )
         hub.wait()
@@ -389,6 +387,33 @@ def cmd_demo(args: argparse.Namespace) -> None:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def _demo_admin_password(settings: Settings) -> str | None:
+    """Make the demo's `admin` account on first run; return its password, kept in the data dir (0600)."""
+    import secrets
+
+    from hub.users import Users
+
+    path = settings.data_dir / "demo-admin.password"
+    if path.is_file():
+        return path.read_text().strip()
+    password = secrets.token_urlsafe(12)
+
+    async def add() -> bool:
+        async with _open_store(settings) as store:
+            try:
+                await Users(settings, store).add("admin", role="admin", password=password)
+            except ValueError:  # someone made an `admin` of their own: theirs stands
+                return False
+            return True
+
+    if not _run_async(add()):
+        return None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(password + "\n")
+    return password
 
 
 def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes]) -> None:

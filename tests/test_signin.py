@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import signal
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -23,11 +28,10 @@ SESSION_COOKIE = "__Host-agenthub_session"
 class Browser:
     """A cookie-keeping HTTP client that signs in the way the sign-in page does."""
 
-    def __init__(self, hub: RunningHub) -> None:
-        self.hub = hub
+    def __init__(self, url: str, ca: Path) -> None:
         self.http = aiohttp.ClientSession(
-            base_url=hub.url,
-            connector=aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem")),
+            base_url=url,
+            connector=aiohttp.TCPConnector(ssl=client_ssl(ca)),
             cookie_jar=aiohttp.CookieJar(unsafe=True),  # 127.0.0.1 is an IP address
         )
 
@@ -65,7 +69,7 @@ async def browse(hub: RunningHub) -> AsyncIterator[Browse]:
     opened: list[Browser] = []
 
     def open_browser() -> Browser:
-        opened.append(Browser(hub))
+        opened.append(Browser(hub.url, hub.certs / "ca.pem"))
         return opened[-1]
 
     yield open_browser
@@ -182,7 +186,7 @@ async def test_repeated_failures_lock_the_account_until_unlocked(
 ) -> None:
     hub = await hub_with({"signin_max_failures": 3, "signin_lockout_s": 30.0})
     await hub.app[USERS].add("alice", role="viewer", password=PASSWORD)
-    browser = Browser(hub)
+    browser = Browser(hub.url, hub.certs / "ca.pem")
     try:
         statuses = [(await browser.sign_in("alice", "wrong password!")).status for _ in range(3)]
         assert statuses == [401, 401, 429]
@@ -298,3 +302,55 @@ async def test_users_cli_reads_the_password_from_stdin_and_refuses_bad_input(
     changed = agenthub("users", "passwd", "carol", cwd=tmp_path, env=env, stdin="a brand new password\n")
     assert changed.returncode == 0
     await hub.app[USERS].authenticate("carol", "a brand new password")
+
+
+async def test_make_run_demo_prints_a_sign_in_that_works(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    demo = await asyncio.create_subprocess_exec(
+        *[
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "demo",
+            "--port",
+            str(port),
+            "--data-dir",
+            "data",
+            "--certs-dir",
+            "certs",
+        ],
+        cwd=tmp_path,
+        env=clean,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert demo.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            while b"Dashboard:" not in (line := await demo.stdout.readline()):
+                assert line, "the demo ended without printing the dashboard"
+        found = re.search(r"user admin, password (\S+)\)", line.decode())
+        assert found is not None, line
+        browser = Browser(f"https://127.0.0.1:{port}", tmp_path / "certs" / "ca.pem")
+        try:
+            assert (await browser.sign_in("admin", found[1])).status == 303
+            await _until_online(browser, "demo-agent")
+        finally:
+            await browser.http.close()
+    finally:
+        demo.send_signal(signal.SIGINT)
+        await asyncio.wait_for(demo.wait(), 30)
+    assert demo.returncode == 0
+
+
+async def _until_online(browser: Browser, agent_id: str) -> None:
+    agents: Any = None
+    for _ in range(100):
+        _, agents = await browser.api("GET", "/api/v1/agents")
+        if [a["status"] for a in agents["data"] if a["agent_id"] == agent_id] == ["online"]:
+            return
+        await asyncio.sleep(0.2)
+    pytest.fail(f"{agent_id} did not come online: {agents}")

@@ -4,13 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format typecheck bench bench-quick soak clean help
+.PHONY: run test lint format typecheck bench bench-quick bench-dashboards soak clean help
 
 help:
 	@echo "make run          hub on https://127.0.0.1:8443 with a demo agent (SQLite, dev certificates)"
 	@echo "make test         ruff, mypy, then the whole test suite"
 	@echo "make bench        ingest benchmark: the hub against a bare python-socketio server"
 	@echo "make bench-quick  the same, shorter"
+	@echo "make bench-dashboards  the overview page in Chromium under live load; fan-out to 200 dashboards"
 	@echo "make soak         reliability checks that take minutes (kill -9 the hub while agents stream)"
 	@echo "make typecheck    mypy on hub/ and agent_client/"
 
@@ -42,6 +43,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.ingest --quick
+
+bench-dashboards: $(STAMP)
+	$(BIN)/python -m bench.dashboards
 
 # The second run provokes gaps (earlier batches answered "overloaded" while later ones commit)
 # and kills the hub while agents reconnect: RELIABILITY.md.

@@ -21,10 +21,7 @@ import hmac
 import json
 import os
 import platform
-import shutil
-import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,13 +33,35 @@ import aiohttp
 import orjson
 import socketio
 
+from bench.harness import (
+    SECRET,
+    free_port,
+    hub_command,
+    hub_env,
+    percentile,
+    pin_load_generator,
+    start_server,
+    stop_server,
+    table,
+)
 from hub.certs import init_pki, issue_agent
 from hub.codec import SocketJson
 from hub.config import Settings
 from hub.tokens import create_token
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-SECRET = "bench-secret-" + "z" * 40
+HEADERS = [
+    "target",
+    "encoding",
+    "load",
+    "agents",
+    "batch",
+    "events_per_s",
+    "ack_p50_ms",
+    "ack_p99_ms",
+    "push_p50_ms",
+    "push_p99_ms",
+]
 
 
 @dataclass
@@ -64,53 +83,11 @@ class Result:
             "encoding": self.encoding,
             "load": f"paced {round(self.rate)}/s" if self.rate else "saturated",
             "events_per_s": round(self.events_per_s),
-            "ack_p50_ms": _pct(self.ack_ms, 50),
-            "ack_p99_ms": _pct(self.ack_ms, 99),
-            "push_p50_ms": _pct(self.push_ms, 50),
-            "push_p99_ms": _pct(self.push_ms, 99),
+            "ack_p50_ms": percentile(self.ack_ms, 50),
+            "ack_p99_ms": percentile(self.ack_ms, 99),
+            "push_p50_ms": percentile(self.push_ms, 50),
+            "push_p99_ms": percentile(self.push_ms, 99),
         }
-
-
-def _pct(values: list[float], pct: int) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))], 2)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _pinned(command: list[str]) -> list[str]:
-    return ["taskset", "-c", "0", *command] if shutil.which("taskset") else command
-
-
-def _start(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(_pinned(command), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", port), timeout=0.2),
-        ):
-            return proc
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"server did not listen on {port}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def _events(agent: int, batch_no: int, size: int, seq: int) -> list[dict[str, Any]]:
@@ -305,33 +282,14 @@ def _run_target(
     encoding: str,
     rate: float | None = None,
 ) -> Result:
-    port = _free_port()
+    port = free_port()
     data_dir = workdir / f"data-{target}-{encoding}-{'paced' if rate else 'peak'}"
-    env = {
-        **os.environ,
-        "HUB_JWT_SECRET": SECRET,
-        "HUB_DATA_DIR": str(data_dir),
-        "HUB_CERTS_DIR": str(certs),
-        "HUB_LOG_LEVEL": "WARNING",
-        # One load generator on one address: the API's rate limits would measure themselves.
-        "HUB_RATE_LIMIT_PER_S": "1e9",
-        "HUB_RATE_LIMIT_BURST": "1000000000",
-        "HUB_RATE_LIMIT_ADDRESS_PER_S": "1e9",
-        "HUB_RATE_LIMIT_ADDRESS_BURST": "1000000000",
-    }
+    env = hub_env(data_dir, certs)
     if target in ("hub", "http"):
-        command = [sys.executable, "-m", "hub.cli", "serve", "--port", str(port)]
+        command = hub_command(port)
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "bench.bare_server",
-            "--port",
-            str(port),
-            "--certs-dir",
-            str(certs),
-        ]
-    proc = _start(command, env, port)
+        command = [sys.executable, "-m", "bench.bare_server", "--port", str(port), "--certs-dir", str(certs)]
+    proc = start_server(command, env, port)
     result = Result(target, args.agents, args.batch, encoding, rate)
     token = None
     if target in ("hub", "http"):
@@ -340,32 +298,8 @@ def _run_target(
     try:
         asyncio.run(_drive(f"https://127.0.0.1:{port}", certs, result, args.seconds, token))
     finally:
-        _stop(proc)
+        stop_server(proc)
     return result
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    headers = [
-        "target",
-        "encoding",
-        "load",
-        "agents",
-        "batch",
-        "events_per_s",
-        "ack_p50_ms",
-        "ack_p99_ms",
-        "push_p50_ms",
-        "push_p99_ms",
-    ]
-    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in headers]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    body = [
-        "  ".join(
-            str(r[h] if r[h] is not None else "-").ljust(w) for h, w in zip(headers, widths, strict=True)
-        )
-        for r in rows
-    ]
-    return "\n".join([line, "-" * len(line), *body])
 
 
 def _say(what: str, args: argparse.Namespace) -> None:
@@ -386,8 +320,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.seconds = 4.0
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {1})  # the servers get core 0
+    pin_load_generator()
     encodings = ["json", "msgpack"] if args.encoding == "both" else [args.encoding]
     with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
         workdir = Path(tmp)
@@ -397,7 +330,7 @@ def main() -> None:
             issue_agent(certs, f"bench-{i}")
         runs = [_run_encoding(encoding, args, certs, workdir) for encoding in encodings]
     rows = [result.row() for run in runs for result in run.results]
-    print(_table(rows))
+    print(table(rows, HEADERS))
     summary: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}",
@@ -412,9 +345,9 @@ def main() -> None:
     summary.update(
         ingest_events_per_s=round(first.peak["hub"].events_per_s),
         bare_events_per_s=round(first.peak["bare"].events_per_s),
-        ack_p99_ms=_pct(first.half_peak.ack_ms, 99),
-        push_p99_ms=_pct(first.half_peak.push_ms, 99),
-        saturated_ack_p99_ms=_pct(first.peak["hub"].ack_ms, 99),
+        ack_p99_ms=percentile(first.half_peak.ack_ms, 99),
+        push_p99_ms=percentile(first.half_peak.push_ms, 99),
+        saturated_ack_p99_ms=percentile(first.peak["hub"].ack_ms, 99),
     )
     if "http" in first.peak:  # measured with JSON batches
         socket_over_http = first.peak["hub"].events_per_s / max(1.0, first.peak["http"].events_per_s)

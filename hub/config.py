@@ -181,6 +181,25 @@ class Settings(BaseSettings):
     webhook_max_secret_overlap_s: float = Field(
         86_400.0, ge=0, description="longest a rotated-out webhook secret may keep signing beside the new one"
     )
+    # webhooks (hub.deliveries): how deliveries are sent and retried
+    webhook_max_attempts: int = Field(8, gt=0, description="attempts before a webhook delivery is dead")
+    webhook_retry_base_s: float = Field(
+        1.0, gt=0, description="first retry delay bound; it doubles each attempt (full jitter)"
+    )
+    webhook_retry_max_s: float = Field(600.0, gt=0, description="longest delay between delivery attempts")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="longest one delivery attempt may take")
+    webhook_max_concurrency: int = Field(
+        32, gt=0, description="delivery attempts in flight at once on this node (one per webhook)"
+    )
+    webhook_poll_interval_s: float = Field(
+        1.0, gt=0, description="how often the outbox is checked for due deliveries (other nodes' too)"
+    )
+    webhook_certificate_expiring_days: float = Field(
+        14.0, gt=0, description="certificate_expiring is sent once a certificate expires within this many days"
+    )
+    webhook_certificate_check_interval_s: float = Field(
+        3600.0, gt=0, description="how often certificates are checked for coming expiry"
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

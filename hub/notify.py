@@ -5,18 +5,20 @@ A subscription (GitHub's repository hooks and Stripe's webhook endpoints are the
 - `id`: made by the hub, `wh_` and 32 hex digits.
 - `url`: where deliveries are POSTed. `DestinationPolicy` checks it whenever it is set, and
   deliveries check it again at every attempt (a name may resolve elsewhere tomorrow).
-- `event_types`: what it receives, a non-empty subset of `EVENT_TYPES`, kept sorted:
-  `alert` (an alert raised, acknowledged or resolved), `agent` (an agent's presence changed:
-  online, late, offline), `command` (a command changed state). Per-process `score` updates,
-  which the dashboards get, are not offered: under load they come many times a second, and a
-  score crossing a threshold raises an alert, which is what a receiver acts on.
-- `min_severity`: only alerts at least this severe; it filters alerts, so it needs `alert`.
+- `event_types`: what it receives, a non-empty subset of `hub.notices.EventType`, kept sorted:
+  `alert_raised`, `risk_threshold_crossed` (an alert a risk threshold raised, announced as
+  both), `agent_online`, `agent_offline`, `certificate_expiring`, `certificate_revoked`.
+  Per-process `score` updates, which the dashboards get, are not offered: under load they come
+  many times a second, and a score crossing a threshold is what a receiver acts on.
+- `min_severity`: only alerts at least this severe; it filters the alert types, so it needs one.
 - `enabled`: a disabled subscription keeps its settings and receives nothing.
 - `secret`: made by the hub and shown only in the answers that make it (creation, rotation);
   every delivery carries an HMAC-SHA256 of its body with it. A rotation may let the replaced
   secret keep signing beside the new one until `previous_secret_expires_at` (Stripe's rolling
   secrets), so a receiver switches over without refusing deliveries meanwhile.
 - `created_at`, `updated_at`, `created_by` (the token's subject).
+- `deliveries`: a summary of its outbox (`hub.deliveries` sends it): pending and dead counts,
+  the status and time of the last attempt.
 
 The destination guard refuses, at subscription time and again at delivery time, what would
 let a webhook reach inside the hub's network (server-side request forgery): schemes other
@@ -51,17 +53,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
 from yarl import URL
 
 from hub.config import Settings
 from hub.models import Severity
+from hub.notices import ALERT_TYPES, EventType, ping_notice
 from hub.problems import Conflict, InvalidInput, NotFound
 from hub.store import Page, Store
 
-EventType = Literal["agent", "alert", "command"]
 WEBHOOK_ID_PATTERN = r"^wh_[0-9a-f]{32}$"
+DELIVERY_ID_PATTERN = r"^whd_[0-9a-f]{32}$"
+DeliveryState = Literal["pending", "delivered", "dead"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _ALLOW_HINT = "allow it with HUB_WEBHOOK_ALLOWED_NETWORKS"
@@ -279,6 +284,33 @@ class GuardedResolver(AbstractResolver):
 # subscriptions -----------------------------------------------------------------------------
 
 
+class DeliverySummary(TypedDict):
+    """How a subscription's deliveries stand."""
+
+    pending: int
+    dead: int  # waiting for an operator to redeliver them
+    last_status: int | None  # the HTTP status of the last attempt; null when it got no answer
+    last_delivery_at: float | None  # when the last attempt started
+
+
+class DeliveryView(TypedDict):
+    """One delivery of the outbox: every attempt sends the same body under its `id`."""
+
+    id: str
+    event_type: EventType | Literal["ping"]
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float | None  # pending only
+    last_attempt_at: float | None
+    last_status: int | None
+    last_error: str | None
+    created_at: float
+    delivered_at: float | None
+
+
+_NO_DELIVERIES = DeliverySummary(pending=0, dead=0, last_status=None, last_delivery_at=None)
+
+
 class WebhookView(TypedDict):
     """A subscription as the API shows it: everything but its secrets."""
 
@@ -292,6 +324,7 @@ class WebhookView(TypedDict):
     created_at: float
     updated_at: float
     created_by: str
+    deliveries: DeliverySummary
 
 
 class WebhookWithSecret(WebhookView):
@@ -300,8 +333,8 @@ class WebhookWithSecret(WebhookView):
     secret: str
 
 
-def webhook_view(record: Mapping[str, Any]) -> WebhookView:
-    """Show a stored subscription without its secrets."""
+def webhook_view(record: Mapping[str, Any], deliveries: DeliverySummary = _NO_DELIVERIES) -> WebhookView:
+    """Show a stored subscription without its secrets, with the summary of its deliveries."""
     return WebhookView(
         id=record["id"],
         url=record["url"],
@@ -313,11 +346,12 @@ def webhook_view(record: Mapping[str, Any]) -> WebhookView:
         created_at=record["created_at"],
         updated_at=record["updated_at"],
         created_by=record["created_by"],
+        deliveries=deliveries,
     )
 
 
-def _with_secret(record: Mapping[str, Any]) -> WebhookWithSecret:
-    return WebhookWithSecret(**webhook_view(record), secret=record["secret"])
+def _with_secret(view: WebhookView, record: Mapping[str, Any]) -> WebhookWithSecret:
+    return WebhookWithSecret(**view, secret=record["secret"])
 
 
 def _invalid(field: str, message: str) -> InvalidInput:
@@ -328,15 +362,19 @@ def _invalid(field: str, message: str) -> InvalidInput:
 
 
 def _check_filters(record: Mapping[str, Any]) -> None:
-    if record["min_severity"] is not None and "alert" not in record["event_types"]:
-        raise _invalid("min_severity", "filters alerts only: add 'alert' to event_types or leave it out")
+    if record["min_severity"] is not None and not ALERT_TYPES & set(record["event_types"]):
+        raise _invalid(
+            "min_severity",
+            "filters alerts only: add alert_raised or risk_threshold_crossed to event_types or leave it out",
+        )
 
 
 class Webhooks:
-    """Create, read, change, delete subscriptions and rotate their secrets."""
+    """Create, read, change, delete subscriptions, rotate their secrets, show and redo their deliveries."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, wake: Callable[[], None]) -> None:
         self._store = store
+        self._wake = wake  # tells the sender a delivery was queued here
         self._policy = DestinationPolicy.from_settings(settings)
         self._max_count = settings.webhook_max_subscriptions
         self._max_overlap_s = settings.webhook_max_secret_overlap_s
@@ -374,19 +412,18 @@ class Webhooks:
                 f"the hub keeps at most {self._max_count} webhook subscriptions "
                 "(HUB_WEBHOOK_MAX_SUBSCRIPTIONS); delete one first"
             )
-        return _with_secret(record)
+        return _with_secret(webhook_view(record), record)
 
     async def get(self, webhook_id: str) -> WebhookView:
         """Return one subscription, without its secrets."""
-        record = await self._store.get_webhook(webhook_id)
-        if record is None:
-            raise NotFound(f"no webhook {webhook_id}")
-        return webhook_view(record)
+        return await self._view(await self._known(webhook_id))
 
     async def list(self, *, after: list[Any] | None, limit: int) -> Page:
         """Return subscriptions in creation order, without their secrets."""
         page = await self._store.list_webhooks(after=after, limit=limit)
-        return Page([dict(webhook_view(record)) for record in page.items], page.next_key)
+        summaries = await self._store.delivery_summaries([record["id"] for record in page.items])
+        views = [dict(webhook_view(record, _summary(summaries[record["id"]]))) for record in page.items]
+        return Page(views, page.next_key)
 
     async def update(self, webhook_id: str, changes: dict[str, Any]) -> WebhookView:
         """Change the given fields only; a new URL passes the guard first."""
@@ -400,7 +437,7 @@ class Webhooks:
             _check_filters({**current, **changes})  # against the stored state, in the same transaction
             return {**changes, "updated_at": now}
 
-        return webhook_view(await self._change(webhook_id, change))
+        return await self._view(await self._change(webhook_id, change))
 
     async def rotate_secret(self, webhook_id: str, *, keep_previous_s: float) -> WebhookWithSecret:
         """Give the subscription a new secret; the replaced one signs too for `keep_previous_s`."""
@@ -421,12 +458,51 @@ class Webhooks:
                 "updated_at": now,
             }
 
-        return _with_secret(await self._change(webhook_id, rotate))
+        record = await self._change(webhook_id, rotate)
+        return _with_secret(await self._view(record), record)
 
     async def delete(self, webhook_id: str) -> None:
         """Delete a subscription: it receives nothing from now on."""
         if not await self._store.delete_webhook(webhook_id):
             raise NotFound(f"no webhook {webhook_id}")
+
+    async def list_deliveries(
+        self, webhook_id: str, *, state: DeliveryState | None, after: list[Any] | None, limit: int
+    ) -> Page:
+        """Return a subscription's deliveries, newest first."""
+        await self._known(webhook_id)
+        return await self._store.list_deliveries(webhook_id, state=state, after=after, limit=limit)
+
+    async def test(self, webhook_id: str) -> DeliveryView:
+        """Queue a `ping` delivery to the subscription now, whatever it subscribes to."""
+        now = time.time()
+        delivery = await self._store.enqueue_delivery(webhook_id, ping_notice(webhook_id, now), now)
+        if delivery is None:
+            raise NotFound(f"no webhook {webhook_id}")
+        self._wake()
+        return _delivery(delivery)
+
+    async def redeliver(self, webhook_id: str, delivery_id: str) -> DeliveryView:
+        """Send a delivered or dead delivery again, same body and id, its attempts counted afresh."""
+        await self._known(webhook_id)
+        found = await self._store.redeliver(webhook_id, delivery_id, time.time())
+        if found is None:
+            raise NotFound(f"webhook {webhook_id} has no delivery {delivery_id}")
+        delivery, changed = found
+        if not changed:
+            raise Conflict(f"delivery {delivery_id} is pending already: it is sent again without asking")
+        self._wake()
+        return _delivery(delivery)
+
+    async def _known(self, webhook_id: str) -> dict[str, Any]:
+        record = await self._store.get_webhook(webhook_id)
+        if record is None:
+            raise NotFound(f"no webhook {webhook_id}")
+        return record
+
+    async def _view(self, record: Mapping[str, Any]) -> WebhookView:
+        summaries = await self._store.delivery_summaries([record["id"]])
+        return webhook_view(record, _summary(summaries[record["id"]]))
 
     async def _change(
         self, webhook_id: str, change: Callable[[dict[str, Any]], dict[str, Any]]
@@ -441,3 +517,24 @@ class Webhooks:
             await self._policy.check(url)
         except DestinationRefused as refused:
             raise _invalid("url", str(refused)) from None
+
+
+def _summary(row: Mapping[str, Any]) -> DeliverySummary:
+    return DeliverySummary(
+        pending=int(row["pending"]),
+        dead=int(row["dead"]),
+        last_status=row["last_status"],
+        last_delivery_at=row["last_delivery_at"],
+    )
+
+
+def _delivery(row: Mapping[str, Any]) -> DeliveryView:
+    return DeliveryView(
+        id=row["id"], event_type=row["event_type"], state=row["state"], attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"], last_attempt_at=row["last_attempt_at"],
+        last_status=row["last_status"], last_error=row["last_error"], created_at=row["created_at"],
+        delivered_at=row["delivered_at"],
+    )  # fmt: skip
+
+
+WEBHOOKS = web.AppKey("webhooks", Webhooks)

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import os
 import shutil
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,14 @@ from hub.certs import create_ca, init_pki, issue_agent
 from hub.config import Settings
 from hub.keys import INGESTOR, SCORING, STORE
 from hub.tokens import create_token
+
+
+def free_port() -> int:
+    """Return a loopback TCP port nobody listens on now (for a hub that restarts on the same port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def require_tool(name: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,15 @@ from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, 
 
 from hub.config import Settings
 from hub.keys import BUS, USERS
-from tests.conftest import ConnectAgent, HubStarter, RunningHub, open_agent, require_tool, start_hub
+from tests.conftest import (
+    ConnectAgent,
+    HubStarter,
+    RunningHub,
+    free_port,
+    open_agent,
+    require_tool,
+    start_hub,
+)
 from tests.test_scoring import attack
 
 PASSWORD = "correct horse battery staple"
@@ -305,17 +312,10 @@ async def test_webhooks_page_adds_a_subscription_and_shows_its_secret_once(
     await admin.screenshot("webhooks")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 async def test_the_page_reconnects_by_itself_after_a_hub_restart(
     settings: Settings, operator_at: OpenOperator
 ) -> None:
-    fixed = settings.model_copy(update={"port": _free_port()})
+    fixed = settings.model_copy(update={"port": free_port()})
     runner, hub = await start_hub(fixed)
     runner2: web.AppRunner | None = None
     try:

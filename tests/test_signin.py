@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http.cookies import SimpleCookie
@@ -18,7 +17,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from hub.keys import USERS
-from tests.conftest import HubStarter, RunningHub, client_ssl
+from tests.conftest import HubStarter, RunningHub, client_ssl, free_port
 from tests.test_cli import agenthub, assert_user_error
 
 PASSWORD = "correct horse battery staple"
@@ -305,9 +304,7 @@ async def test_users_cli_reads_the_password_from_stdin_and_refuses_bad_input(
 
 
 async def test_make_run_demo_prints_a_sign_in_that_works(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
     demo = await asyncio.create_subprocess_exec(
         *[

@@ -26,7 +26,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import psutil
 
 from agent_client.session import AgentSession
 from agent_client.wire import Event
+from bench.harness import free_port
 
 HOST = "127.0.0.1"
 _TICK_S = 0.2  # a source hands its due events over in one burst per tick: one spool commit
@@ -276,14 +276,6 @@ class HubProcess:
         if self._proc is None:
             raise SoakError("the hub was never started")
         return self._proc
-
-
-def free_port() -> int:
-    """Return a loopback TCP port nobody listens on now."""
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 # --- the store check ------------------------------------------------------------------------

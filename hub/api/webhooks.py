@@ -1,4 +1,4 @@
-"""Webhook subscriptions: create, list, get, change, delete, rotate the signing secret.
+"""Webhook subscriptions: create, list, get, change, delete, rotate the signing secret; their deliveries.
 
 Every route needs `hub:admin`: a webhook's URL and secret let whoever holds them receive the
 hub's alerts, or forge them. What may be subscribed to, where a webhook may point and how
@@ -14,9 +14,19 @@ from pydantic import MISSING, AfterValidator, BaseModel, ConfigDict, Field, Stri
 
 from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.spec import ApiRoutes, json_response
-from hub.keys import PRINCIPAL, SETTINGS, STORE
+from hub.keys import PRINCIPAL
 from hub.models import Severity
-from hub.notify import WEBHOOK_ID_PATTERN, EventType, Webhooks, WebhookView, WebhookWithSecret
+from hub.notices import EventType
+from hub.notify import (
+    DELIVERY_ID_PATTERN,
+    WEBHOOK_ID_PATTERN,
+    WEBHOOKS,
+    DeliveryState,
+    DeliveryView,
+    Webhooks,
+    WebhookView,
+    WebhookWithSecret,
+)
 
 api = ApiRoutes("webhooks")
 
@@ -35,10 +45,17 @@ WebhookUrl = Annotated[
 ]
 EventTypes = Annotated[
     list[EventType],
-    Field(min_length=1, description="what it receives: alert, agent (presence), command (state changes)"),
+    Field(
+        min_length=1,
+        description="what it receives: alert_raised, risk_threshold_crossed, agent_online, agent_offline, "
+        "certificate_expiring, certificate_revoked",
+    ),
     AfterValidator(_sorted_unique),
 ]
-MinSeverity = Annotated[Severity, Field(description="only alerts at least this severe (needs 'alert')")]
+MinSeverity = Annotated[
+    Severity,
+    Field(description="only alerts at least this severe (needs alert_raised or risk_threshold_crossed)"),
+]
 Description = Annotated[str, Field(max_length=500, description="what it is for, for the next person")]
 Enabled = Annotated[StrictBool, Field(description="false keeps the subscription but delivers nothing")]
 
@@ -80,9 +97,16 @@ class WebhookPath(BaseModel):
     webhook_id: str = Field(pattern=WEBHOOK_ID_PATTERN, description="the webhook's id")
 
 
+class DeliveryPath(WebhookPath):
+    delivery_id: str = Field(pattern=DELIVERY_ID_PATTERN, description="the delivery's id")
+
+
+class DeliveryQuery(PageQuery):
+    state: DeliveryState | None = Field(None, description="only deliveries in this state")
+
+
 def _webhooks(request: web.Request) -> Webhooks:
-    # Stateless over the store, so made per request (deliveries will give it a life of its own).
-    return Webhooks(request.app[SETTINGS], request.app[STORE])
+    return request.app[WEBHOOKS]
 
 
 @api.post(
@@ -162,3 +186,48 @@ async def rotate_webhook_secret(
     (at most HUB_WEBHOOK_MAX_SECRET_OVERLAP_S). Rotating again retires the older secret at once.
     """
     return await _webhooks(request).rotate_secret(path.webhook_id, keep_previous_s=body.keep_previous_s)
+
+
+@api.get(
+    "/api/v1/webhooks/{webhook_id}/deliveries",
+    scope="hub:admin",
+    path_params=WebhookPath,
+    query=DeliveryQuery,
+    response=PageOf[DeliveryView],
+)
+async def list_webhook_deliveries(request: web.Request, *, path: WebhookPath, query: DeliveryQuery) -> dict[str, Any]:
+    """List a webhook's deliveries, newest first: pending (to be sent or retried), delivered, or dead.
+
+    A dead delivery failed every attempt (HUB_WEBHOOK_MAX_ATTEMPTS); `last_error` says why the
+    last one failed. Redeliver it once the receiver is fixed.
+    """
+    return await paginate(request, query, _webhooks(request).list_deliveries, path.webhook_id, state=query.state)
+
+
+@api.post(
+    "/api/v1/webhooks/{webhook_id}:test",
+    scope="hub:admin",
+    path_params=WebhookPath,
+    response=DeliveryView,
+    status=202,
+)
+async def test_webhook(request: web.Request, *, path: WebhookPath) -> DeliveryView:
+    """Queue a `ping` delivery to the webhook now, whatever events it subscribes to.
+
+    It is signed and retried like every delivery; follow it in the webhook's deliveries.
+    """
+    return await _webhooks(request).test(path.webhook_id)
+
+
+@api.post(
+    "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}:redeliver",
+    scope="hub:admin",
+    path_params=DeliveryPath,
+    response=DeliveryView,
+)
+async def redeliver_webhook_delivery(request: web.Request, *, path: DeliveryPath) -> DeliveryView:
+    """Send a dead or delivered delivery again: the same body and delivery id, attempts counted afresh.
+
+    A pending delivery is a 409: it is being sent already.
+    """
+    return await _webhooks(request).redeliver(path.webhook_id, path.delivery_id)

@@ -20,6 +20,19 @@ class EventBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """Something webhooks may be told: every enabled subscription to `event_type` gets a delivery.
+
+    `severity` (alerts only) is checked against a subscription's `min_severity`; `body` is the
+    JSON object sent, to which each delivery adds its own `delivery_id`.
+    """
+
+    event_type: str
+    body: dict[str, Any]
+    severity: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     """One page of a list, and the sort key of its last item when more follow."""
 
@@ -62,8 +75,11 @@ class Store(Protocol):
         """Return stored events in (agent_id, seq) order after the given key."""
         ...
 
-    async def save_agent(self, agent_id: str, fields: dict[str, Any]) -> None:
-        """Upsert an agent's `fields`; a `heartbeat` among them also joins its history at `last_seen`."""
+    async def save_agent(self, agent_id: str, fields: dict[str, Any], notices: list[Notice] | None = None) -> None:
+        """Upsert an agent's `fields`; a `heartbeat` among them also joins its history at `last_seen`.
+
+        `notices` are queued for webhooks in the same transaction.
+        """
         ...
 
     async def get_agent(self, agent_id: str) -> dict[str, Any] | None: ...
@@ -106,8 +122,13 @@ class Store(Protocol):
         """
         ...
 
-    async def insert_alerts(self, alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Store new alerts; return them with their ids."""
+    async def insert_alerts(
+        self, alerts: list[dict[str, Any]], notices: Callable[[dict[str, Any]], list[Notice]] | None = None
+    ) -> list[dict[str, Any]]:
+        """Store new alerts; return them with their ids.
+
+        `notices(alert)`, given each alert with its id, are queued for webhooks in the same transaction.
+        """
         ...
 
     async def list_alerts(
@@ -140,7 +161,11 @@ class Store(Protocol):
     ) -> None: ...
 
     async def is_revoked(self, fingerprint: str) -> bool: ...
-    async def revoke(self, fingerprint: str, *, serial: str, agent_id: str, reason: str) -> None: ...
+    async def revoke(
+        self, fingerprint: str, *, serial: str, agent_id: str, reason: str, notices: list[Notice] | None = None
+    ) -> bool:
+        """Record a revocation unless there is one; `notices` are queued with a new one. Say whether new."""
+        ...
 
     # audit log and operator token revocation -------------------------------------------
 
@@ -194,6 +219,12 @@ class Store(Protocol):
         """The PEM of every uploaded certificate not expired at `now`."""
         ...
 
+    async def notify_expiring_certificates(
+        self, *, now: float, until: float, notice: Callable[[dict[str, Any]], Notice]
+    ) -> int:
+        """Queue `notice(record)` once for each unrevoked certificate expiring in (now, until]; return how many."""
+        ...
+
     # commands
 
     async def insert_command(self, command: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -244,7 +275,49 @@ class Store(Protocol):
         """
         ...
 
-    async def delete_webhook(self, webhook_id: str) -> bool: ...
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        """Delete a subscription and its deliveries."""
+        ...
+
+    # webhook deliveries (the outbox)
+
+    async def enqueue_delivery(self, webhook_id: str, notice: Notice, now: float) -> dict[str, Any] | None:
+        """Queue `notice` for one subscription whatever it subscribes to; None when there is none."""
+        ...
+
+    async def claim_deliveries(self, *, now: float, node: str, lease_s: float, limit: int) -> list[dict[str, Any]]:
+        """Lease up to `limit` due pending deliveries to `node`, at most one per subscription.
+
+        A subscription with a delivery leased until after `now` gets none. Each comes with its
+        subscription's `url`, `secret`, `previous_secret` and `previous_secret_expires_at`.
+        """
+        ...
+
+    async def finish_delivery(self, delivery_id: str, node: str, changes: dict[str, Any]) -> bool:
+        """Record an attempt's outcome and end `node`'s lease, if it still holds it; say whether it did."""
+        ...
+
+    async def release_leases(self, node: str) -> int:
+        """End every lease `node` holds (it is starting or stopping: nothing of it is in flight)."""
+        ...
+
+    async def next_delivery_at(self, *, now: float) -> float | None:
+        """When the soonest pending delivery of a subscription with none leased at `now` is due; None if none."""
+        ...
+
+    async def list_deliveries(
+        self, webhook_id: str, *, state: str | None, after: list[Any] | None, limit: int
+    ) -> Page:
+        """A subscription's deliveries, newest first, optionally in one state."""
+        ...
+
+    async def redeliver(self, webhook_id: str, delivery_id: str, now: float) -> tuple[dict[str, Any], bool] | None:
+        """Make a delivered or dead delivery pending again, attempts reset; (it, whether it changed)."""
+        ...
+
+    async def delivery_summaries(self, webhook_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Per subscription: `pending` and `dead` counts, `last_status` and `last_delivery_at`."""
+        ...
 
     # operator accounts and web sessions
 

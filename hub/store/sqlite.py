@@ -16,6 +16,7 @@ import fcntl
 import functools
 import logging
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable
@@ -28,9 +29,9 @@ from typing import Any, TypeVar
 import msgpack
 import orjson
 
-from hub.models import Event, score_view
+from hub.models import SEVERITY_ORDER, Event, score_view
 from hub.problems import Unavailable
-from hub.store import EventBatch, EventFilter, Page
+from hub.store import EventBatch, EventFilter, Notice, Page
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -288,7 +289,7 @@ class SqliteStore:
 
     # agents ------------------------------------------------------------------------------
 
-    async def save_agent(self, agent_id: str, fields: dict[str, Any]) -> None:
+    async def save_agent(self, agent_id: str, fields: dict[str, Any], notices: list[Notice] | None = None) -> None:
         names = list(fields)
         values = [orjson.dumps(v).decode() if isinstance(v, dict) else v for v in fields.values()]
         sql = (
@@ -304,6 +305,7 @@ class SqliteStore:
                     _INSERT_HEARTBEAT_SQL,
                     [agent_id, fields["last_seen"], *(beat.get(name) for name in _HEARTBEAT_COLUMNS)],
                 )
+            _enqueue(conn, notices or [], time.time())
 
         await self._write(save)
 
@@ -426,7 +428,9 @@ class SqliteStore:
 
     # alerts ------------------------------------------------------------------------------
 
-    async def insert_alerts(self, alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def insert_alerts(
+        self, alerts: list[dict[str, Any]], notices: Callable[[dict[str, Any]], list[Notice]] | None = None
+    ) -> list[dict[str, Any]]:
         def insert(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             stored = []
             for alert in alerts:
@@ -448,6 +452,8 @@ class SqliteStore:
                     (orjson.dumps(full), cursor.lastrowid),
                 )
                 stored.append(full)
+                if notices is not None:
+                    _enqueue(conn, notices(full), time.time())
             return stored
 
         if not alerts:
@@ -666,6 +672,28 @@ class SqliteStore:
         rows = await self._read(lambda c: _rows(c, sql, [*params, limit + 1]))
         return _page(rows, limit, lambda item: [item["not_after"], item["fingerprint"]])
 
+    async def notify_expiring_certificates(
+        self, *, now: float, until: float, notice: Callable[[dict[str, Any]], Notice]
+    ) -> int:
+        def notify(conn: sqlite3.Connection) -> int:
+            # Marked and queued in one transaction: several nodes checking at once announce it once.
+            due = _rows(
+                conn,
+                self._CERTIFICATES_SQL + " WHERE revoked_at IS NULL AND expiry_notified_at IS NULL "
+                "AND not_after > ? AND not_after <= ? ORDER BY not_after",
+                [now, until],
+            )
+            for record in due:
+                conn.execute(
+                    "UPDATE certificates SET expiry_notified_at = ? WHERE fingerprint = ?",
+                    (now, record["fingerprint"]),
+                )
+                _enqueue(conn, [notice(record)], now)
+            return len(due)
+
+        count: int = await self._write(notify)
+        return count
+
     async def uploaded_certificates(self, now: float) -> list[str]:
         rows = await self._read(
             lambda c: c.execute(
@@ -793,6 +821,104 @@ class SqliteStore:
         )
         return deleted == 1
 
+    # webhook deliveries (the outbox) -----------------------------------------------------
+
+    async def enqueue_delivery(self, webhook_id: str, notice: Notice, now: float) -> dict[str, Any] | None:
+        def enqueue(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            if conn.execute("SELECT 1 FROM webhooks WHERE id = ?", (webhook_id,)).fetchone() is None:
+                return None
+            delivery_id = _insert_delivery(conn, webhook_id, notice, now)
+            return _rows(conn, _DELIVERIES_SQL + " WHERE id = ?", [delivery_id])[0]
+
+        result: dict[str, Any] | None = await self._write(enqueue)
+        return result
+
+    async def claim_deliveries(
+        self, *, now: float, node: str, lease_s: float, limit: int
+    ) -> list[dict[str, Any]]:
+        def claim(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            # Inside the writer's BEGIN IMMEDIATE: nodes sharing the database claim one at a time.
+            rows = _rows(conn, _CLAIM_SQL, [now, now, limit])
+            conn.executemany(
+                "UPDATE webhook_deliveries SET lease_until = ?, lease_node = ? WHERE id = ?",
+                [(now + lease_s, node, row["id"]) for row in rows],
+            )
+            return rows
+
+        claimed: list[dict[str, Any]] = await self._write(claim)
+        return claimed
+
+    async def finish_delivery(self, delivery_id: str, node: str, changes: dict[str, Any]) -> bool:
+        if not changes or not set(changes) <= _DELIVERY_OUTCOME:
+            raise ValueError(f"cannot change delivery columns {sorted(changes)}")
+        sql = (
+            f"UPDATE webhook_deliveries SET {', '.join(f'{name} = ?' for name in changes)}, "  # noqa: S608 - names checked above
+            "lease_until = NULL, lease_node = NULL WHERE id = ? AND lease_node = ? AND state = 'pending'"
+        )
+        updated: int = await self._write(lambda c: c.execute(sql, [*changes.values(), delivery_id, node]).rowcount)
+        return updated == 1
+
+    async def release_leases(self, node: str) -> int:
+        released: int = await self._write(
+            lambda c: c.execute(
+                "UPDATE webhook_deliveries SET lease_until = NULL, lease_node = NULL WHERE lease_node = ?", (node,)
+            ).rowcount
+        )
+        return released
+
+    async def next_delivery_at(self, *, now: float) -> float | None:
+        sql = (
+            "SELECT min(next_attempt_at) FROM webhook_deliveries AS d WHERE state = 'pending' "
+            "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries AS f WHERE f.webhook_id = d.webhook_id "
+            "AND f.state = 'pending' AND f.lease_until > ?)"
+        )
+        row = await self._read(lambda c: c.execute(sql, (now,)).fetchone())
+        return None if row[0] is None else float(row[0])
+
+    async def list_deliveries(
+        self, webhook_id: str, *, state: str | None, after: list[Any] | None, limit: int
+    ) -> Page:
+        sql = _DELIVERIES_SQL + " WHERE webhook_id = ? AND seq < ?"
+        params: list[Any] = [webhook_id, int(after[0]) if after else 2**62]
+        if state:
+            sql += " AND state = ?"
+            params.append(state)
+        rows = await self._read(lambda c: _rows(c, sql + " ORDER BY seq DESC LIMIT ?", [*params, limit + 1]))
+        page = _page(rows, limit, lambda row: [row["seq"]])
+        return Page([_delivery_view(row) for row in page.items], page.next_key)
+
+    async def redeliver(
+        self, webhook_id: str, delivery_id: str, now: float
+    ) -> tuple[dict[str, Any], bool] | None:
+        def redeliver(conn: sqlite3.Connection) -> tuple[dict[str, Any], bool] | None:
+            changed = conn.execute(
+                "UPDATE webhook_deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                "delivered_at = NULL, lease_until = NULL, lease_node = NULL "
+                "WHERE id = ? AND webhook_id = ? AND state != 'pending'",
+                (now, delivery_id, webhook_id),
+            ).rowcount
+            rows = _rows(conn, _DELIVERIES_SQL + " WHERE id = ? AND webhook_id = ?", [delivery_id, webhook_id])
+            return (_delivery_view(rows[0]), changed == 1) if rows else None
+
+        result: tuple[dict[str, Any], bool] | None = await self._write(redeliver)
+        return result
+
+    async def delivery_summaries(self, webhook_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not webhook_ids:
+            return {}
+        marks = ", ".join("?" * len(webhook_ids))
+        # The last attempt of each subscription, and its pending and dead counts.
+        sql = (
+            "SELECT webhook_id, sum(state = 'pending') AS pending, sum(state = 'dead') AS dead, "
+            "max(last_attempt_at) AS last_delivery_at, "
+            "(SELECT last_status FROM webhook_deliveries AS latest WHERE latest.webhook_id = d.webhook_id "
+            "AND latest.last_attempt_at IS NOT NULL ORDER BY last_attempt_at DESC LIMIT 1) AS last_status "
+            f"FROM webhook_deliveries AS d WHERE webhook_id IN ({marks}) GROUP BY webhook_id"  # noqa: S608 - only placeholders
+        )
+        rows = await self._read(lambda c: _rows(c, sql, list(webhook_ids)))
+        found = {row.pop("webhook_id"): row for row in rows}
+        return {webhook_id: found.get(webhook_id, dict(_NO_DELIVERIES)) for webhook_id in webhook_ids}
+
     # operator accounts and web sessions --------------------------------------------------
 
     async def insert_user(self, record: dict[str, Any]) -> bool:
@@ -899,14 +1025,23 @@ class SqliteStore:
         )
         return row is not None
 
-    async def revoke(self, fingerprint: str, *, serial: str, agent_id: str, reason: str) -> None:
-        await self._write(
-            lambda c: c.execute(
+    async def revoke(
+        self, fingerprint: str, *, serial: str, agent_id: str, reason: str, notices: list[Notice] | None = None
+    ) -> bool:
+        def revoke(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            cursor = conn.execute(
                 "INSERT OR IGNORE INTO revocations (fingerprint, serial, agent_id, reason, revoked_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (fingerprint, serial, agent_id, reason, time.time()),
+                (fingerprint, serial, agent_id, reason, now),
             )
-        )
+            if cursor.rowcount != 1:
+                return False
+            _enqueue(conn, notices or [], now)
+            return True
+
+        new: bool = await self._write(revoke)
+        return new
 
 
 _ROWS_PER_INSERT = 4000  # 7 parameters a row; SQLite allows 32,766 per statement
@@ -1064,6 +1199,57 @@ def _webhook_record(row: dict[str, Any]) -> dict[str, Any]:
     record["event_types"] = orjson.loads(record["event_types"])
     record["enabled"] = bool(record["enabled"])
     return record
+
+
+_DELIVERY_COLUMNS = ("id", "event_type", "state", "attempts", "next_attempt_at", "last_attempt_at",
+                     "last_status", "last_error", "created_at", "delivered_at")  # fmt: skip
+_DELIVERIES_SQL = f"SELECT seq, {', '.join(_DELIVERY_COLUMNS)} FROM webhook_deliveries"  # noqa: S608 - column names come from code
+_DELIVERY_OUTCOME = frozenset({"state", "attempts", "next_attempt_at", "last_attempt_at", "last_status",
+                               "last_error", "delivered_at"})  # fmt: skip
+_NO_DELIVERIES = {"pending": 0, "dead": 0, "last_status": None, "last_delivery_at": None}
+# Due pending deliveries, the soonest of each subscription that has no attempt in flight (one
+# lane per subscription), soonest first; with what an attempt needs from its subscription.
+_CLAIM_SQL = (
+    "SELECT d.id, d.webhook_id, d.event_type, d.body, d.attempts, min(d.next_attempt_at) AS next_attempt_at, "
+    "w.url, w.secret, w.previous_secret, w.previous_secret_expires_at "
+    "FROM webhook_deliveries AS d JOIN webhooks AS w ON w.id = d.webhook_id "
+    "WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries AS f "
+    "WHERE f.webhook_id = d.webhook_id AND f.state = 'pending' AND f.lease_until > ?) "
+    "GROUP BY d.webhook_id ORDER BY next_attempt_at LIMIT ?"
+)
+
+
+def _delivery_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: row[name] for name in _DELIVERY_COLUMNS}  # `seq` is the store's own sort key
+
+
+def _insert_delivery(conn: sqlite3.Connection, webhook_id: str, notice: Notice, now: float) -> str:
+    delivery_id = "whd_" + secrets.token_hex(16)
+    # The body is fixed now: every attempt, and every duplicate, sends these bytes.
+    body = orjson.dumps({"delivery_id": delivery_id, **notice.body})
+    conn.execute(
+        "INSERT INTO webhook_deliveries (id, webhook_id, event_type, body, state, next_attempt_at, created_at) "
+        "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+        (delivery_id, webhook_id, notice.event_type, body, now, now),
+    )
+    return delivery_id
+
+
+def _enqueue(conn: sqlite3.Connection, notices: list[Notice], now: float) -> None:
+    """Queue a delivery of each notice to every enabled subscription that wants it."""
+    if not notices:
+        return
+    hooks = conn.execute("SELECT id, event_types, min_severity FROM webhooks WHERE enabled = 1").fetchall()
+    for webhook_id, event_types, min_severity in hooks:
+        wanted = orjson.loads(event_types)
+        for notice in notices:
+            if notice.event_type in wanted and _severe_enough(notice.severity, min_severity):
+                _insert_delivery(conn, webhook_id, notice, now)
+
+
+def _severe_enough(severity: str | None, minimum: str | None) -> bool:
+    # `min_severity` filters what has a severity (alerts) and nothing else.
+    return severity is None or minimum is None or SEVERITY_ORDER[severity] >= SEVERITY_ORDER[minimum]
 
 
 _HEARTBEAT_COLUMNS = ("cpu_percent", "mem_percent", "disk_percent", "spool_depth", "dropped", "uptime_s")

@@ -1,0 +1,367 @@
+"""Dashboard benchmarks: the overview page under live load in Chromium, and the hub's fan-out.
+
+    python -m bench.dashboards [--seconds 10] [--quick]
+
+Both run the hub as its own process pinned to core 0 (this load generator and the browser
+share core 1). Real agents (stock python-socketio clients over mTLS) send one event at a
+time, each matching a detection rule for a fresh process, so each event is one score push.
+
+page: the hub holds 1,000 agents; the overview page, signed in in Debian's headless
+Chromium, renders score updates arriving at 0, 50, 200 and 1,000 a second. Measured in the
+page: frames drawn a second, main-thread long tasks (over 50 ms, the browser's own
+measure), table rows, JS heap, and the time from an agent emitting a high-risk process to
+its row appearing in the riskiest-processes table (one such marker a second).
+
+fanout: 1, 50 and 200 dashboards, each its own operator, hold `/ws/live` while agents make
+200 (and 1,000) score updates a second. Measured: updates each dashboard received a second,
+emit-to-receive latency, the hub's CPU, and the push counters (coalesced, cut off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import platform
+import ssl
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+import socketio
+
+from bench.harness import (
+    SECRET,
+    free_port,
+    hub_command,
+    hub_env,
+    percentile,
+    pin_load_generator,
+    start_server,
+    stop_server,
+    table,
+)
+from hub.certs import init_pki, issue_agent
+from hub.codec import SocketJson
+from hub.config import Settings
+from hub.store.sqlite import SqliteStore
+from hub.tokens import create_token
+from hub.users import Users
+
+AGENTS = 10
+FLEET = 1000
+OFFLINE = {"status": "offline", "status_reason": "clean_disconnect"}
+PASSWORD = "bench password, not a secret"  # noqa: S105 - a throwaway account in a temporary folder
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-precise-memory-info",
+]
+# Counts frames and long tasks, and notes when each process row first appears.
+PAGE_PROBE = """
+window.__bench = { frames: 0, longTasks: [], seen: {} };
+(function tick() { window.__bench.frames++; requestAnimationFrame(tick); })();
+new PerformanceObserver((list) => {
+  for (const entry of list.getEntries()) window.__bench.longTasks.push(entry.duration);
+}).observe({ entryTypes: ["longtask"] });
+document.addEventListener("DOMContentLoaded", () => {
+  new MutationObserver((changes) => {
+    for (const change of changes) for (const node of change.addedNodes) {
+      const key = node.dataset && node.dataset.processKey;
+      if (key && !(key in window.__bench.seen)) window.__bench.seen[key] = Date.now();
+    }
+  }).observe(document.getElementById("top-processes"), { childList: true, subtree: true });
+});
+"""
+PAGE_HEADERS = [
+    "updates_per_s",
+    "achieved_per_s",
+    "frames_per_s",
+    "long_tasks",
+    "long_task_ms_max",
+    "busy_ms_per_s",
+    "marker_p50_ms",
+    "marker_max_ms",
+    "agent_rows",
+    "process_rows",
+    "heap_mb",
+]
+FANOUT_HEADERS = [
+    "dashboards",
+    "updates_per_s",
+    "achieved_per_s",
+    "received_per_dashboard_s",
+    "push_p50_ms",
+    "push_p99_ms",
+    "hub_cpu_pct",
+    "coalesced",
+    "cutoffs",
+]
+
+
+@dataclass
+class Load:
+    """Agents making score updates at a total rate; emit times of marker and traced processes."""
+
+    url: str
+    certs: Path
+    rate: float
+    emitted: dict[int, float] = field(default_factory=dict)  # pid -> wall time it was sent
+    acked: int = 0  # score updates the hub took (stored and scored)
+    markers: dict[int, float] = field(default_factory=dict)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._agent(i) for i in range(AGENTS)))
+
+    async def _agent(self, index: int) -> None:
+        agent_id = f"bench-{index}"
+        context = ssl.create_default_context(cafile=str(self.certs / "ca.pem"))
+        context.load_cert_chain(self.certs / f"{agent_id}.pem", self.certs / f"{agent_id}.key")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+            client = socketio.AsyncClient(http_session=session, reconnection=False, json=SocketJson)
+            hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            client.on("hello", lambda data: hello.done() or hello.set_result(data), namespace="/agent")
+            await client.connect(self.url, namespaces=["/agent"], transports=["websocket"], wait_timeout=30)
+            seq = (await asyncio.wait_for(hello, 30))["last_seq"] + 1
+            try:
+                seq = await self._send(client, index, seq)
+            finally:
+                await client.disconnect()
+
+    async def _send(self, client: socketio.AsyncClient, index: int, seq: int) -> int:
+        interval = AGENTS / self.rate if self.rate else 1.0
+        next_at, pid, last_marker = time.monotonic() + interval * index / AGENTS, 1_000_000 * (index + 1), 0.0
+        while not self.stop.is_set():
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += interval
+            pid += 1
+            now = time.time()
+            if index == 0 and now - last_marker >= 1.0:  # one high-risk process a second
+                events, last_marker = _marker(seq, pid, now), now
+                self.markers[pid] = now
+            elif self.rate:
+                events = [{"seq": seq, "ts": now, "kind": "file_open", "pid": pid,
+                           "path": "/home/app/.ssh/id_ed25519", "exe": "/usr/bin/python3"}]  # fmt: skip
+                self.emitted[pid] = now
+            else:
+                continue
+            ack = await client.call("events", {"events": events}, namespace="/agent", timeout=60)
+            if "error" not in ack:
+                seq += len(events)
+                self.acked += 1
+        return seq
+
+
+def _marker(seq: int, pid: int, now: float) -> list[dict[str, Any]]:
+    # A shell calling a reverse-shell port and reading password hashes: it tops the table.
+    return [
+        {"seq": seq, "ts": now, "kind": "net_connect", "pid": pid, "exe": "/bin/sh", "dst_ip": "203.0.113.7",
+         "dst_port": 4444, "protocol": "tcp"},
+        {"seq": seq + 1, "ts": now, "kind": "file_open", "pid": pid, "exe": "/bin/sh", "path": "/etc/shadow"},
+    ]  # fmt: skip
+
+
+async def _seed(settings: Settings) -> None:
+    """Put a fleet of agents and an operator account into the hub's database before it starts."""
+    store = SqliteStore(settings.db_path)
+    await store.open()
+    try:
+        now = time.time()
+        for n in range(FLEET):
+            await store.save_agent(f"fleet-{n:04d}", {**OFFLINE, "status_changed_at": now, "last_seen": now})
+        await Users(settings, store).add("bench", role="viewer", password=PASSWORD)
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def _hub(workdir: Path, certs: Path, name: str) -> Any:
+    data_dir = workdir / f"data-{name}"
+    await _seed(Settings(data_dir=data_dir, certs_dir=certs))
+    port = free_port()
+    proc = start_server(hub_command(port), hub_env(data_dir, certs, push_max_dashboards="1000"), port)
+    try:
+        yield f"https://127.0.0.1:{port}", proc
+    finally:
+        stop_server(proc)
+
+
+async def run_page(workdir: Path, certs: Path, seconds: float) -> list[dict[str, Any]]:
+    from playwright.async_api import async_playwright
+
+    rows = []
+    async with _hub(workdir, certs, "page") as (url, _), async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+        # The probe is injected by the browser itself; the page's CSP would refuse evaluating it.
+        context = await browser.new_context(ignore_https_errors=True, bypass_csp=True)
+        await context.add_init_script(PAGE_PROBE)
+        page = await context.new_page()
+        await page.goto(url + "/signin")
+        await page.fill("input[name=username]", "bench")
+        await page.fill("input[name=password]", PASSWORD)
+        await page.click("#signin-form button[type=submit]")
+        await page.wait_for_selector("#conn:text('live')")
+        for rate in (0, 50, 200, 1000):
+            _say(f"page at {rate} score updates/s")
+            rows.append(await _measure_page(page, Load(url, certs, rate), seconds))
+        await browser.close()
+    return rows
+
+
+async def _measure_page(page: Any, load: Load, seconds: float) -> dict[str, Any]:
+    async def measured() -> dict[str, Any]:
+        await asyncio.sleep(2.0)  # agents connected, rates steady
+        before = await page.evaluate("({frames: __bench.frames, tasks: __bench.longTasks.length})")
+        acked = load.acked
+        await asyncio.sleep(seconds)
+        acked = load.acked - acked
+        after = await page.evaluate(
+            "({frames: __bench.frames, tasks: __bench.longTasks, seen: __bench.seen,"
+            " agents: document.querySelectorAll('#agents tr[data-agent-id]').length,"
+            " processes: document.querySelectorAll('#top-processes tr[data-process-key]').length,"
+            " heap: performance.memory ? performance.memory.usedJSHeapSize : null})"
+        )
+        tasks = after["tasks"][before["tasks"] :]
+        latencies = [
+            after["seen"][key] - sent * 1000
+            for pid, sent in load.markers.items()
+            for key in after["seen"]
+            if f":{pid}:" in key
+        ]
+        return {
+            "updates_per_s": load.rate,
+            "achieved_per_s": round(acked / seconds),
+            "frames_per_s": round((after["frames"] - before["frames"]) / seconds, 1),
+            "long_tasks": len(tasks),
+            "long_task_ms_max": round(max(tasks), 1) if tasks else 0,
+            "busy_ms_per_s": round(sum(tasks) / seconds, 1),
+            "marker_p50_ms": percentile(latencies, 50),
+            "marker_max_ms": round(max(latencies), 1) if latencies else None,
+            "agent_rows": after["agents"],
+            "process_rows": after["processes"],
+            "heap_mb": round(after["heap"] / 2**20, 1) if after["heap"] else None,
+        }
+
+    return await _with_load(load, measured)
+
+
+async def _with_load(load: Load, measure: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    agents = asyncio.create_task(load.run())
+    try:
+        return await measure()
+    finally:
+        load.stop.set()
+        await agents
+
+
+async def run_fanout(workdir: Path, certs: Path, seconds: float) -> list[dict[str, Any]]:
+    rows = []
+    for dashboards, rate in ((1, 200), (50, 200), (200, 200), (200, 1000)):
+        _say(f"fan-out to {dashboards} dashboards at {rate} score updates/s")
+        async with _hub(workdir, certs, f"fanout-{dashboards}-{rate}") as (url, proc):
+            load = Load(url, certs, rate)
+            rows.append(await _measure_fanout(url, certs, proc.pid, dashboards, load, seconds))
+    return rows
+
+
+async def _measure_fanout(
+    url: str, certs: Path, hub_pid: int, count: int, load: Load, seconds: float
+) -> dict[str, Any]:
+    settings = Settings(data_dir=certs.parent, jwt_secret=SECRET)
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    latencies: list[float] = []
+    received = [0]
+    measuring = asyncio.Event()
+
+    async def dashboard(session: aiohttp.ClientSession, n: int) -> None:
+        token = create_token(settings, scopes=["hub:read"], subject=f"operator-{n}")
+        async with session.ws_connect(f"{url}/ws/live", headers={"Authorization": f"Bearer {token}"}) as ws:
+            async for message in ws:
+                data = orjson.loads(message.data)
+                if data["type"] != "score" or not measuring.is_set():
+                    continue
+                received[0] += 1
+                sent = load.emitted.get(data["data"]["pid"])
+                if sent is not None:
+                    latencies.append((time.time() - sent) * 1000)
+
+    async def measured() -> dict[str, Any]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=0)) as session:
+            watchers = [asyncio.create_task(dashboard(session, n)) for n in range(count)]
+            await asyncio.sleep(3.0)  # everyone connected and past the snapshot
+            hub = psutil.Process(hub_pid)
+            hub.cpu_percent()
+            measuring.set()
+            acked = load.acked
+            await asyncio.sleep(seconds)
+            measuring.clear()
+            acked = load.acked - acked
+            cpu = hub.cpu_percent()
+            stats = await _stats(session, url, settings)
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+        return {
+            "dashboards": count,
+            "updates_per_s": load.rate,
+            "achieved_per_s": round(acked / seconds),
+            "received_per_dashboard_s": round(received[0] / count / seconds, 1),
+            "push_p50_ms": percentile(latencies, 50),
+            "push_p99_ms": percentile(latencies, 99),
+            "hub_cpu_pct": round(cpu),
+            "coalesced": stats["push_coalesced"],
+            "cutoffs": stats["push_cutoffs"],
+        }
+
+    return await _with_load(load, measured)
+
+
+async def _stats(session: aiohttp.ClientSession, url: str, settings: Settings) -> dict[str, Any]:
+    token = create_token(settings, scopes=["hub:read"], subject="bench-stats")
+    async with session.get(f"{url}/api/v1/stats", headers={"Authorization": f"Bearer {token}"}) as response:
+        stats: dict[str, Any] = await response.json()
+        return stats
+
+
+def _say(what: str) -> None:
+    print(f"running {what}...", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Dashboard benchmarks: the page in Chromium, and fan-out.")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row (default 10)")
+    parser.add_argument("--quick", action="store_true", help="4 measured seconds per row")
+    parser.add_argument("--only", choices=["page", "fanout"], help="run one of the two")
+    args = parser.parse_args()
+    seconds = 4.0 if args.quick else args.seconds
+    pin_load_generator()
+    with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
+        workdir = Path(tmp)
+        certs = workdir / "certs"
+        init_pki(certs, ["127.0.0.1", "localhost"])
+        for i in range(AGENTS):
+            issue_agent(certs, f"bench-{i}")
+        print(f"machine: {platform.node()}, {psutil.cpu_count()} cores, Python {platform.python_version()}")
+        if args.only in (None, "page"):
+            print(f"\npage: overview with {FLEET} agents, updates from {AGENTS} agents\n")
+            print(table(asyncio.run(run_page(workdir, certs, seconds)), PAGE_HEADERS))
+        if args.only in (None, "fanout"):
+            print("\nfan-out: dashboards on /ws/live\n")
+            print(table(asyncio.run(run_fanout(workdir, certs, seconds)), FANOUT_HEADERS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""What webhooks are told: the body of each event type, and the watch on expiring certificates.
+
+Every body carries `event_type`, `timestamp` (when it happened, Unix seconds), and
+`process_id`, `risk_score` and `threshold` (null for events about no process), then the
+fields of its type; the store adds each delivery's `delivery_id`. An alert is announced
+once as `alert_raised`, and once more as `risk_threshold_crossed` when a risk threshold
+raised it. Notices are written to the outbox in the transaction that stores what they
+announce, so a committed alert is never left unannounced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Literal
+
+from hub.config import Settings
+from hub.store import Notice, Store
+
+log = logging.getLogger(__name__)
+EventType = Literal[
+    "alert_raised",
+    "risk_threshold_crossed",
+    "agent_offline",
+    "agent_online",
+    "certificate_expiring",
+    "certificate_revoked",
+]
+ALERT_TYPES: frozenset[str] = frozenset({"alert_raised", "risk_threshold_crossed"})  # min_severity filters these
+_NO_PROCESS = {"process_id": None, "risk_score": None, "threshold": None}
+
+
+def alert_notices(alert: dict[str, Any]) -> list[Notice]:
+    """Announce a stored alert: raised, and a risk threshold crossed when one raised it."""
+    body = {
+        "timestamp": alert["ts"],
+        "process_id": alert["process_id"],
+        "risk_score": alert["risk_score"],
+        "threshold": alert["threshold"],
+        "alert_id": alert["id"],
+        "agent_id": alert["agent_id"],
+        "severity": alert["severity"],
+        "rule_id": alert["rule_id"],
+        "title": alert["title"],
+        "mitre": alert["mitre"],
+    }
+    types = ["alert_raised"] + (["risk_threshold_crossed"] if alert["threshold"] is not None else [])
+    return [Notice(kind, {"event_type": kind, **body}, alert["severity"]) for kind in types]
+
+
+def presence_notices(agent_id: str, status: str, reason: str, now: float) -> list[Notice]:
+    """Announce an agent coming online or going offline; `late` is not announced."""
+    if status not in ("online", "offline"):
+        return []
+    kind = f"agent_{status}"
+    return [Notice(kind, {"event_type": kind, "timestamp": now, **_NO_PROCESS, "agent_id": agent_id,
+                          "reason": reason})]  # fmt: skip
+
+
+def revocation_notice(record: dict[str, Any], reason: str, now: float) -> Notice:
+    """Announce that an agent certificate was revoked."""
+    return Notice(
+        "certificate_revoked",
+        {"event_type": "certificate_revoked", "timestamp": now, **_NO_PROCESS, **_certificate(record),
+         "reason": reason},
+    )  # fmt: skip
+
+
+def expiring_notice(record: dict[str, Any], now: float) -> Notice:
+    """Announce that an agent certificate expires soon."""
+    body = {"event_type": "certificate_expiring", "timestamp": now, **_NO_PROCESS, **_certificate(record),
+            "expires_in_s": round(record["not_after"] - now, 3)}  # fmt: skip
+    return Notice("certificate_expiring", body)
+
+
+def ping_notice(webhook_id: str, now: float) -> Notice:
+    """A test delivery an operator asks for: sent to one subscription whatever it subscribes to."""
+    return Notice("ping", {"event_type": "ping", "timestamp": now, **_NO_PROCESS, "webhook_id": webhook_id})
+
+
+def _certificate(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "agent_id": record["agent_id"],
+        "fingerprint": record["fingerprint"],
+        "serial": record["serial"],
+        "not_after": record["not_after"],
+    }
+
+
+async def watch_expiring_certificates(settings: Settings, store: Store) -> None:
+    """Announce each certificate once when it comes within the configured days of expiry; run until cancelled."""
+    window_s = settings.webhook_certificate_expiring_days * 86_400.0
+    while True:
+        try:
+            now = time.time()
+            count = await store.notify_expiring_certificates(
+                now=now, until=now + window_s, notice=lambda record: expiring_notice(record, now)
+            )
+            if count:
+                log.info("announced %d certificates expiring within %g days", count, window_s / 86_400)
+        except Exception:  # the store failed: the next check catches up
+            log.exception("checking for expiring certificates failed; will retry")
+        await asyncio.sleep(settings.webhook_certificate_check_interval_s)

@@ -5,7 +5,11 @@ a worker thread, at most two at a time, so sign-ins never stall ingest and a bur
 cannot take the machine's memory. After `signin_max_failures` failed sign-ins in a row an
 account is locked for `signin_lockout_s`, doubling with each further failure up to
 `signin_lockout_max_s`; attempts while locked are refused without checking the password, and
-a successful sign-in clears the count. Unknown names cost the same hash check as known ones.
+a successful sign-in clears the count. Attempts on one name are checked one at a time, so a
+burst of guesses gets no further than the same guesses in a row. Unknown names cost the same
+hash check as known ones and are locked out the same way (in memory), so no answer tells
+whether a name is an account. The price of locking by account: whoever knows a name can keep
+it locked; `agenthub users unlock` lifts a lockout, and bearer tokens still work meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import functools
 import math
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -22,28 +27,37 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from hub.config import Settings
+from hub.problems import Unavailable
 from hub.sessions import ROLES
 from hub.store import Store
+from hub.turns import Turns
 
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_PASSWORD_CHARS = 12
 MAX_PASSWORD_CHARS = 1024  # a longer "password" only makes the hash cost more
 _HASHER = PasswordHasher()
+_MAX_WAITING = 32  # sign-ins queued for a hash check; more are answered 503 rather than held in memory
+_MAX_UNKNOWN_NAMES = 10_000  # failed names that are no account, remembered for their lockout
 
 
 class SignInRefused(Exception):
     """The name and password do not sign in: one message for every reason, so names stay secret."""
+
+    def __init__(self, *, known: bool) -> None:
+        super().__init__()
+        self.known = known  # for the audit log only: a name that is no account may be a password
 
     def __str__(self) -> str:
         return "wrong user name or password"
 
 
 class AccountLocked(Exception):
-    """Too many failed sign-ins: the account takes no attempt for `retry_after_s`."""
+    """Too many failed sign-ins: the name takes no attempt for `retry_after_s`."""
 
-    def __init__(self, retry_after_s: int) -> None:
+    def __init__(self, retry_after_s: int, *, known: bool) -> None:
         super().__init__(retry_after_s)
         self.retry_after_s = retry_after_s
+        self.known = known
 
     def __str__(self) -> str:
         return f"too many failed sign-ins: try again in {self.retry_after_s} s"
@@ -91,6 +105,9 @@ class Users:
         self._lockout_max_s = settings.signin_lockout_max_s
         self._clock = clock
         self._hash_slots = asyncio.Semaphore(2)  # each hash takes 64 MiB and a core for ~50 ms
+        self._turns = Turns()
+        self._signing_in = 0
+        self._unknown: OrderedDict[str, tuple[int, float]] = OrderedDict()  # name -> failures, locked until
 
     async def add(self, name: str, *, role: str, password: str) -> dict[str, Any]:
         """Create an account; raise ValueError for a bad name, role or password, or a taken name."""
@@ -137,29 +154,52 @@ class Users:
             raise LookupError(f"no user {name!r}")
 
     async def authenticate(self, name: str, password: str) -> dict[str, Any]:
-        """Return the account `name` if `password` is its password; raise SignInRefused or AccountLocked."""
-        user = await self._store.get_user(name) if USER_NAME.match(name) else None
-        now = self._clock()
-        if user is not None and user["locked_until"] > now:
-            raise AccountLocked(max(1, math.ceil(user["locked_until"] - now)))
-        candidate = password[:MAX_PASSWORD_CHARS]
-        known_hash = user["password_hash"] if user else _unknown_user_hash()
-        if not await self._matches(known_hash, candidate) or user is None:
-            if user is not None:
-                await self._failed(name, now)
-            raise SignInRefused
-        await self._store.update_user(name, {"failed_signins": 0, "locked_until": 0.0, "last_signin_at": now})
-        if _HASHER.check_needs_rehash(user["password_hash"]):  # parameters were raised since
-            await self._store.update_user(name, {"password_hash": await self._hash(candidate)})
-        return await self._view(name)
+        """Return the account `name` if `password` is its password; raise SignInRefused or AccountLocked.
 
-    async def _failed(self, name: str, now: float) -> None:
-        failures = await self._store.add_signin_failure(name)
-        if failures is None or failures < self._max_failures:
-            return
-        lockout = min(self._lockout_s * 2 ** min(failures - self._max_failures, 30), self._lockout_max_s)
-        await self._store.update_user(name, {"locked_until": now + lockout})
-        raise AccountLocked(max(1, math.ceil(lockout)))
+        Raises `Unavailable` when too many sign-ins already wait for a hash check.
+        """
+        if self._signing_in >= _MAX_WAITING:
+            raise Unavailable("too many sign-ins at once: try again in a few seconds", retry_after_ms=2000)
+        self._signing_in += 1
+        try:
+            # One attempt per name at a time: each reads the lockout its predecessor left, so a
+            # burst of guesses cannot all be checked before the first failures are counted.
+            async with self._turns(name):
+                return await self._attempt(name, password[:MAX_PASSWORD_CHARS])
+        finally:
+            self._signing_in -= 1
+
+    async def _attempt(self, name: str, password: str) -> dict[str, Any]:
+        user = await self._store.get_user(name) if USER_NAME.match(name) else None
+        now, known = self._clock(), user is not None
+        locked_until = user["locked_until"] if user else self._unknown.get(name, (0, 0.0))[1]
+        if locked_until > now:
+            raise AccountLocked(max(1, math.ceil(locked_until - now)), known=known)
+        stored_hash = user["password_hash"] if user else await asyncio.to_thread(_unknown_user_hash)
+        if await self._matches(stored_hash, password) and user is not None:
+            await self._store.update_user(
+                name, {"failed_signins": 0, "locked_until": 0.0, "last_signin_at": now}
+            )
+            if _HASHER.check_needs_rehash(stored_hash):  # parameters were raised since
+                await self._store.update_user(name, {"password_hash": await self._hash(password)})
+            return await self._view(name)
+        # Unknown names count and lock the same way, so the answers never tell which names exist.
+        failures = await self._store.add_signin_failure(name) if user else self._unknown_failure(name)
+        if failures is not None and failures >= self._max_failures:
+            lockout = min(self._lockout_s * 2 ** min(failures - self._max_failures, 30), self._lockout_max_s)
+            if user:
+                await self._store.update_user(name, {"locked_until": now + lockout})
+            else:
+                self._unknown[name] = (failures, now + lockout)
+            raise AccountLocked(max(1, math.ceil(lockout)), known=known)
+        raise SignInRefused(known=known)
+
+    def _unknown_failure(self, name: str) -> int:
+        failures = self._unknown.pop(name, (0, 0.0))[0] + 1
+        self._unknown[name] = (failures, 0.0)
+        while len(self._unknown) > _MAX_UNKNOWN_NAMES:
+            self._unknown.popitem(last=False)
+        return failures
 
     async def _hash(self, password: str) -> str:
         async with self._hash_slots:

@@ -351,3 +351,60 @@ async def _until_online(browser: Browser, agent_id: str) -> None:
             return
         await asyncio.sleep(0.2)
     pytest.fail(f"{agent_id} did not come online: {agents}")
+
+
+async def test_a_burst_of_guesses_gets_no_further_than_guesses_in_a_row(hub_with: HubStarter) -> None:
+    hub = await hub_with({"signin_max_failures": 3})
+    await hub.app[USERS].add("alice", role="admin", password=PASSWORD)
+    await hub.app[USERS].add("bob", role="viewer", password=PASSWORD)
+    browser = Browser(hub.url, hub.certs / "ca.pem")
+    try:
+        guesses = [browser.sign_in("alice", f"guess number {n:04d}") for n in range(12)]
+        statuses = [r.status for r in await asyncio.gather(*guesses, browser.sign_in("alice", PASSWORD))]
+        assert statuses[:2] == [401, 401]
+        assert set(statuses[2:]) == {429}  # the right password came too late: the account was locked
+        # A name that is no account answers exactly the same way.
+        unknown = [(await browser.sign_in("mallory", f"guess number {n:04d}")).status for n in range(4)]
+        assert unknown == [401, 401, 429, 429]
+        other = await browser.sign_in("bob", PASSWORD)  # other accounts are not held up
+        assert other.status == 303
+    finally:
+        await browser.http.close()
+
+
+async def test_refused_sign_ins_name_only_accounts_in_the_audit_log(
+    hub: RunningHub, browse: Browse, add_user: AddUser
+) -> None:
+    await add_user("alice")
+    await browse().sign_in("alice", "wrong password here")
+    await browse().sign_in("Tr0ub4dor.and-3xtra", "the name field held the password")
+    entries = await hub.store.audit_entries(after_id=0, limit=10)
+    assert [(e["actor"], e["status"]) for e in entries] == [("user:alice", 401), ("user:?", 401)]
+
+
+async def test_sign_in_forms_are_small_and_next_cannot_hide_another_host(
+    browse: Browse, add_user: AddUser
+) -> None:
+    await add_user("alice")
+    browser = browse()
+    form = {"username": "alice", "password": "x" * 20_000}
+    async with browser.http.post("/signin", data=form, allow_redirects=False) as response:
+        assert response.status == 413
+    for target in ("/\t/evil.example/", "/\n/evil.example", "/%09/ok"):
+        response = await browse().sign_in("alice", PASSWORD, next_path=target)
+        assert response.headers["Location"] == ("/%09/ok" if target == "/%09/ok" else "/")
+
+
+async def test_session_answers_are_not_cached_and_other_ports_cannot_open_the_feed(
+    hub: RunningHub, browse: Browse, add_user: AddUser
+) -> None:
+    await add_user("alice")
+    browser = browse()
+    await browser.sign_in("alice", PASSWORD)
+    async with browser.http.get("/api/v1/agents") as response:
+        assert response.headers["Cache-Control"] == "no-store"
+    other_port = hub.url.rsplit(":", 1)[0] + ":1"
+    for origin in (other_port, "http://[::1", hub.url.replace("https:", "http:")):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await browser.http.ws_connect("/ws/live", origin=origin)
+        assert refused.value.status == 403

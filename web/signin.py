@@ -9,6 +9,7 @@ recorded in the audit log and count towards the account's lockout (see `hub.user
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 
@@ -20,14 +21,16 @@ from hub import __version__
 from hub.api.audit import record_action
 from hub.api.auth import requires, signed_in
 from hub.config import Settings
-from hub.keys import SESSIONS, SETTINGS, USERS
-from hub.problems import Forbidden
+from hub.keys import SESSION, SESSIONS, SETTINGS, USERS
+from hub.problems import Forbidden, PayloadTooLarge, Unavailable
 from hub.sessions import cookie_name
-from hub.users import USER_NAME, AccountLocked, SignInRefused
+from hub.users import AccountLocked, SignInRefused
 
 routes = web.RouteTableDef()
 _FORM_COOKIE = "signin"  # the double-submit token of the sign-in form
 _FORM_COOKIE_MAX_AGE_S = 3600
+_MAX_FORM_BYTES = 8192  # a name, a password and two tokens; more is not a sign-in
+_LOCAL_PATH = re.compile(r"/(?![/\\])[!-~]{0,2047}")
 # Pages load nothing from elsewhere and run no inline script: an injected tag does nothing.
 _PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -46,6 +49,8 @@ async def page_headers(request: web.Request, response: web.StreamResponse) -> No
     if response.content_type == "text/html":
         for name, value in _PAGE_HEADERS.items():
             response.headers.setdefault(name, value)
+    elif SESSION in request:  # an operator's data fetched by a page: no shared cache keeps it
+        response.headers.setdefault("Cache-Control", "no-store")
 
 
 @routes.get("/signin")
@@ -62,6 +67,8 @@ async def signin_page(request: web.Request) -> web.StreamResponse:
 @requires(None)
 async def signin(request: web.Request) -> web.StreamResponse:
     """Check the name and password; start a session or show the form again saying why not."""
+    if request.content_length is None or request.content_length > _MAX_FORM_BYTES:
+        raise PayloadTooLarge(f"a sign-in form is at most {_MAX_FORM_BYTES} bytes, with its length stated")
     form = await request.post()
     target = _local_target(_field(form, "next"))
     name = _field(form, "username").strip()
@@ -69,13 +76,16 @@ async def signin(request: web.Request) -> web.StreamResponse:
         return _form(request, target=target, name=name, status=403, error=_EXPIRED)
     try:
         user = await request.app[USERS].authenticate(name, _field(form, "password"))
-    except SignInRefused as exc:
-        await _audit(request, name, status=401)
-        return _form(request, target=target, name=name, status=401, error=str(exc))
-    except AccountLocked as exc:
-        await _audit(request, name, status=429)
-        response = _form(request, target=target, name=name, status=429, error=str(exc))
-        response.headers["Retry-After"] = str(exc.retry_after_s)
+    except (SignInRefused, AccountLocked) as exc:
+        status = 401 if isinstance(exc, SignInRefused) else 429
+        await _audit(request, name if exc.known else "?", status=status)
+        response = _form(request, target=target, name=name, status=status, error=str(exc))
+        if isinstance(exc, AccountLocked):
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+    except Unavailable as exc:
+        response = _form(request, target=target, name=name, status=503, error=exc.detail)
+        response.headers["Retry-After"] = str(max(1, exc.retry_after_ms // 1000))
         return response
     settings = request.app[SETTINGS]
     cookie_value, _ = await request.app[SESSIONS].start(user["name"], address=request.remote)
@@ -138,8 +148,9 @@ def _field(form: MultiDictProxy[Any], name: str) -> str:
 
 
 def _local_target(target: str | None) -> str:
-    # Only a path of this hub: "//evil.example" or "/\\evil.example" would leave it.
-    if target and target.startswith("/") and not target.startswith(("//", "/\\")) and len(target) < 2048:
+    # Only a path of this hub, in printable ASCII: "//evil.example", "/\\evil.example" and
+    # "/\t/evil.example" (browsers drop tabs and newlines from URLs) would all leave it.
+    if target and _LOCAL_PATH.fullmatch(target):
         return target
     return "/"
 
@@ -163,6 +174,5 @@ def _set_cookie(
 
 
 async def _audit(request: web.Request, name: str, *, status: int) -> None:
-    # The name as typed, when it could be one: a refused sign-in's "name" may be anything.
-    actor = f"user:{name}" if USER_NAME.match(name) else "user:?"
-    await record_action(request, actor=actor, status=status)
+    # Refused sign-ins name the account only when it exists: what was typed may be a password.
+    await record_action(request, actor=f"user:{name}", status=status)

@@ -50,9 +50,18 @@ def _check_origin(request: web.Request) -> None:
     origin = request.headers.get("Origin")
     if origin is None:
         return
-    if origin in request.app[SETTINGS].allowed_origins or URL(origin).host == request.url.host:
+    if origin in request.app[SETTINGS].allowed_origins or _same_origin(origin, request):
         return
     raise Forbidden(f"WebSocket connections from {origin} are not allowed (HUB_ALLOWED_ORIGINS)")
+
+
+def _same_origin(origin: str, request: web.Request) -> bool:
+    # Scheme, host and port: a page on another port of the same host is another origin, even
+    # though the browser counts it as the same site and sends it the SameSite cookie.
+    try:
+        return URL(origin).origin() == request.url.origin()
+    except ValueError:  # not a URL at all
+        return False
 
 
 def _bearer(request: web.Request) -> str | None:

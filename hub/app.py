@@ -37,6 +37,7 @@ from hub.certificates import CertificateService
 from hub.codec import SocketJson
 from hub.commands import CommandService
 from hub.config import Settings
+from hub.deliveries import Deliverer
 from hub.identity import AgentTrust
 from hub.ingest import Ingestor
 from hub.jobs import Jobs
@@ -47,6 +48,7 @@ from hub.keys import (
     CERTIFICATES,
     COMMANDS,
     CURSORS,
+    DELIVERER,
     INGESTOR,
     JOBS,
     OPENAPI,
@@ -59,8 +61,11 @@ from hub.keys import (
     STORE,
     USERS,
     VERIFIER,
+    WEBHOOKS,
 )
 from hub.limits import TokenBuckets
+from hub.notices import watch_expiring_certificates
+from hub.notify import Webhooks
 from hub.presence import Presence
 from hub.problems import problem_middleware
 from hub.pulse import beat
@@ -118,6 +123,9 @@ def create_app(settings: Settings) -> web.Application:
     namespace = AgentNamespace(settings, ingestor, presence, commands=commands, trust=trust)
     commands.attach(namespace)
     app[COMMANDS] = commands
+    deliverer = Deliverer(settings, store)
+    app[DELIVERER] = deliverer
+    app[WEBHOOKS] = Webhooks(settings, store, deliverer.wake)
     app[AGENT_TRUST] = trust
     app[CERTIFICATES] = CertificateService(settings, store, trust, namespace.revoke)
 
@@ -161,6 +169,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_static("/static/", WEB_DIR / "static")
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_command_expiry)  # after _lifecycle: stopped before the store closes
+    app.cleanup_ctx.append(_webhook_deliveries)  # likewise
     app.on_shutdown.append(_disconnect_agents)
     app.on_shutdown.append(_answer_command_waiters)
     return app
@@ -182,6 +191,19 @@ async def _command_expiry(app: web.Application) -> AsyncIterator[None]:
     yield
     expirer.cancel()
     await asyncio.gather(expirer, return_exceptions=True)
+
+
+async def _webhook_deliveries(app: web.Application) -> AsyncIterator[None]:
+    tasks = [
+        asyncio.create_task(app[DELIVERER].run(), name="webhook-deliveries"),
+        asyncio.create_task(
+            watch_expiring_certificates(app[SETTINGS], app[STORE]), name="certificate-expiry"
+        ),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

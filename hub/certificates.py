@@ -28,6 +28,7 @@ from hub.certs import (
 )
 from hub.config import Settings
 from hub.identity import AgentTrust, IdentityError, certificate_record, check_agent_certificate
+from hub.notices import revocation_notice
 from hub.problems import Conflict, NotFound
 from hub.store import Page, Store
 
@@ -105,7 +106,11 @@ class CertificateService:
         """
         known = await self._known(fingerprint) if pem is None else await self._record(fingerprint, pem)
         await self._store.revoke(
-            fingerprint, serial=known["serial"], agent_id=known["agent_id"], reason=reason
+            fingerprint,
+            serial=known["serial"],
+            agent_id=known["agent_id"],
+            reason=reason,
+            notices=[revocation_notice(known, reason, time.time())],  # queued only by a new revocation
         )
         # A host revoked as compromised must not go on posting signed events either.
         await self._store.set_agent_secret(known["agent_id"], None)

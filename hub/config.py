@@ -191,11 +191,16 @@ class Settings(BaseSettings):
     webhook_max_concurrency: int = Field(
         32, gt=0, description="delivery attempts in flight at once on this node (one per webhook)"
     )
+    webhook_delivery_retention_s: float = Field(
+        7 * 86_400.0, gt=0, description="how long delivered and dead deliveries are kept for operators to see"
+    )
     webhook_poll_interval_s: float = Field(
         1.0, gt=0, description="how often the outbox is checked for due deliveries (other nodes' too)"
     )
     webhook_certificate_expiring_days: float = Field(
-        14.0, gt=0, description="certificate_expiring is sent once a certificate expires within this many days"
+        14.0,
+        gt=0,
+        description="certificate_expiring is sent once a certificate expires within this many days",
     )
     webhook_certificate_check_interval_s: float = Field(
         3600.0, gt=0, description="how often certificates are checked for coming expiry"

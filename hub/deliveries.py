@@ -39,6 +39,7 @@ from hub.store import Store
 log = logging.getLogger(__name__)
 USER_AGENT = f"AgentHub-Webhooks/{__version__}"
 _LEASE_MARGIN_S = 30.0  # beyond the longest attempt: a lease outlives every attempt it covers
+_PRUNE_EVERY_S = 3600.0
 
 
 def signature(secrets: list[str], body: bytes, timestamp: int) -> str:
@@ -50,7 +51,7 @@ def signature(secrets: list[str], body: bytes, timestamp: int) -> str:
 
 def retry_delay(attempts: int, base_s: float, max_s: float) -> float:
     """Seconds before the next attempt after `attempts` failed ones: exponential, full jitter."""
-    return random.uniform(0.0, min(max_s, base_s * 2.0 ** (attempts - 1)))  # noqa: S311 - not security
+    return random.uniform(0.0, min(max_s, base_s * 2.0 ** (attempts - 1)))
 
 
 class Deliverer:
@@ -66,6 +67,8 @@ class Deliverer:
         self._timeout_s = settings.webhook_timeout_s
         self._capacity = settings.webhook_max_concurrency
         self._poll_s = settings.webhook_poll_interval_s
+        self._retention_s = settings.webhook_delivery_retention_s
+        self._pruned_at = float("-inf")
         self._lease_s = settings.webhook_resolve_timeout_s + settings.webhook_timeout_s + _LEASE_MARGIN_S
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
@@ -85,6 +88,7 @@ class Deliverer:
                 while True:
                     try:
                         await self._claim(session)
+                        await self._prune()
                     except Exception:  # the store failed: try again at the next poll
                         log.exception("claiming webhook deliveries failed; will retry")
                     await self._sleep()
@@ -106,6 +110,15 @@ class Deliverer:
             task = asyncio.create_task(self._deliver(session, delivery), name=f"webhook {delivery['id']}")
             self._in_flight.add(task)
             task.add_done_callback(self._done)
+
+    async def _prune(self) -> None:
+        # Finished deliveries are kept a while for operators, then go: the outbox stays small.
+        if time.monotonic() - self._pruned_at < _PRUNE_EVERY_S:
+            return
+        self._pruned_at = time.monotonic()
+        count = await self._store.prune_deliveries(before=time.time() - self._retention_s)
+        if count:
+            log.info("deleted %d webhook deliveries older than %g s", count, self._retention_s)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -151,11 +164,15 @@ class Deliverer:
             "User-Agent": USER_AGENT,
             "X-AgentHub-Delivery": delivery["id"],
             "X-AgentHub-Event": delivery["event_type"],
-            "X-AgentHub-Signature": signature(_signing_secrets(delivery, started), delivery["body"], int(started)),
+            "X-AgentHub-Signature": signature(
+                _signing_secrets(delivery, started), delivery["body"], int(started)
+            ),
         }
         try:
             await self._policy.check(url)  # IP literals never reach the resolver: checked here
-            async with session.post(url, data=delivery["body"], headers=headers, allow_redirects=False) as answer:
+            async with session.post(
+                url, data=delivery["body"], headers=headers, allow_redirects=False
+            ) as answer:
                 status = answer.status
                 location = answer.headers.get("Location", "nowhere")
         except DestinationRefused as refused:

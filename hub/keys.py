@@ -10,9 +10,11 @@ from hub.audit import AuditLog
 from hub.certificates import CertificateService
 from hub.commands import CommandService
 from hub.config import Settings
+from hub.deliveries import Deliverer
 from hub.identity import AgentTrust
 from hub.ingest import Ingestor
 from hub.jobs import Jobs
+from hub.notify import Webhooks
 from hub.presence import Presence
 from hub.push import PushBus
 from hub.scoring import ScoringService
@@ -35,6 +37,8 @@ AGENT_TRUST = web.AppKey("agent_trust", AgentTrust)  # owns the listener's TLS c
 CERTIFICATES = web.AppKey("certificates", CertificateService)
 SESSIONS = web.AppKey("sessions", SessionService)
 USERS = web.AppKey("users", Users)
+WEBHOOKS = web.AppKey("webhooks", Webhooks)
+DELIVERER = web.AppKey("deliverer", Deliverer)  # sends the webhook outbox
 STARTED_AT = web.AppKey("started_at", float)
 # Declared by annotation: the API modules that define these types import this module.
 CURSORS: web.AppKey[Cursors] = web.AppKey("cursors")

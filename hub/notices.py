@@ -11,6 +11,7 @@ announce, so a committed alert is never left unannounced.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any, Literal
@@ -27,7 +28,9 @@ EventType = Literal[
     "certificate_expiring",
     "certificate_revoked",
 ]
-ALERT_TYPES: frozenset[str] = frozenset({"alert_raised", "risk_threshold_crossed"})  # min_severity filters these
+ALERT_TYPES: frozenset[str] = frozenset(
+    {"alert_raised", "risk_threshold_crossed"}
+)  # min_severity filters these
 _NO_PROCESS = {"process_id": None, "risk_score": None, "threshold": None}
 
 
@@ -50,8 +53,8 @@ def alert_notices(alert: dict[str, Any]) -> list[Notice]:
 
 
 def presence_notices(agent_id: str, status: str, reason: str, now: float) -> list[Notice]:
-    """Announce an agent coming online or going offline; `late` is not announced."""
-    if status not in ("online", "offline"):
+    """Announce an agent connecting or going offline; `late`, and back from late, are not announced."""
+    if status != "offline" and reason != "connected":
         return []
     kind = f"agent_{status}"
     return [Notice(kind, {"event_type": kind, "timestamp": now, **_NO_PROCESS, "agent_id": agent_id,
@@ -88,15 +91,18 @@ def _certificate(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _expiring_at(now: float, record: dict[str, Any]) -> Notice:
+    return expiring_notice(record, now)
+
+
 async def watch_expiring_certificates(settings: Settings, store: Store) -> None:
-    """Announce each certificate once when it comes within the configured days of expiry; run until cancelled."""
+    """Announce each certificate once as it comes within the configured days of expiry, until cancelled."""
     window_s = settings.webhook_certificate_expiring_days * 86_400.0
     while True:
         try:
             now = time.time()
-            count = await store.notify_expiring_certificates(
-                now=now, until=now + window_s, notice=lambda record: expiring_notice(record, now)
-            )
+            notice = functools.partial(_expiring_at, now)
+            count = await store.notify_expiring_certificates(now=now, until=now + window_s, notice=notice)
             if count:
                 log.info("announced %d certificates expiring within %g days", count, window_s / 86_400)
         except Exception:  # the store failed: the next check catches up

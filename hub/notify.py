@@ -44,6 +44,7 @@ URLs are read with yarl, as aiohttp will read them when it sends.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import ipaddress
 import re
 import secrets
@@ -53,7 +54,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
 from yarl import URL
@@ -467,7 +467,7 @@ class Webhooks:
             raise NotFound(f"no webhook {webhook_id}")
 
     async def list_deliveries(
-        self, webhook_id: str, *, state: DeliveryState | None, after: list[Any] | None, limit: int
+        self, webhook_id: str, *, state: DeliveryState | None, after: builtins.list[Any] | None, limit: int
     ) -> Page:
         """Return a subscription's deliveries, newest first."""
         await self._known(webhook_id)
@@ -535,6 +535,3 @@ def _delivery(row: Mapping[str, Any]) -> DeliveryView:
         last_status=row["last_status"], last_error=row["last_error"], created_at=row["created_at"],
         delivered_at=row["delivered_at"],
     )  # fmt: skip
-
-
-WEBHOOKS = web.AppKey("webhooks", Webhooks)

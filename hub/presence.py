@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from hub.config import Settings
 from hub.models import AgentStatus, ConnectInfo, Heartbeat, PresenceReason
+from hub.notices import presence_notices
 from hub.store import Store
+from hub.turns import Turns
 
 log = logging.getLogger(__name__)
 Publisher = Callable[[str, str, dict[str, Any]], None]
@@ -25,12 +26,6 @@ class _Live:
     sid: str
     status: AgentStatus
     last_heartbeat: float
-
-
-@dataclass(slots=True)
-class _Turn:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0  # holding or waiting: the entry goes when the last one leaves
 
 
 class Presence:
@@ -50,7 +45,7 @@ class Presence:
         self._store = store
         self._publish = publish
         self._live: dict[str, _Live] = {}
-        self._turns: dict[str, _Turn] = {}
+        self._turns = Turns()  # one change of an agent at a time, in the order they came
         self._unsaved: dict[str, tuple[PresenceReason, float]] = {}  # agent id -> offline to store
         self._history_s = settings.heartbeat_history_s
         self._pruned_at = 0.0
@@ -65,7 +60,7 @@ class Presence:
 
     async def connect(self, agent_id: str, sid: str, info: ConnectInfo, fingerprint: str) -> str | None:
         """Record a new connection of `agent_id` as online; return the socket it replaces, if any."""
-        async with self._turn(agent_id):
+        async with self._turns(agent_id):
             now = time.time()
             await self._change(
                 agent_id,
@@ -104,7 +99,7 @@ class Presence:
 
         Never raises: an `offline` the store refuses is retried by `watch`.
         """
-        async with self._turn(agent_id):
+        async with self._turns(agent_id):
             live = self._live.get(agent_id)
             if live is None or live.sid != sid:
                 return
@@ -124,7 +119,7 @@ class Presence:
 
     async def _check(self, disconnect: Disconnector) -> None:
         for agent_id in list(self._unsaved):
-            async with self._turn(agent_id):
+            async with self._turns(agent_id):
                 await self._save_offline(agent_id)
         now = time.time()
         for agent_id, live in list(self._live.items()):
@@ -151,7 +146,7 @@ class Presence:
         **fields: Any,
     ) -> None:
         """Change the status of the connection `live`, unless another change came first."""
-        async with self._turn(agent_id):
+        async with self._turns(agent_id):
             if self._live.get(agent_id) is live and live.status != status:
                 await self._change(agent_id, status, reason, now, **fields)
                 live.status = status
@@ -168,19 +163,6 @@ class Presence:
             return
         del self._unsaved[agent_id]
 
-    @contextlib.asynccontextmanager
-    async def _turn(self, agent_id: str) -> AsyncIterator[None]:
-        """Run the changes of `agent_id` one at a time, in the order they came."""
-        turn = self._turns.setdefault(agent_id, _Turn())
-        turn.users += 1
-        try:
-            async with turn.lock:
-                yield
-        finally:
-            turn.users -= 1
-            if not turn.users:
-                del self._turns[agent_id]
-
     async def _change(
         self, agent_id: str, status: AgentStatus, reason: PresenceReason, now: float, **fields: Any
     ) -> None:
@@ -192,7 +174,8 @@ class Presence:
             "last_seen": now,
             **fields,
         }
-        await self._store.save_agent(agent_id, record)
+        # Webhook deliveries are queued in the same transaction as the status they announce.
+        await self._store.save_agent(agent_id, record, presence_notices(agent_id, status, reason, now))
         self._publish(
             "agent", agent_id, {"agent_id": agent_id, "status": status, "reason": reason, "ts": now}
         )

@@ -18,6 +18,7 @@ from typing import Any
 
 from hub.config import Settings
 from hub.models import SEVERITY_ORDER, Contribution, Event, ScoreView, score_view
+from hub.notices import alert_notices
 from hub.rules import ProcessContext, Rule, RuleSet
 from hub.store import Store
 
@@ -442,7 +443,8 @@ class ScoringService:
         while True:
             try:
                 await self._store.save_processes(records)
-                stored_alerts = await self._store.insert_alerts(alerts)
+                # Webhook deliveries are queued in the alerts' transaction: none is lost.
+                stored_alerts = await self._store.insert_alerts(alerts, alert_notices)
                 break
             except Exception:
                 log.exception("persisting scores failed; retrying in %.0f s", _RETRY_S)

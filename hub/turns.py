@@ -20,6 +20,10 @@ class Turns:
     def __init__(self) -> None:
         self._turns: dict[str, _Turn] = {}
 
+    def __len__(self) -> int:
+        """Count the keys with work holding or waiting for their turn."""
+        return len(self._turns)
+
     @contextlib.asynccontextmanager
     async def __call__(self, key: str) -> AsyncIterator[None]:
         """Wait for `key`'s turn, then hold it for the body of the `async with`."""

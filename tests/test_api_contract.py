@@ -264,7 +264,7 @@ async def test_one_key_sent_at_once_many_times_does_the_work_once(
     headers = {**bearer(hub, "hub:admin"), "Idempotency-Key": "burst"}
 
     async def create() -> int:
-        body = {"url": "https://93.184.216.34/hook", "event_types": ["alert"]}
+        body = {"url": "https://93.184.216.34/hook", "event_types": ["alert_raised"]}
         async with http.post("/api/v1/webhooks", json=body, headers=headers) as response:
             return response.status
 

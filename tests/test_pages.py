@@ -296,20 +296,43 @@ async def test_alerts_are_filtered_acknowledged_and_resolved(
     assert stored["status"] == "resolved"
 
 
-async def test_webhooks_page_adds_a_subscription_and_shows_its_secret_once(
+async def test_webhooks_page_adds_a_subscription_sends_a_test_and_shows_deliveries(
     hub_with: HubStarter, operator_at: OpenOperator
 ) -> None:
-    local = ipaddress.ip_network("127.0.0.0/8")
-    hub = await hub_with({"webhook_allowed_networks": [local]})
-    await add_users(hub)
-    admin = await signed_in(operator_at, hub, "ada")
-    page = admin.page
-    await admin.open("/webhooks")
-    await page.fill("input[name=url]", "https://127.0.0.1:9/agenthub")
-    await page.locator("form:has(input[name=url]) button[type=submit]").click()
-    await expect(page.locator("#webhooks")).to_contain_text("https://127.0.0.1:9/agenthub")
-    await expect(page.locator("#webhook-secret .secret")).to_have_value(re.compile(r"\S{20,}"))
-    await admin.screenshot("webhooks")
+    received: list[dict[str, Any]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    receiver = web.Application()
+    receiver.router.add_post("/agenthub", receive)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/agenthub"
+    try:
+        local = ipaddress.ip_network("127.0.0.0/8")  # the receiver is local, and plain HTTP
+        hub = await hub_with({"webhook_allowed_networks": [local], "webhook_allow_http": True})
+        await add_users(hub)
+        admin = await signed_in(operator_at, hub, "ada")
+        page = admin.page
+        await admin.open("/webhooks")
+        await page.fill("input[name=url]", url)
+        await page.locator("form:has(input[name=url]) button[type=submit]").click()
+        row = page.locator("#webhooks tr[data-webhook-id]").filter(has_text=url)
+        await expect(row).to_have_count(1)
+        await expect(page.locator("#webhook-secret .secret")).to_have_value(re.compile(r"\S{20,}"))
+        await row.locator(".test-send").click()
+        await expect(row.locator("td.deliveries")).to_contain_text("last 204", timeout=10_000)
+        delivery = page.locator("#deliveries tr[data-delivery-id]").first
+        await expect(delivery).to_contain_text("ping")
+        await expect(delivery).to_contain_text("delivered")
+        assert [body["event_type"] for body in received] == ["ping"]
+        await admin.screenshot("webhooks")
+    finally:
+        await runner.cleanup()
 
 
 async def test_the_page_reconnects_by_itself_after_a_hub_restart(

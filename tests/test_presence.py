@@ -76,12 +76,12 @@ def _refuse_first_write(monkeypatch: pytest.MonkeyPatch, hub: RunningHub, *statu
     real = hub.store.save_agent
     refused: list[str] = []
 
-    async def save_agent(agent_id: str, fields: dict[str, Any]) -> None:
+    async def save_agent(agent_id: str, fields: dict[str, Any], notices: Any = None) -> None:
         status = fields.get("status")
         if status in statuses and status not in refused:
             refused.append(status)
             raise Unavailable("storage unavailable: disk I/O error", retry_after_ms=100)
-        await real(agent_id, fields)
+        await real(agent_id, fields, notices)
 
     monkeypatch.setattr(hub.store, "save_agent", save_agent)
     return refused

@@ -17,7 +17,7 @@ from hub.notify import DestinationPolicy, DestinationRefused, GuardedResolver
 from tests.conftest import HubStarter, RunningHub, call, client_ssl
 
 WEBHOOKS = "/api/v1/webhooks"
-# A public address: nothing is sent to it (deliveries are a later issue), so it need not answer.
+# A public address: these tests raise no event, so nothing is sent to it and it need not answer.
 RECEIVER = "https://1.1.1.1/hooks/agenthub"
 UNKNOWN = "wh_" + "0" * 32
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
@@ -37,7 +37,7 @@ async def internal_hub(hub_with: HubStarter) -> RunningHub:
 
 async def create(http: aiohttp.ClientSession, hub: RunningHub, **fields: Any) -> dict[str, Any]:
     status, webhook = await call(
-        http, hub, "POST", WEBHOOKS, {"url": RECEIVER, "event_types": ["alert"], **fields}
+        http, hub, "POST", WEBHOOKS, {"url": RECEIVER, "event_types": ["alert_raised"], **fields}
     )
     assert status == 201, webhook
     return dict(webhook)
@@ -45,7 +45,7 @@ async def create(http: aiohttp.ClientSession, hub: RunningHub, **fields: Any) ->
 
 async def refusal(http: aiohttp.ClientSession, hub: RunningHub, url: str) -> str:
     """Try to subscribe `url`; return the 422's detail."""
-    status, problem = await call(http, hub, "POST", WEBHOOKS, {"url": url, "event_types": ["alert"]})
+    status, problem = await call(http, hub, "POST", WEBHOOKS, {"url": url, "event_types": ["alert_raised"]})
     assert status == 422, problem
     assert problem["errors"][0]["location"] == "body.url"
     detail: str = problem["detail"]
@@ -64,15 +64,16 @@ def session_to(hub: RunningHub, policy: DestinationPolicy) -> aiohttp.ClientSess
 async def test_create_list_get_update_delete_round_trip(hub: RunningHub, http: aiohttp.ClientSession) -> None:
     before = time.time()
     headers = {"Authorization": f"Bearer {hub.token('hub:admin')}"}
-    body = {"url": RECEIVER, "event_types": ["command", "alert", "alert"], "min_severity": "HIGH",
-            "description": "pager bridge"}  # fmt: skip
+    body = {"url": RECEIVER, "event_types": ["risk_threshold_crossed", "alert_raised", "alert_raised"],
+            "min_severity": "HIGH", "description": "pager bridge"}  # fmt: skip
     async with http.post(WEBHOOKS, json=body, headers=headers) as response:
         assert response.status == 201
         created = await response.json()
         assert response.headers["Location"] == f"{WEBHOOKS}/{created['id']}"
     assert created["id"].startswith("wh_")
     assert created["secret"].startswith("whsec_")
-    assert created["event_types"] == ["alert", "command"]  # sorted, once each
+    assert created["event_types"] == ["alert_raised", "risk_threshold_crossed"]  # sorted, once each
+    assert created["deliveries"] == {"pending": 0, "dead": 0, "last_status": None, "last_delivery_at": None}
     assert (created["min_severity"], created["description"], created["enabled"]) == (
         "HIGH",
         "pager bridge",
@@ -151,7 +152,9 @@ async def test_list_pages_in_creation_order_up_to_the_limit(
     status, rest = await call(http, hub, "GET", f"{WEBHOOKS}?limit=2&cursor={first['pagination']['cursor']}")
     assert ([w["id"] for w in rest["data"]], rest["pagination"]["has_more"]) == (ids[2:], False)
 
-    status, problem = await call(http, hub, "POST", WEBHOOKS, {"url": RECEIVER, "event_types": ["agent"]})
+    status, problem = await call(
+        http, hub, "POST", WEBHOOKS, {"url": RECEIVER, "event_types": ["agent_online"]}
+    )
     assert status == 409
     assert "HUB_WEBHOOK_MAX_SUBSCRIPTIONS" in problem["detail"]
     await call(http, hub, "DELETE", f"{WEBHOOKS}/{ids[0]}")
@@ -169,7 +172,7 @@ async def test_a_patch_checks_the_url_and_the_filters_again(
         "body.url: 10.0.0.5 is a private address; allow it with HUB_WEBHOOK_ALLOWED_NETWORKS",
     )
     # min_severity filters alerts: a subscription without them cannot keep one.
-    status, problem = await call(http, hub, "PATCH", path, {"event_types": ["agent"]})
+    status, problem = await call(http, hub, "PATCH", path, {"event_types": ["agent_offline"]})
     assert (status, problem["errors"][0]["location"]) == (422, "body.min_severity")
     for field in ("url", "event_types", "enabled"):
         status, problem = await call(http, hub, "PATCH", path, {field: None})
@@ -181,10 +184,10 @@ async def test_a_patch_checks_the_url_and_the_filters_again(
         hub,
         "PATCH",
         path,
-        {"event_types": ["agent"], "min_severity": None, "url": "https://[2606:4700::1111]/h"},
+        {"event_types": ["agent_offline"], "min_severity": None, "url": "https://[2606:4700::1111]/h"},
     )
     assert status == 200, changed
-    assert (changed["event_types"], changed["min_severity"]) == (["agent"], None)
+    assert (changed["event_types"], changed["min_severity"]) == (["agent_offline"], None)
     assert changed["url"] == "https://[2606:4700::1111]/h"
     assert await call(http, hub, "PATCH", path, {}) == (200, changed)  # nothing sent, nothing changed
 
@@ -334,7 +337,8 @@ async def test_webhooks_are_for_admins_only(hub: RunningHub, http: aiohttp.Clien
     webhook = await create(http, hub)
     path = f"{WEBHOOKS}/{webhook['id']}"
     routes = [("POST", WEBHOOKS), ("GET", WEBHOOKS), ("GET", path), ("PATCH", path), ("DELETE", path),
-              ("POST", f"{path}:rotate-secret")]  # fmt: skip
+              ("POST", f"{path}:rotate-secret"), ("POST", f"{path}:test"), ("GET", f"{path}/deliveries"),
+              ("POST", f"{path}/deliveries/whd_{'0' * 32}:redeliver")]  # fmt: skip
     for scope in ("hub:read", "hub:write"):
         for method, route in routes:
             status, problem = await call(http, hub, method, route, {"url": RECEIVER}, scope=scope)
@@ -345,16 +349,17 @@ async def test_webhooks_are_for_admins_only(hub: RunningHub, http: aiohttp.Clien
 @pytest.mark.parametrize(
     ("body", "location"),
     [
-        ({"event_types": ["alert"]}, "body.url"),
+        ({"event_types": ["alert_raised"]}, "body.url"),
         ({"url": RECEIVER}, "body.event_types"),
         ({"url": RECEIVER, "event_types": []}, "body.event_types"),
         ({"url": RECEIVER, "event_types": ["score"]}, "body.event_types.0"),
-        ({"url": RECEIVER, "event_types": ["alert"], "min_severity": "SEVERE"}, "body.min_severity"),
-        ({"url": RECEIVER, "event_types": ["agent"], "min_severity": "HIGH"}, "body.min_severity"),
-        ({"url": RECEIVER, "event_types": ["alert"], "enabled": "yes"}, "body.enabled"),
-        ({"url": RECEIVER, "event_types": ["alert"], "description": "x" * 501}, "body.description"),
-        ({"url": RECEIVER, "event_types": ["alert"], "secret": "mine"}, "body.secret"),
-        ({"url": 5, "event_types": ["alert"]}, "body.url"),
+        ({"url": RECEIVER, "event_types": ["alert"]}, "body.event_types.0"),  # the old vocabulary
+        ({"url": RECEIVER, "event_types": ["alert_raised"], "min_severity": "SEVERE"}, "body.min_severity"),
+        ({"url": RECEIVER, "event_types": ["agent_online"], "min_severity": "HIGH"}, "body.min_severity"),
+        ({"url": RECEIVER, "event_types": ["alert_raised"], "enabled": "yes"}, "body.enabled"),
+        ({"url": RECEIVER, "event_types": ["alert_raised"], "description": "x" * 501}, "body.description"),
+        ({"url": RECEIVER, "event_types": ["alert_raised"], "secret": "mine"}, "body.secret"),
+        ({"url": 5, "event_types": ["alert_raised"]}, "body.url"),
     ],
 )
 async def test_bad_bodies_are_422_naming_the_field(
@@ -383,11 +388,18 @@ async def test_the_openapi_document_lists_the_webhook_routes(
     assert set(paths[WEBHOOKS]) == {"get", "post"}
     assert set(paths[f"{WEBHOOKS}/{{webhook_id}}"]) == {"get", "patch", "delete"}
     assert set(paths[f"{WEBHOOKS}/{{webhook_id}}:rotate-secret"]) == {"post"}
+    assert set(paths[f"{WEBHOOKS}/{{webhook_id}}:test"]) == {"post"}
+    assert set(paths[f"{WEBHOOKS}/{{webhook_id}}/deliveries"]) == {"get"}
+    assert set(paths[f"{WEBHOOKS}/{{webhook_id}}/deliveries/{{delivery_id}}:redeliver"]) == {"post"}
     operations = [op for methods in paths.values() for op in methods.values() if op["tags"] == ["webhooks"]]
-    assert len(operations) == 6
+    assert len(operations) == 9
     assert {op["x-required-scope"] for op in operations} == {"hub:admin"}
     schemas = document["components"]["schemas"]
     assert "secret" not in schemas["WebhookView"]["properties"]
     assert "secret" in schemas["WebhookWithSecret"]["required"]
+    assert "deliveries" in schemas["WebhookView"]["required"]
+    event_types = schemas["WebhookView"]["properties"]["event_types"]["items"]["enum"]
+    assert sorted(event_types) == ["agent_offline", "agent_online", "alert_raised", "certificate_expiring",
+                                   "certificate_revoked", "risk_threshold_crossed"]  # fmt: skip
     patch = paths[f"{WEBHOOKS}/{{webhook_id}}"]["patch"]
     assert patch["requestBody"]["required"] is False

@@ -14,13 +14,12 @@ from pydantic import MISSING, AfterValidator, BaseModel, ConfigDict, Field, Stri
 
 from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.spec import ApiRoutes, json_response
-from hub.keys import PRINCIPAL
+from hub.keys import PRINCIPAL, WEBHOOKS
 from hub.models import Severity
 from hub.notices import EventType
 from hub.notify import (
     DELIVERY_ID_PATTERN,
     WEBHOOK_ID_PATTERN,
-    WEBHOOKS,
     DeliveryState,
     DeliveryView,
     Webhooks,
@@ -195,13 +194,17 @@ async def rotate_webhook_secret(
     query=DeliveryQuery,
     response=PageOf[DeliveryView],
 )
-async def list_webhook_deliveries(request: web.Request, *, path: WebhookPath, query: DeliveryQuery) -> dict[str, Any]:
+async def list_webhook_deliveries(
+    request: web.Request, *, path: WebhookPath, query: DeliveryQuery
+) -> dict[str, Any]:
     """List a webhook's deliveries, newest first: pending (to be sent or retried), delivered, or dead.
 
     A dead delivery failed every attempt (HUB_WEBHOOK_MAX_ATTEMPTS); `last_error` says why the
     last one failed. Redeliver it once the receiver is fixed.
     """
-    return await paginate(request, query, _webhooks(request).list_deliveries, path.webhook_id, state=query.state)
+    return await paginate(
+        request, query, _webhooks(request).list_deliveries, path.webhook_id, state=query.state
+    )
 
 
 @api.post(

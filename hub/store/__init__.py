@@ -75,7 +75,9 @@ class Store(Protocol):
         """Return stored events in (agent_id, seq) order after the given key."""
         ...
 
-    async def save_agent(self, agent_id: str, fields: dict[str, Any], notices: list[Notice] | None = None) -> None:
+    async def save_agent(
+        self, agent_id: str, fields: dict[str, Any], notices: list[Notice] | None = None
+    ) -> None:
         """Upsert an agent's `fields`; a `heartbeat` among them also joins its history at `last_seen`.
 
         `notices` are queued for webhooks in the same transaction.
@@ -162,7 +164,13 @@ class Store(Protocol):
 
     async def is_revoked(self, fingerprint: str) -> bool: ...
     async def revoke(
-        self, fingerprint: str, *, serial: str, agent_id: str, reason: str, notices: list[Notice] | None = None
+        self,
+        fingerprint: str,
+        *,
+        serial: str,
+        agent_id: str,
+        reason: str,
+        notices: list[Notice] | None = None,
     ) -> bool:
         """Record a revocation unless there is one; `notices` are queued with a new one. Say whether new."""
         ...
@@ -222,7 +230,7 @@ class Store(Protocol):
     async def notify_expiring_certificates(
         self, *, now: float, until: float, notice: Callable[[dict[str, Any]], Notice]
     ) -> int:
-        """Queue `notice(record)` once for each unrevoked certificate expiring in (now, until]; return how many."""
+        """Queue `notice(record)` once per unrevoked certificate expiring in (now, until]; return how many."""
         ...
 
     # commands
@@ -285,7 +293,9 @@ class Store(Protocol):
         """Queue `notice` for one subscription whatever it subscribes to; None when there is none."""
         ...
 
-    async def claim_deliveries(self, *, now: float, node: str, lease_s: float, limit: int) -> list[dict[str, Any]]:
+    async def claim_deliveries(
+        self, *, now: float, node: str, lease_s: float, limit: int
+    ) -> list[dict[str, Any]]:
         """Lease up to `limit` due pending deliveries to `node`, at most one per subscription.
 
         A subscription with a delivery leased until after `now` gets none. Each comes with its
@@ -301,8 +311,12 @@ class Store(Protocol):
         """End every lease `node` holds (it is starting or stopping: nothing of it is in flight)."""
         ...
 
+    async def prune_deliveries(self, before: float) -> int:
+        """Delete delivered and dead deliveries made before `before`; return how many."""
+        ...
+
     async def next_delivery_at(self, *, now: float) -> float | None:
-        """When the soonest pending delivery of a subscription with none leased at `now` is due; None if none."""
+        """When the soonest pending delivery of a subscription with none leased at `now` is due, if any."""
         ...
 
     async def list_deliveries(
@@ -311,7 +325,9 @@ class Store(Protocol):
         """A subscription's deliveries, newest first, optionally in one state."""
         ...
 
-    async def redeliver(self, webhook_id: str, delivery_id: str, now: float) -> tuple[dict[str, Any], bool] | None:
+    async def redeliver(
+        self, webhook_id: str, delivery_id: str, now: float
+    ) -> tuple[dict[str, Any], bool] | None:
         """Make a delivered or dead delivery pending again, attempts reset; (it, whether it changed)."""
         ...
 

@@ -289,7 +289,9 @@ class SqliteStore:
 
     # agents ------------------------------------------------------------------------------
 
-    async def save_agent(self, agent_id: str, fields: dict[str, Any], notices: list[Notice] | None = None) -> None:
+    async def save_agent(
+        self, agent_id: str, fields: dict[str, Any], notices: list[Notice] | None = None
+    ) -> None:
         names = list(fields)
         values = [orjson.dumps(v).decode() if isinstance(v, dict) else v for v in fields.values()]
         sql = (
@@ -855,16 +857,27 @@ class SqliteStore:
             f"UPDATE webhook_deliveries SET {', '.join(f'{name} = ?' for name in changes)}, "  # noqa: S608 - names checked above
             "lease_until = NULL, lease_node = NULL WHERE id = ? AND lease_node = ? AND state = 'pending'"
         )
-        updated: int = await self._write(lambda c: c.execute(sql, [*changes.values(), delivery_id, node]).rowcount)
+        updated: int = await self._write(
+            lambda c: c.execute(sql, [*changes.values(), delivery_id, node]).rowcount
+        )
         return updated == 1
 
     async def release_leases(self, node: str) -> int:
         released: int = await self._write(
-            lambda c: c.execute(
-                "UPDATE webhook_deliveries SET lease_until = NULL, lease_node = NULL WHERE lease_node = ?", (node,)
-            ).rowcount
+            lambda c: (
+                c.execute(
+                    "UPDATE webhook_deliveries SET lease_until = NULL, lease_node = NULL "
+                    "WHERE lease_node = ?",
+                    (node,),
+                ).rowcount
+            )
         )
         return released
+
+    async def prune_deliveries(self, before: float) -> int:
+        sql = "DELETE FROM webhook_deliveries WHERE created_at < ? AND state != 'pending'"
+        deleted: int = await self._write(lambda c: c.execute(sql, (before,)).rowcount)
+        return deleted
 
     async def next_delivery_at(self, *, now: float) -> float | None:
         sql = (
@@ -897,7 +910,9 @@ class SqliteStore:
                 "WHERE id = ? AND webhook_id = ? AND state != 'pending'",
                 (now, delivery_id, webhook_id),
             ).rowcount
-            rows = _rows(conn, _DELIVERIES_SQL + " WHERE id = ? AND webhook_id = ?", [delivery_id, webhook_id])
+            rows = _rows(
+                conn, _DELIVERIES_SQL + " WHERE id = ? AND webhook_id = ?", [delivery_id, webhook_id]
+            )
             return (_delivery_view(rows[0]), changed == 1) if rows else None
 
         result: tuple[dict[str, Any], bool] | None = await self._write(redeliver)
@@ -906,16 +921,16 @@ class SqliteStore:
     async def delivery_summaries(self, webhook_ids: list[str]) -> dict[str, dict[str, Any]]:
         if not webhook_ids:
             return {}
-        marks = ", ".join("?" * len(webhook_ids))
         # The last attempt of each subscription, and its pending and dead counts.
         sql = (
             "SELECT webhook_id, sum(state = 'pending') AS pending, sum(state = 'dead') AS dead, "
             "max(last_attempt_at) AS last_delivery_at, "
             "(SELECT last_status FROM webhook_deliveries AS latest WHERE latest.webhook_id = d.webhook_id "
             "AND latest.last_attempt_at IS NOT NULL ORDER BY last_attempt_at DESC LIMIT 1) AS last_status "
-            f"FROM webhook_deliveries AS d WHERE webhook_id IN ({marks}) GROUP BY webhook_id"  # noqa: S608 - only placeholders
+            "FROM webhook_deliveries AS d WHERE webhook_id IN (SELECT value FROM json_each(?)) "
+            "GROUP BY webhook_id"
         )
-        rows = await self._read(lambda c: _rows(c, sql, list(webhook_ids)))
+        rows = await self._read(lambda c: _rows(c, sql, [orjson.dumps(webhook_ids).decode()]))
         found = {row.pop("webhook_id"): row for row in rows}
         return {webhook_id: found.get(webhook_id, dict(_NO_DELIVERIES)) for webhook_id in webhook_ids}
 
@@ -1026,7 +1041,13 @@ class SqliteStore:
         return row is not None
 
     async def revoke(
-        self, fingerprint: str, *, serial: str, agent_id: str, reason: str, notices: list[Notice] | None = None
+        self,
+        fingerprint: str,
+        *,
+        serial: str,
+        agent_id: str,
+        reason: str,
+        notices: list[Notice] | None = None,
     ) -> bool:
         def revoke(conn: sqlite3.Connection) -> bool:
             now = time.time()
@@ -1213,8 +1234,9 @@ _CLAIM_SQL = (
     "SELECT d.id, d.webhook_id, d.event_type, d.body, d.attempts, min(d.next_attempt_at) AS next_attempt_at, "
     "w.url, w.secret, w.previous_secret, w.previous_secret_expires_at "
     "FROM webhook_deliveries AS d JOIN webhooks AS w ON w.id = d.webhook_id "
-    "WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM webhook_deliveries AS f "
-    "WHERE f.webhook_id = d.webhook_id AND f.state = 'pending' AND f.lease_until > ?) "
+    "WHERE d.state = 'pending' AND d.next_attempt_at <= ? "
+    "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries AS f WHERE f.webhook_id = d.webhook_id "
+    "AND f.state = 'pending' AND f.lease_until > ?) "
     "GROUP BY d.webhook_id ORDER BY next_attempt_at LIMIT ?"
 )
 
@@ -1228,8 +1250,8 @@ def _insert_delivery(conn: sqlite3.Connection, webhook_id: str, notice: Notice, 
     # The body is fixed now: every attempt, and every duplicate, sends these bytes.
     body = orjson.dumps({"delivery_id": delivery_id, **notice.body})
     conn.execute(
-        "INSERT INTO webhook_deliveries (id, webhook_id, event_type, body, state, next_attempt_at, created_at) "
-        "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+        "INSERT INTO webhook_deliveries (id, webhook_id, event_type, body, state, next_attempt_at, "
+        "created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
         (delivery_id, webhook_id, notice.event_type, body, now, now),
     )
     return delivery_id

@@ -21,6 +21,7 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE state = 'pending';
 CREATE INDEX webhook_deliveries_by_webhook ON webhook_deliveries (webhook_id, state, seq);
+CREATE INDEX webhook_deliveries_by_age ON webhook_deliveries (created_at) WHERE state != 'pending';
 
 -- When a certificate's coming expiry was announced (certificate_expiring), so it is announced once.
 ALTER TABLE certificates ADD COLUMN expiry_notified_at REAL;

@@ -70,8 +70,9 @@ def check_agent_id(agent_id: str) -> None:
 
 def agent_id_mismatch(agent_id: str, common_name: str) -> CertificateError:
     """The refusal of a certificate or CSR whose CN is not the agent id it was sent for."""
-    # Operator tooling matches this sentence: keep its words.
-    return CertificateError(f"Agent ID mismatch: provided '{agent_id}' but certificate CN is '{common_name}'")
+    # Operator tooling matches this sentence: keep its words. Forms show it beside the agent id.
+    sentence = f"Agent ID mismatch: provided '{agent_id}' but certificate CN is '{common_name}'"
+    return CertificateError(sentence, errors=[{"location": "body.agent_id", "message": sentence}])
 
 
 def common_name(subject: x509.Name) -> str:

@@ -18,6 +18,7 @@ from hub.turns import Turns
 log = logging.getLogger(__name__)
 Publisher = Callable[[str, str, dict[str, Any]], None]
 Disconnector = Callable[[str, PresenceReason], Awaitable[None]]
+_IDENTITY = ("hostname", "agent_version", "platform", "node")
 _PRUNE_EVERY_S = 60.0  # heartbeat history is pruned this often: a cheap, indexed delete
 
 
@@ -176,6 +177,7 @@ class Presence:
         }
         # Webhook deliveries are queued in the same transaction as the status they announce.
         await self._store.save_agent(agent_id, record, presence_notices(agent_id, status, reason, now))
-        self._publish(
-            "agent", agent_id, {"agent_id": agent_id, "status": status, "reason": reason, "ts": now}
-        )
+        # A connect carries who the agent is: a page that never had it in a snapshot learns it here.
+        identity = {name: fields[name] for name in _IDENTITY if name in fields}
+        change = {"agent_id": agent_id, "status": status, "reason": reason, "ts": now}
+        self._publish("agent", agent_id, change | identity)

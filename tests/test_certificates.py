@@ -114,6 +114,7 @@ async def test_a_cn_that_is_not_the_agent_id_is_refused_in_the_words_tooling_exp
     status, problem = await upload(http, hub, "edge-2", cert)
     assert status == 422
     assert problem["detail"] == "Agent ID mismatch: provided 'edge-2' but certificate CN is 'edge-1'"
+    assert problem["errors"] == [{"location": "body.agent_id", "message": problem["detail"]}]
 
 
 def _garbage() -> str:

@@ -25,11 +25,11 @@ async def live(request: web.Request) -> web.WebSocketResponse:
     async def snapshot() -> dict[str, Any]:
         store = app[STORE]
         top = app[SETTINGS].push_snapshot_top
-        agents = await store.list_agents(status=None, after=None, limit=MAX_LIMIT)
-        scores = await store.list_scores(risk_min=0.01, agent_id=None, after=None, limit=top)
+        scores = await store.list_scores(risk_min=0.01, agent_id=None, after=None, limit=top, live_only=True)
         alerts = await store.list_alerts(agent_id=None, severity=None, after=None, limit=top)
         return {
-            "agents": agents.items,  # the first MAX_LIMIT: counts cover them all
+            # The agents a page shows first, up to MAX_LIMIT; the counts cover them all.
+            "agents": await store.agents_by_attention(MAX_LIMIT),
             "agent_counts": await store.count_agents(),
             "scores": scores.items,
             "alerts": alerts.items,

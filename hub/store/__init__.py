@@ -88,6 +88,10 @@ class Store(Protocol):
     async def list_agents(
         self, *, status: str | None, risk_min: float = 0.0, after: list[Any] | None, limit: int
     ) -> Page: ...
+    async def agents_by_attention(self, limit: int) -> list[dict[str, Any]]:
+        """The `limit` agents a dashboard shows first: offline, then late, then online; riskiest first."""
+        ...
+
     async def count_agents(self) -> dict[str, int]:
         """How many agents are in each status (online, late, offline)."""
         ...
@@ -107,7 +111,13 @@ class Store(Protocol):
     async def load_processes(self, agent_id: str) -> list[dict[str, Any]]: ...
     async def replace_scores(self, states: list[dict[str, Any]]) -> None: ...
     async def list_scores(
-        self, *, risk_min: float, agent_id: str | None, after: list[Any] | None, limit: int
+        self,
+        *,
+        risk_min: float,
+        agent_id: str | None,
+        after: list[Any] | None,
+        limit: int,
+        live_only: bool = False,
     ) -> Page: ...
     async def list_processes(
         self, *, risk_min: float, agent_id: str | None, live: bool | None, after: list[Any] | None, limit: int

@@ -330,6 +330,10 @@ class SqliteStore:
         rows = await self._read(lambda c: _rows(c, sql, [*params, limit + 1]))
         return _page([_agent_view(row) for row in rows], limit, lambda item: [item["agent_id"]])
 
+    async def agents_by_attention(self, limit: int) -> list[dict[str, Any]]:
+        rows = await self._read(lambda c: _rows(c, _AGENTS_BY_ATTENTION_SQL, [limit]))
+        return [_agent_view(row) for row in rows]
+
     async def count_agents(self) -> dict[str, int]:
         sql = "SELECT status, count(*) FROM agents GROUP BY status"
         rows = await self._read(lambda c: c.execute(sql).fetchall())
@@ -384,11 +388,19 @@ class SqliteStore:
         return [orjson.loads(row[0]) for row in rows]
 
     async def list_scores(
-        self, *, risk_min: float, agent_id: str | None, after: list[Any] | None, limit: int
+        self,
+        *,
+        risk_min: float,
+        agent_id: str | None,
+        after: list[Any] | None,
+        limit: int,
+        live_only: bool = False,
     ) -> Page:
         key = after
         sql = "SELECT state FROM processes WHERE risk_score >= ?"
         params: list[Any] = [risk_min]
+        if live_only:
+            sql += " AND exited = 0"
         if agent_id:
             sql += " AND agent_id = ?"
             params.append(agent_id)
@@ -1173,6 +1185,10 @@ _AGENTS_SQL = (
     "SELECT * FROM (SELECT agents.*, coalesce(live.risk, 0.0) AS risk FROM agents LEFT JOIN "
     "(SELECT agent_id, max(risk_score) AS risk FROM processes WHERE exited = 0 GROUP BY agent_id) AS live "
     "USING (agent_id))"
+)
+_AGENTS_BY_ATTENTION_SQL = (
+    _AGENTS_SQL
+    + " ORDER BY CASE status WHEN 'offline' THEN 0 WHEN 'late' THEN 1 ELSE 2 END, risk DESC, agent_id LIMIT ?"
 )
 
 

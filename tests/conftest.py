@@ -22,6 +22,7 @@ from hub.app import create_app
 from hub.certs import create_ca, init_pki, issue_agent
 from hub.config import Settings
 from hub.keys import INGESTOR, SCORING, STORE
+from hub.store.sqlite import SqliteStore
 from hub.tokens import create_token
 
 
@@ -116,6 +117,15 @@ async def start_hub(settings: Settings) -> tuple[web.AppRunner, RunningHub]:
 
 
 HubStarter = Callable[[dict[str, Any]], Awaitable[RunningHub]]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """A real SQLite store of its own, opened under `tmp_path` (no hub around it)."""
+    opened = SqliteStore(tmp_path / "data" / "hub.db")
+    await opened.open()
+    yield opened
+    await opened.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,6 @@ from hub.store.sqlite import SqliteStore
 from hub.tokens import issue_token
 from tests.conftest import RunningHub
 from tests.test_cli import agenthub
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "data" / "hub.db")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 def _action(n: int, *, actor: str = "alice") -> Action:

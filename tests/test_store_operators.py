@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hub.store.sqlite import SqliteStore
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "data" / "hub.db")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 def _user(name: str, role: str = "operator") -> dict[str, Any]:

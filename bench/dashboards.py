@@ -38,6 +38,7 @@ import psutil
 import socketio
 
 from bench.harness import (
+    CHROMIUM_FLAGS,
     SECRET,
     free_port,
     hub_command,
@@ -59,16 +60,6 @@ AGENTS = 10
 FLEET = 1000
 OFFLINE = {"status": "offline", "status_reason": "clean_disconnect"}
 PASSWORD = "bench password, not a secret"  # noqa: S105 - a throwaway account in a temporary folder
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--enable-precise-memory-info",
-]
 # Counts frames and long tasks, and notes when each process row first appears.
 PAGE_PROBE = """
 window.__bench = { frames: 0, longTasks: [], seen: {} };
@@ -204,7 +195,9 @@ async def run_page(workdir: Path, certs: Path, seconds: float) -> list[dict[str,
 
     rows = []
     async with _hub(workdir, certs, "page") as (url, _), async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+        browser = await playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", args=[*CHROMIUM_FLAGS, "--enable-precise-memory-info"]
+        )
         # The probe is injected by the browser itself; the page's CSP would refuse evaluating it.
         context = await browser.new_context(ignore_https_errors=True, bypass_csp=True)
         await context.add_init_script(PAGE_PROBE)

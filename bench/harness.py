@@ -13,6 +13,16 @@ from pathlib import Path
 from typing import Any
 
 SECRET = "bench-secret-" + "z" * 40
+# Headless Chromium kept off the network: it talks to the hub under test only.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:

@@ -1,19 +1,19 @@
 // One agent: status, resource chart, scored processes, process tree, recent events, commands.
 import {
-  Live, api, collect, fmtAgo, fmtExplanation, fmtNum, fmtTime, h, handleForm, pageData, riskClass, riskPart,
-  say, seg, syncList, timeChart,
+  $, Live, api, appendPoint, applyAgentPush, collect, fmtAgo, fmtExplanation, fmtNum, fmtTime, h, handleForm, pageData,
+  riskClass, riskPart, say, seg, syncList, timeChart,
 } from "./hub.js";
 
 const agentId = pageData().agentId;
 const base = "/api/v1/agents/" + seg(agentId);
 const PROCESS_ROWS = 100;
+const MAX_SCORES = 1000; // kept in memory; past this the exited, then the least risky, are dropped
 const EVENT_ROWS = 50;
 const COMMAND_ROWS = 20;
 const CHART_POINTS = 3600;
 const TREE_NODES = 300;
 const HISTORY_S = 3600;
 
-const $ = (id) => document.getElementById(id);
 const state = {
   agent: null,
   scores: new Map(),
@@ -33,30 +33,25 @@ const chart = timeChart($("heartbeat-chart"), [
 
 // ---- live state -------------------------------------------------------------------
 
-function mergeAgent(update) {
-  const next = { ...(state.agent ?? { agent_id: agentId }), ...update };
-  if (update.reason) next.status_reason = update.reason;
-  if (update.ts) next.last_seen = update.ts;
-  delete next.reason;
-  state.agent = next;
-  if (update.heartbeat) addBeat(update.heartbeat);
+/** Take the agent's record (from the API or a snapshot) or, with `push`, an `agent` push. */
+function setAgent(record, { push = false } = {}) {
+  state.agent = push ? applyAgentPush(state.agent ?? { agent_id: agentId }, record) : { ...state.agent, ...record };
+  if (record.heartbeat) addBeat(record.heartbeat);
   dirty.agent = true;
 }
 
 function addBeat(beat) {
-  const [ts, cpu, mem, disk] = state.beats;
-  if (ts.length && beat.ts <= ts[ts.length - 1]) return;
-  ts.push(beat.ts);
-  cpu.push(beat.cpu_percent ?? null);
-  mem.push(beat.mem_percent ?? null);
-  disk.push(beat.disk_percent ?? null);
-  if (ts.length > CHART_POINTS) state.beats.forEach((column) => column.shift());
-  dirty.beats = true;
+  const point = [beat.ts, beat.cpu_percent, beat.mem_percent, beat.disk_percent];
+  if (appendPoint(state.beats, point, CHART_POINTS)) dirty.beats = true;
 }
 
 function addScore(score) {
   if (score.agent_id !== agentId) return;
   state.scores.set(score.process_key, score);
+  if (state.scores.size > MAX_SCORES) {
+    const keep = [...state.scores.values()].sort(byLiveThenRisk).slice(0, MAX_SCORES / 2);
+    state.scores = new Map(keep.map((s) => [s.process_key, s]));
+  }
   dirty.scores = true;
 }
 
@@ -70,14 +65,14 @@ function addCommand(command) {
 const live = new Live()
   .on("snapshot", (d) => {
     const mine = d.agents.find((a) => a.agent_id === agentId);
-    if (mine) mergeAgent(mine);
+    if (mine) setAgent(mine);
     d.scores.forEach(addScore);
   })
-  .on("agent", (d) => d.agent_id === agentId && mergeAgent(d))
+  .on("agent", (d) => d.agent_id === agentId && setAgent(d, { push: true }))
   .on("score", addScore)
   .on("command", addCommand)
   .draw(draw)
-  .reconnected(loadAll);
+  .resynced(loadAll);
 
 // ---- drawing ----------------------------------------------------------------------
 
@@ -125,7 +120,7 @@ function drawProcesses() {
     attr: "processKey",
     cls: (s) => (s.process_key === state.selected ? "selected" : "") + (s.exited ? " exited" : ""),
     parts: (s) => [
-      { text: s.process_id, cls: "mono" },
+      { text: s.process_id, href: "?process=" + seg(s.process_key), cls: "mono" },
       { text: s.exe ?? "", cls: "mono" },
       riskPart(s.risk_score),
       { text: fmtExplanation(s.explanation), cls: "why", title: explanationDetail(s.explanation) },
@@ -204,7 +199,7 @@ function drawTree(tree) {
 
 async function loadAgent() {
   try {
-    mergeAgent(await api(base));
+    setAgent(await api(base));
     $("agent-error").hidden = true;
   } catch (err) {
     say($("agent-error"), err.message, "error");
@@ -231,8 +226,9 @@ async function loadScores() {
       const riskiest = [...state.scores.values()].sort(byLiveThenRisk)[0];
       if (riskiest && riskiest.risk_score > 0) state.selected = riskiest.process_key;
     }
-  } catch {
-    // the agent error line already says why (the same API refused the agent itself)
+    say($("processes-error"), "");
+  } catch (err) {
+    say($("processes-error"), err.message, "error");
   }
 }
 
@@ -249,8 +245,9 @@ async function loadCommands() {
   try {
     const { items } = await collect(base + "/commands", {}, COMMAND_ROWS);
     items.forEach(addCommand);
-  } catch {
-    // shown by the agent error line
+    say($("commands-error"), "");
+  } catch (err) {
+    say($("commands-error"), err.message, "error");
   }
 }
 
@@ -299,9 +296,11 @@ async function loadAll() {
 
 // ---- actions ----------------------------------------------------------------------
 
+// A row selects its process; so does its link, unless it is opened in another tab or window.
 $("processes").tBodies[0].addEventListener("click", (event) => {
   const row = event.target.closest("tr[data-process-key]");
-  if (!row || event.target.closest("a")) return;
+  if (!row || (event.target.closest("a") && (event.ctrlKey || event.metaKey || event.shiftKey))) return;
+  event.preventDefault();
   select(row.dataset.processKey);
 });
 

@@ -1,18 +1,14 @@
 // Alerts: filter, page through, acknowledge and resolve; new and changed alerts arrive live.
 import {
-  Live, api, fmtExplanation, fmtTime, handleForm, listPage, onRowButton, pageData, riskPart, say, seg, severityPart, syncList,
+  $, Live, PagedList, api, fmtExplanation, fmtTime, handleForm, onRowButton, pageData, riskPart, say, seg, severityPart,
 } from "./hub.js";
 
-const MAX_ROWS = 500;
-const PAGE = 100;
 const canWrite = pageData().canWrite === "true";
-const $ = (id) => document.getElementById(id);
 const form = $("alert-filter");
 const table = $("alerts");
-const more = $("alerts-more");
 const message = $("alerts-message");
-const state = { filter: {}, alerts: new Map(), cursor: null };
-let dirty = false;
+const showError = (err) => say(message, err.message, "error");
+let filter = {};
 
 function readFilter() {
   const values = Object.fromEntries(new FormData(form));
@@ -20,30 +16,20 @@ function readFilter() {
 }
 
 function matches(alert) {
-  const f = state.filter;
-  return (!f.severity || alert.severity === f.severity)
-    && (!f.status || alert.status === f.status)
-    && (!f.agent_id || alert.agent_id === f.agent_id);
+  return (!filter.severity || alert.severity === filter.severity)
+    && (!filter.status || alert.status === filter.status)
+    && (!filter.agent_id || alert.agent_id === filter.agent_id);
 }
 
-async function load({ append = false } = {}) {
-  const page = await listPage("/api/v1/alerts", { ...state.filter, limit: PAGE, cursor: append ? state.cursor : null });
-  if (!append) state.alerts = new Map();
-  for (const alert of page.items) state.alerts.set(alert.id, alert);
-  state.cursor = page.cursor;
-  draw();
-}
-
-function put(alert) {
-  if (matches(alert)) state.alerts.set(alert.id, alert);
-  else state.alerts.delete(alert.id); // it changed out of the filter (e.g. resolved)
-  dirty = true;
-}
-
-function draw() {
-  dirty = false;
-  const rows = [...state.alerts.values()].sort((a, b) => b.ts - a.ts || Number(b.id) - Number(a.id)).slice(0, MAX_ROWS);
-  syncList(table.tBodies[0], rows, {
+// Newest first, as the API lists them; at most a page of live arrivals beyond what was loaded.
+const list = new PagedList(table.tBodies[0], {
+  path: "/api/v1/alerts",
+  query: () => filter,
+  order: (a, b) => Number(b.id) - Number(a.id),
+  keep: matches, // an alert that changed out of the filter (e.g. resolved) leaves
+  more: $("alerts-more"),
+  onError: showError,
+  rows: {
     key: (a) => a.id,
     attr: "alertId",
     cls: (a) => "alert-" + a.status,
@@ -58,9 +44,8 @@ function draw() {
       { text: a.status, badge: "alert-status " + a.status, title: statusDetail(a) },
       ...(canWrite ? [actions(a)] : []),
     ],
-  });
-  more.hidden = !state.cursor;
-}
+  },
+});
 
 function statusDetail(a) {
   const who = a.resolved_by ? `resolved by ${a.resolved_by}` : a.acknowledged_by ? `acknowledged by ${a.acknowledged_by}` : "";
@@ -68,21 +53,22 @@ function statusDetail(a) {
 }
 
 function actions(a) {
+  const which = `alert ${a.id}: ${a.title} on ${a.agent_id}`;
   return {
     buttons: [
-      { label: "Acknowledge", cls: "ack", disabled: a.status !== "open" },
-      { label: "Resolve", cls: "resolve", disabled: a.status === "resolved" },
+      { label: "Acknowledge", ariaLabel: "Acknowledge " + which, cls: "ack", disabled: a.status !== "open" },
+      { label: "Resolve", ariaLabel: "Resolve " + which, cls: "resolve", disabled: a.status === "resolved" },
     ],
   };
 }
 
 async function change(row, verb) {
   try {
-    put(await api(`/api/v1/alerts/${seg(row.dataset.alertId)}:${verb}`, { method: "POST", body: {} }));
+    list.put(await api(`/api/v1/alerts/${seg(row.dataset.alertId)}:${verb}`, { method: "POST", body: {} }));
     say(message, "");
-    draw();
+    list.draw();
   } catch (err) {
-    say(message, err.message, "error");
+    showError(err);
   }
 }
 
@@ -91,25 +77,24 @@ function initialFilter() {
   for (const name of ["severity", "status", "agent_id"]) {
     if (params.get(name)) form.elements[name].value = params.get(name);
   }
-  state.filter = readFilter();
+  filter = readFilter();
 }
 
 handleForm(form, async () => {
-  state.filter = readFilter();
-  await load();
+  filter = readFilter();
+  await list.load({ restart: true });
   const url = new URL(location.href);
-  url.search = new URLSearchParams(state.filter).toString();
+  url.search = new URLSearchParams(filter).toString();
   history.replaceState(null, "", url);
 });
-more.addEventListener("click", () => load({ append: true }).catch((err) => say(message, err.message, "error")));
 onRowButton(table, "ack", (row) => change(row, "acknowledge"));
 onRowButton(table, "resolve", (row) => change(row, "resolve"));
 
-const reload = () => load().catch((err) => say(message, err.message, "error"));
+const reload = () => list.load().catch(showError);
 new Live()
-  .on("alert", put)
-  .draw(() => dirty && draw())
-  .reconnected(reload)
+  .on("alert", (alert) => list.put(alert))
+  .draw(() => list.dirty && list.draw())
+  .resynced(reload)
   .start();
 initialFilter();
 reload();

@@ -1,52 +1,45 @@
 // Certificates: upload a PEM, issue from a CSR, list with expiry, revoke after confirmation.
 import {
-  Live, api, confirmDialog, fmtDuration, fmtTime, handleForm, listPage, onRowButton, pageData, say, seg, syncList,
+  $, Live, PagedList, api, confirmDialog, fmtDuration, fmtTime, handleForm, onRowButton, pageData, say, seg,
 } from "./hub.js";
 
-const PAGE = 100;
 const SOON_S = 30 * 86400;
 const canAdmin = pageData().canAdmin === "true";
-const $ = (id) => document.getElementById(id);
 const table = $("certificates");
-const more = $("certificates-more");
 const statusFilter = $("cert-status");
 const message = $("certificates-message");
-const state = { certificates: [], cursor: null };
+const showError = (err) => say(message, err.message, "error");
 
-// A CN that is not the agent id is the agent id's problem; any other refusal is the PEM's.
-const cnMismatch = (err) => err.message.startsWith("Agent ID mismatch");
-
-async function load({ append = false } = {}) {
-  const page = await listPage("/api/v1/certificates", {
-    status: statusFilter.value, limit: PAGE, cursor: append ? state.cursor : null,
-  });
-  state.certificates = append ? [...state.certificates, ...page.items] : page.items;
-  state.cursor = page.cursor;
-  draw();
-}
-
-function draw() {
-  const now = Date.now() / 1000;
-  syncList(table.tBodies[0], state.certificates, {
+const list = new PagedList(table.tBodies[0], {
+  path: "/api/v1/certificates",
+  query: () => ({ status: statusFilter.value }),
+  more: $("certificates-more"),
+  onError: showError,
+  rows: {
     key: (c) => c.fingerprint,
     attr: "fingerprint",
-    cls: (c) => (c.status === "valid" && c.not_after - now < SOON_S ? "expiring" : "") + " cert-" + c.status,
+    cls: (c) => (c.status === "valid" && c.not_after - Date.now() / 1000 < SOON_S ? "expiring" : "") + " cert-" + c.status,
     parts: (c) => [
       { text: c.agent_id, href: "/agents/" + seg(c.agent_id) },
       { text: c.status, badge: "cert-" + c.status, title: c.revocation_reason ?? "" },
       fmtTime(c.not_after),
-      { text: c.status === "valid" ? fmtDuration(c.not_after - now) : "–", cls: "expires-in" },
+      { text: c.status === "valid" ? fmtDuration(c.not_after - Date.now() / 1000) : "–", cls: "expires-in" },
       c.source,
       { text: c.fingerprint.slice(0, 16) + "…", title: c.fingerprint, cls: "mono" },
       { text: c.subject, cls: "clip" },
-      ...(canAdmin ? [{ buttons: c.status === "revoked" ? [] : [{ label: "Revoke", cls: "revoke danger" }] }] : []),
+      ...(canAdmin ? [{ buttons: c.status === "revoked" ? [] : [revokeButton(c)] }] : []),
     ],
-  });
-  more.hidden = !state.cursor;
+  },
+});
+
+function revokeButton(c) {
+  const ariaLabel = `Revoke the certificate of ${c.agent_id} (${c.fingerprint.slice(0, 16)}…)`;
+  return { label: "Revoke", ariaLabel, cls: "revoke danger" };
 }
 
 async function revoke(row) {
-  const cert = state.certificates.find((c) => c.fingerprint === row.dataset.fingerprint);
+  const cert = list.items.find((c) => c.fingerprint === row.dataset.fingerprint);
+  if (!cert) return; // the list was reloaded under the click: that row is gone
   const dialog = $("revoke-dialog");
   dialog.querySelector(".revoke-agent").textContent = cert.agent_id;
   dialog.querySelector(".revoke-fingerprint").textContent = cert.fingerprint;
@@ -58,9 +51,9 @@ async function revoke(row) {
       body: { reason: answer.reason },
     });
     say(message, `Revoked the certificate of ${revoked.agent_id}; ${revoked.disconnected} connection(s) closed.`);
-    await load();
+    await list.load();
   } catch (err) {
-    say(message, err.message, "error");
+    showError(err);
   }
 }
 
@@ -71,7 +64,9 @@ function showIssued(signed) {
   box.hidden = false;
 }
 
-const reload = () => load().catch((err) => say(message, err.message, "error"));
+const reload = () => list.load().catch(showError);
+// A 422 without field errors is about the PEM itself (an agent id mismatch names body.agent_id).
+const otherwiseOn = (field) => (err) => (err.status === 422 ? field : null);
 
 if (canAdmin) {
   handleForm($("upload-form"), async (values, form) => {
@@ -83,7 +78,7 @@ if (canAdmin) {
     form.reset();
     say($("upload-done"), `Uploaded: ${cert.agent_id} may connect with ${cert.fingerprint.slice(0, 16)}… until ${fmtTime(cert.not_after)}.`);
     await reload();
-  }, { fields: { certificate: "pem" }, detailField: (err) => (cnMismatch(err) ? "agent_id" : err.status === 422 ? "pem" : null) });
+  }, { fields: { certificate: "pem" }, detailField: otherwiseOn("pem") });
 
   handleForm($("sign-form"), async (values, form) => {
     $("issued").hidden = true;
@@ -93,11 +88,10 @@ if (canAdmin) {
     }));
     form.reset();
     await reload();
-  }, { detailField: (err) => (cnMismatch(err) ? "agent_id" : err.status === 422 ? "csr" : null) });
+  }, { detailField: otherwiseOn("csr") });
 
   onRowButton(table, "revoke", revoke);
 }
-statusFilter.addEventListener("change", reload);
-more.addEventListener("click", () => load({ append: true }).catch((err) => say(message, err.message, "error")));
-new Live().reconnected(reload).start();
+statusFilter.addEventListener("change", () => list.load({ restart: true }).catch(showError));
+new Live().resynced(reload).start();
 reload();

@@ -75,6 +75,9 @@ export async function collect(path, query = {}, max = 500) {
 /** Encode one path segment (process keys hold ':' and '.'). */
 export const seg = (value) => encodeURIComponent(value);
 
+/** The element with this id. */
+export const $ = (id) => document.getElementById(id);
+
 // ---- Live ---------------------------------------------------------------------------
 
 const MAX_QUEUE = 5000; // a hidden tab gets no animation frames: past this, apply without drawing
@@ -82,16 +85,18 @@ const MAX_QUEUE = 5000; // a hidden tab gets no animation frames: past this, app
 /**
  * The `/ws/live` feed: reconnects with backoff, applies pushes in batches once per
  * animation frame, then calls the draw hooks once. Unknown message types are ignored.
+ * The hub sends a `snapshot` on every connect, and again whenever this page fell behind or
+ * all scores changed at once: every snapshot but the first calls the resync hooks.
  */
 export class Live {
   constructor() {
     this.handlers = new Map();
     this.drawHooks = [];
-    this.reconnectHooks = [];
+    this.resyncHooks = [];
     this.queue = [];
     this.scheduled = false;
     this.delay = 500;
-    this.everOpened = false;
+    this.snapshots = 0;
     this.badge = document.getElementById("conn");
   }
 
@@ -108,9 +113,9 @@ export class Live {
     return this;
   }
 
-  /** Call `fn` after each reconnect, to re-fetch what is not pushed. */
-  reconnected(fn) {
-    this.reconnectHooks.push(fn);
+  /** Call `fn` after each fresh snapshot but the page's first, to re-fetch what is not pushed. */
+  resynced(fn) {
+    this.resyncHooks.push(fn);
     return this;
   }
 
@@ -122,8 +127,6 @@ export class Live {
       opened = true;
       this.delay = 500;
       this.setBadge(true);
-      if (this.everOpened) for (const fn of this.reconnectHooks) fn();
-      this.everOpened = true;
     };
     ws.onmessage = (event) => this.push(JSON.parse(event.data));
     ws.onclose = (event) => {
@@ -162,10 +165,13 @@ export class Live {
   flush(draw) {
     const batch = this.queue;
     this.queue = [];
+    let resync = false;
     for (const message of batch) {
       for (const fn of this.handlers.get(message.type) ?? []) fn(message.data);
+      if (message.type === "snapshot" && this.snapshots++ > 0) resync = true;
     }
     if (draw) for (const fn of this.drawHooks) fn();
+    if (resync) for (const fn of this.resyncHooks) fn();
   }
 }
 
@@ -205,7 +211,8 @@ export function syncList(container, items, { key, attr, parts, tag = "tr", partT
 
 /**
  * Set an element's children to one `partTag` per spec; a part is rebuilt only when its spec
- * changed. A spec is text, or {text, cls, href, title, badge, buttons: [{label, cls, disabled}]}.
+ * changed. A spec is text, or {text, cls, href, title, badge, buttons: [{label, ariaLabel, cls,
+ * disabled}]}; a button's `ariaLabel` names its row for people who cannot see the row.
  */
 export function setParts(el, specs, partTag = "td") {
   while (el.children.length > specs.length) el.lastElementChild.remove();
@@ -229,15 +236,20 @@ function setPart(part, spec) {
     part.textContent = s.text ?? "";
   }
   for (const b of s.buttons ?? []) {
-    part.append(h("button", { type: "button", className: b.cls, disabled: !!b.disabled }, b.label));
+    const props = { type: "button", className: b.cls, disabled: !!b.disabled, "aria-label": b.ariaLabel };
+    part.append(h("button", props, b.label));
   }
 }
 
-/** Make an element: properties go on it, children (text or nodes) inside; no HTML parsing. */
+/**
+ * Make an element: properties go on it (`data-*` and `aria-*` as attributes, undefined ones
+ * not at all), children (text or nodes) inside; no HTML parsing.
+ */
 export function h(tag, props = {}, ...children) {
   const el = document.createElement(tag);
   for (const [name, value] of Object.entries(props)) {
-    if (name.startsWith("data-")) el.setAttribute(name, value);
+    if (value === undefined) continue;
+    if (name.startsWith("data-") || name.startsWith("aria-")) el.setAttribute(name, value);
     else el[name] = value;
   }
   for (const child of children) {
@@ -255,11 +267,111 @@ export function onRowButton(container, cls, fn) {
   });
 }
 
+/**
+ * A list the API pages through, newest first, drawn into `body` by `syncList(body, items, rows)`:
+ * it holds the first `size` items and a page more at each click on `more` (shown while more
+ * exist). `put` applies a live insert or update in `order` (an item `keep` refuses leaves),
+ * dropping the oldest past `size`; as that leaves the server's cursor behind, loading always
+ * fetches the whole window again. Load errors from the button go to `onError`.
+ */
+export class PagedList {
+  constructor(body, { path, query = () => ({}), order, keep = () => true, rows, more, page = 100, onError }) {
+    Object.assign(this, { body, path, query, order, keep, rows, more, page });
+    this.size = page;
+    this.items = [];
+    this.hasMore = false;
+    this.dirty = false;
+    this.loads = 0;
+    this.during = null; // puts that arrive while a load is under way: applied again on its answer
+    more.addEventListener("click", () => {
+      this.size += page;
+      this.load().catch(onError);
+    });
+  }
+
+  /** Fetch the window again (just the first page after `restart`, e.g. new filters) and draw it. */
+  async load({ restart = false } = {}) {
+    if (restart) this.size = this.page;
+    const load = ++this.loads;
+    this.during ??= [];
+    try {
+      const { items, cursor } = await collect(this.path, this.query(), this.size);
+      if (load !== this.loads) return; // a later load answers instead
+      const puts = this.during;
+      this.during = null;
+      this.items = items;
+      this.hasMore = cursor !== null;
+      for (const item of puts) this.put(item);
+      this.draw();
+    } finally {
+      if (load === this.loads) this.during = null;
+    }
+  }
+
+  /** Insert or update `item` in place (or remove it if `keep` refuses it); draw later. */
+  put(item) {
+    this.during?.push(item);
+    const id = String(this.rows.key(item));
+    const at = this.items.findIndex((x) => String(this.rows.key(x)) === id);
+    if (!this.keep(item)) {
+      if (at >= 0) this.items.splice(at, 1);
+    } else if (at >= 0) {
+      this.items[at] = item;
+    } else {
+      const before = this.items.findIndex((x) => this.order(item, x) < 0);
+      if (before >= 0) this.items.splice(before, 0, item);
+      else if (!this.hasMore) this.items.push(item); // past the end of what is loaded: not shown yet
+      if (this.items.length > this.size) {
+        this.items.length = this.size;
+        this.hasMore = true;
+      }
+    }
+    this.dirty = true;
+  }
+
+  draw() {
+    this.dirty = false;
+    syncList(this.body, this.items, this.rows);
+    this.more.hidden = !this.hasMore;
+  }
+}
+
+// ---- Agents ---------------------------------------------------------------------------
+
+/**
+ * Answer `record` (an agent) with an `agent` push applied: every field the push carries is
+ * merged (status, heartbeat; on connect also hostname, agent_version, platform, node); its
+ * `ts` is when the agent was last seen and, when it gives a `reason`, when the status changed.
+ */
+export function applyAgentPush(record, push) {
+  const { reason, ts, ...fields } = push;
+  const next = { ...record, ...fields };
+  if (ts) next.last_seen = ts;
+  if (reason) {
+    next.status_reason = reason;
+    next.status_changed_at = ts ?? next.status_changed_at;
+  }
+  return next;
+}
+
 // ---- Forms and messages -------------------------------------------------------------
 
-/** Empty every field error and the form's own error line. */
+/** The controls named `name` in `form` (several for a group of checkboxes). */
+function controls(form, name) {
+  const found = form.elements.namedItem(name);
+  return found instanceof RadioNodeList ? [...found] : found ? [found] : [];
+}
+
+/** Empty every field error and the form's own error line; the fields are valid again. */
 export function clearErrors(form) {
   for (const el of form.querySelectorAll(".field-error, .form-error")) el.textContent = "";
+  const errorIds = new Set([...form.querySelectorAll(".field-error[id]")].map((el) => el.id));
+  for (const control of form.querySelectorAll("[aria-invalid]")) {
+    control.removeAttribute("aria-invalid");
+    const rest = (control.getAttribute("aria-describedby") ?? "").split(" ").filter((id) => id && !errorIds.has(id));
+    if (rest.length) control.setAttribute("aria-describedby", rest.join(" "));
+    else control.removeAttribute("aria-describedby");
+  }
 }
 
 /**
@@ -270,9 +382,16 @@ export function clearErrors(form) {
 export function showErrors(form, err, { fields = {}, detailField } = {}) {
   clearErrors(form);
   const place = (field, text) => {
-    const el = form.querySelector(`.field-error[data-field="${CSS.escape(fields[field] ?? field)}"]`);
+    const name = fields[field] ?? field;
+    const el = form.querySelector(`.field-error[data-field="${CSS.escape(name)}"]`);
     if (!el) return false;
     el.textContent = el.textContent ? `${el.textContent}; ${text}` : text;
+    el.id ||= `${form.id || "form"}-${name}-error`;
+    for (const control of controls(form, name)) {
+      control.setAttribute("aria-invalid", "true");
+      const ids = new Set((control.getAttribute("aria-describedby") ?? "").split(" ").filter(Boolean));
+      control.setAttribute("aria-describedby", [...ids.add(el.id)].join(" "));
+    }
     return true;
   };
   let placed = false;
@@ -355,6 +474,19 @@ export function timeChart(el, series, { height = 160, yMax = null, sparkline = f
   const plot = new uPlot(opts, [[], ...series.map(() => [])], el);
   new ResizeObserver(() => plot.setSize({ width: Math.max(el.clientWidth, 200), height })).observe(el);
   return { set: (data) => plot.setData(data) };
+}
+
+/**
+ * Append one point (`values`: the time, then one value per series) to uPlot `columns`,
+ * dropping the oldest past `max`; a point not newer than the last is ignored.
+ */
+export function appendPoint(columns, values, max) {
+  const times = columns[0];
+  if (times.length && values[0] <= times[times.length - 1]) return false;
+  columns.forEach((column, i) => column.push(values[i] ?? null));
+  const excess = times.length - max;
+  if (excess > 0) for (const column of columns) column.splice(0, excess);
+  return true;
 }
 
 // ---- Formatting ---------------------------------------------------------------------

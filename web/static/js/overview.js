@@ -1,52 +1,59 @@
 // Overview: agent counts, events per second, riskiest processes, alert feed, hub health.
 import {
-  Live, api, fmtAgo, fmtExplanation, fmtNum, riskPart, severityPart, fmtTime, syncList, timeChart, seg,
+  $, Live, api, appendPoint, applyAgentPush, fmtAgo, fmtExplanation, fmtNum, riskPart, severityPart, fmtTime, syncList,
+  timeChart, seg,
 } from "./hub.js";
 
 const TOP_ROWS = 25;
 const ALERT_ROWS = 50;
 const AGENT_ROWS = 200;
-const MAX_SCORES = 2000; // kept in memory; pruned to the riskiest half past this
+const MAX_SCORES = 2000; // live processes kept in memory; pruned to the riskiest half past this
 const RATE_POINTS = 120; // two minutes of one-second stats
 
 const state = {
-  agents: new Map(), scores: new Map(), alerts: [], counts: null, rate: [[], []], stats: null, health: null,
+  agents: new Map(),
+  scores: new Map(), // process_key -> score, live and risky processes only
+  byAgent: new Map(), // agent_id -> Map(process_key -> score), the same scores per agent
+  riskFrom: new Map(), // agent_id -> process_key of the score its risk comes from, when known
+  alerts: [],
+  counts: null,
+  rate: [[], []],
+  stats: null,
+  health: null,
 };
 const dirty = { agents: true, scores: true, alerts: true, stats: true };
-const $ = (id) => document.getElementById(id);
 const filter = $("agent-filter");
 const chart = timeChart($("events-chart"), [{ label: "events/s", stroke: "#58a6ff" }], { height: 60, sparkline: true });
 
 const live = new Live()
   .on("snapshot", (d) => {
     state.agents = new Map(d.agents.map((a) => [a.agent_id, a]));
-    state.scores = new Map(d.scores.map((s) => [s.process_key, s]));
+    keepScores(d.scores.filter(isLive));
+    state.riskFrom = new Map();
+    for (const [agentId, scores] of state.byAgent) {
+      const riskiest = riskiestOf(scores);
+      if (riskiest && riskiest.risk_score >= (state.agents.get(agentId)?.risk ?? 0)) {
+        state.riskFrom.set(agentId, riskiest.process_key);
+      }
+    }
     state.alerts = d.alerts.slice(0, ALERT_ROWS);
     state.counts = d.agent_counts;
     markAll();
   })
   .on("agent", (d) => {
-    const known = state.agents.get(d.agent_id) ?? { agent_id: d.agent_id };
-    const next = { ...known, status: d.status ?? known.status, last_seen: d.ts ?? known.last_seen };
-    if (d.reason) next.status_reason = d.reason;
-    if (d.heartbeat) next.heartbeat = d.heartbeat;
-    state.agents.set(d.agent_id, next);
+    state.agents.set(d.agent_id, applyAgentPush(state.agents.get(d.agent_id), d));
     dirty.agents = true;
   })
   .on("score", (d) => {
-    state.scores.set(d.process_key, d);
-    if (state.scores.size > MAX_SCORES) {
-      const keep = [...state.scores.values()].sort(byRisk).slice(0, MAX_SCORES / 2);
-      state.scores = new Map(keep.map((s) => [s.process_key, s]));
-    }
-    const agent = state.agents.get(d.agent_id);
-    if (agent && !d.exited && d.risk_score > (agent.risk ?? 0)) agent.risk = d.risk_score;
-    dirty.scores = dirty.agents = true;
+    putScore(d);
+    updateAgentRisk(d);
+    dirty.scores = true;
   })
   .on("alert", (d) => {
     const at = state.alerts.findIndex((a) => a.id === d.id);
     if (at >= 0) state.alerts[at] = d;
-    else state.alerts.unshift(d);
+    else if (d.status === "open") state.alerts.unshift(d); // a change to an alert not shown is not news
+    else return;
     state.alerts.length = Math.min(state.alerts.length, ALERT_ROWS);
     dirty.alerts = true;
   })
@@ -56,16 +63,65 @@ const live = new Live()
       state.counts = d.agents;
       dirty.agents = true;
     }
-    state.rate[0].push(d.ts);
-    state.rate[1].push(d.events_per_s);
-    if (state.rate[0].length > RATE_POINTS) state.rate.forEach((column) => column.shift());
+    appendPoint(state.rate, [d.ts, d.events_per_s], RATE_POINTS);
     dirty.stats = true;
   })
   .draw(draw)
-  .reconnected(loadHealth);
+  .resynced(loadHealth);
 
 function markAll() {
   dirty.agents = dirty.scores = dirty.alerts = dirty.stats = true;
+}
+
+const isLive = (score) => !score.exited && score.risk_score > 0;
+
+/** Hold exactly `scores` (live ones), by process and by agent. */
+function keepScores(scores) {
+  state.scores = new Map();
+  state.byAgent = new Map();
+  for (const score of scores) putScore(score);
+}
+
+/** Hold a live score, forget an exited or riskless one; past MAX_SCORES keep the riskiest half. */
+function putScore(score) {
+  const mine = state.byAgent.get(score.agent_id) ?? new Map();
+  state.byAgent.set(score.agent_id, mine);
+  if (isLive(score)) {
+    state.scores.set(score.process_key, score);
+    mine.set(score.process_key, score);
+  } else {
+    state.scores.delete(score.process_key);
+    mine.delete(score.process_key);
+    if (!mine.size) state.byAgent.delete(score.agent_id);
+  }
+  if (state.scores.size > MAX_SCORES) keepScores([...state.scores.values()].sort(byRisk).slice(0, MAX_SCORES / 2));
+}
+
+function riskiestOf(scores) {
+  let riskiest = null;
+  for (const score of scores?.values() ?? []) if (!riskiest || score.risk_score > riskiest.risk_score) riskiest = score;
+  return riskiest;
+}
+
+/** An agent's risk is its riskiest live process: follow `score` up, and down when it was that process. */
+function updateAgentRisk(score) {
+  const agent = state.agents.get(score.agent_id);
+  if (!agent) return;
+  const from = state.riskFrom.get(score.agent_id);
+  let risk = agent.risk ?? 0;
+  if (isLive(score) && score.risk_score >= risk) {
+    risk = score.risk_score;
+    state.riskFrom.set(score.agent_id, score.process_key);
+  } else if (score.process_key === from) {
+    const riskiest = riskiestOf(state.byAgent.get(score.agent_id));
+    risk = riskiest?.risk_score ?? 0;
+    if (riskiest) state.riskFrom.set(score.agent_id, riskiest.process_key);
+    else state.riskFrom.delete(score.agent_id);
+  }
+  if (risk !== (agent.risk ?? 0)) {
+    state.agents.set(score.agent_id, { ...agent, risk });
+    dirty.agents = true;
+  }
 }
 
 function byRisk(a, b) {
@@ -127,7 +183,7 @@ function drawAgents() {
 
 function drawScores() {
   dirty.scores = false;
-  const top = [...state.scores.values()].filter((s) => !s.exited && s.risk_score > 0).sort(byRisk).slice(0, TOP_ROWS);
+  const top = [...state.scores.values()].sort(byRisk).slice(0, TOP_ROWS);
   syncList($("top-processes").tBodies[0], top, {
     key: (s) => s.process_key,
     attr: "processKey",

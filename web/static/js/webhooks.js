@@ -1,11 +1,10 @@
 // Webhooks: list, add (the secret is shown once), enable or disable, delete after confirmation,
 // send a test delivery; select one to see its recent deliveries and redeliver dead ones.
-import { Live, api, collect, confirmDialog, fmtTime, handleForm, listPage, onRowButton, say, seg, syncList } from "./hub.js";
+import { $, Live, api, collect, confirmDialog, fmtTime, handleForm, listPage, onRowButton, say, seg, syncList } from "./hub.js";
 
 const MAX_WEBHOOKS = 1000;
 const RECENT_DELIVERIES = 50;
 const PENDING_POLL_MS = 2000; // deliveries are not pushed: while some are pending, look again
-const $ = (id) => document.getElementById(id);
 const table = $("webhooks"); // absent for non-admins: they see neither webhooks nor actions
 const message = $("webhooks-message");
 const deliveriesTable = $("deliveries");
@@ -48,9 +47,9 @@ function draw() {
       fmtTime(w.created_at),
       {
         buttons: [
-          { label: "Send test", cls: "test-send" },
-          { label: w.enabled ? "Disable" : "Enable", cls: "toggle" },
-          { label: "Delete", cls: "delete danger" },
+          { label: "Send test", ariaLabel: "Send a test to " + w.url, cls: "test-send" },
+          { label: w.enabled ? "Disable" : "Enable", ariaLabel: (w.enabled ? "Disable " : "Enable ") + w.url, cls: "toggle" },
+          { label: "Delete", ariaLabel: "Delete the webhook to " + w.url, cls: "delete danger" },
         ],
       },
     ],
@@ -80,7 +79,7 @@ async function loadDeliveries() {
       { text: d.last_error ?? "", cls: "clip", title: d.last_error ?? "" },
       fmtTime(d.created_at),
       d.next_attempt_at === null ? "–" : fmtTime(d.next_attempt_at),
-      { buttons: d.state === "dead" ? [{ label: "Redeliver", cls: "redeliver" }] : [] },
+      { buttons: d.state === "dead" ? [{ label: "Redeliver", ariaLabel: "Redeliver " + d.id, cls: "redeliver" }] : [] },
     ],
   });
 }
@@ -154,7 +153,7 @@ if (table) {
   onRowButton(deliveriesTable, "redeliver", redeliver);
   table.tBodies[0].addEventListener("click", select);
   onRowButton(table, "delete", remove);
-  live.reconnected(reload);
+  live.resynced(reload);
   reload();
 }
 live.start();

@@ -4,13 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format typecheck bench bench-quick bench-dashboards soak clean help
+.PHONY: run test lint format typecheck bench bench-quick bench-dashboards bench-connections soak clean help
 
 help:
 	@echo "make run          hub on https://127.0.0.1:8443 with a demo agent (SQLite, dev certificates)"
 	@echo "make test         ruff, mypy, then the whole test suite"
 	@echo "make bench        ingest benchmark: the hub against a bare python-socketio server"
 	@echo "make bench-quick  the same, shorter"
+	@echo "make bench-connections  what 5,000 idle agents over mTLS cost the hub (memory, CPU)"
 	@echo "make bench-dashboards  the overview page in Chromium under live load; fan-out to 200 dashboards"
 	@echo "make soak         reliability checks that take minutes (kill -9 the hub while agents stream)"
 	@echo "make typecheck    mypy on hub/ and agent_client/"
@@ -46,6 +47,9 @@ bench-quick: $(STAMP)
 
 bench-dashboards: $(STAMP)
 	$(BIN)/python -m bench.dashboards
+
+bench-connections: $(STAMP)
+	$(BIN)/python -m bench.connections
 
 # The second run provokes gaps (earlier batches answered "overloaded" while later ones commit)
 # and kills the hub while agents reconnect: RELIABILITY.md.

@@ -1,0 +1,159 @@
+"""Connections benchmark: what thousands of idle agents cost the hub (memory and CPU).
+
+    python -m bench.connections [--agents 5000] [--steps 4] [--heartbeat 10]
+
+The hub runs as its own process pinned to core 0; this load generator (core 1) connects
+agents in steps, each a stock python-socketio client over real mTLS with its own
+certificate, and keeps them connected and heartbeating. After each step it waits for the
+hub to settle and reads the hub's resident memory and CPU use over a quiet minute's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import ssl
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import socketio
+
+from bench.harness import (
+    free_port,
+    hub_command,
+    hub_env,
+    pin_load_generator,
+    start_server,
+    stop_server,
+    table,
+)
+from hub.certs import init_pki, issue_agent
+from hub.codec import SocketJson
+
+HEADERS = ["agents", "connected", "connect_per_s", "hub_rss_mb", "kb_per_agent", "hub_cpu_pct_idle"]
+
+
+class Fleet:
+    """Agents held connected, heartbeating every `heartbeat_s`."""
+
+    def __init__(self, url: str, certs: Path, heartbeat_s: float) -> None:
+        self.url = url
+        self.certs = certs
+        self.heartbeat_s = heartbeat_s
+        self.clients: list[tuple[socketio.AsyncClient, aiohttp.ClientSession]] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def grow(self, first: int, count: int) -> int:
+        """Connect agents `first`..`first + count - 1`, 50 at a time; return how many made it."""
+        made = 0
+        for start in range(first, first + count, 50):
+            batch = range(start, min(start + 50, first + count))
+            results = await asyncio.gather(*(self._connect(i) for i in batch), return_exceptions=True)
+            made += sum(1 for result in results if result is True)
+        return made
+
+    async def _connect(self, index: int) -> bool:
+        agent_id = f"fleet-{index}"
+        context = ssl.create_default_context(cafile=str(self.certs / "ca.pem"))
+        context.load_cert_chain(self.certs / f"{agent_id}.pem", self.certs / f"{agent_id}.key")
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
+        client = socketio.AsyncClient(http_session=session, reconnection=False, json=SocketJson)
+        try:
+            await client.connect(self.url, namespaces=["/agent"], transports=["websocket"], wait_timeout=60)
+        except Exception:
+            await session.close()
+            return False
+        self.clients.append((client, session))
+        self.tasks.append(asyncio.create_task(self._beat(client, index)))
+        return True
+
+    async def _beat(self, client: socketio.AsyncClient, index: int) -> None:
+        await asyncio.sleep(self.heartbeat_s * (index % 100) / 100)  # spread over the interval
+        beat: dict[str, Any] = {"cpu_percent": 1.0, "mem_percent": 10.0, "disk_percent": 20.0,
+                                "spool_depth": 0, "dropped": 0, "uptime_s": 1.0}  # fmt: skip
+        while client.connected:
+            await client.emit("heartbeat", {**beat, "ts": time.time()}, namespace="/agent")
+            await asyncio.sleep(self.heartbeat_s)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for client, session in self.clients:
+            await client.disconnect()
+            await session.close()
+
+
+async def run(url: str, certs: Path, hub: psutil.Process, args: argparse.Namespace) -> list[dict[str, Any]]:
+    fleet = Fleet(url, certs, args.heartbeat)
+    step = args.agents // args.steps
+    rows = []
+    base_rss = hub.memory_info().rss
+    rows.append(_row(0, 0, None, base_rss, base_rss, await _idle_cpu(hub, args.heartbeat)))
+    try:
+        for n in range(args.steps):
+            print(f"connecting agents {n * step}..{(n + 1) * step - 1}...", file=sys.stderr, flush=True)
+            started = time.monotonic()
+            await fleet.grow(n * step, step)
+            rate = step / (time.monotonic() - started)
+            await asyncio.sleep(2.0)  # handshakes, hellos and presence writes settle
+            cpu = await _idle_cpu(hub, args.heartbeat)
+            rows.append(_row((n + 1) * step, len(fleet.clients), rate, hub.memory_info().rss, base_rss, cpu))
+    finally:
+        await fleet.close()
+    return rows
+
+
+async def _idle_cpu(hub: psutil.Process, heartbeat_s: float) -> float:
+    """The hub's CPU over one heartbeat interval with everyone connected and nothing else going on."""
+    hub.cpu_percent()
+    await asyncio.sleep(heartbeat_s)
+    return float(hub.cpu_percent())
+
+
+def _row(agents: int, connected: int, rate: float | None, rss: int, base: int, cpu: float) -> dict[str, Any]:
+    return {
+        "agents": agents,
+        "connected": connected,
+        "connect_per_s": round(rate) if rate else None,
+        "hub_rss_mb": round(rss / 2**20, 1),
+        "kb_per_agent": round((rss - base) / 1024 / connected, 1) if connected else None,
+        "hub_cpu_pct_idle": round(cpu, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="What thousands of idle, heartbeating agents cost the hub.")
+    parser.add_argument("--agents", type=int, default=5000, help="agents in the end (default 5000)")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="measure after each of this many steps (default 4)"
+    )
+    parser.add_argument("--heartbeat", type=float, default=10.0, help="heartbeat interval in s (default 10)")
+    args = parser.parse_args()
+    pin_load_generator()
+    with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
+        workdir = Path(tmp)
+        certs = workdir / "certs"
+        init_pki(certs, ["127.0.0.1", "localhost"])
+        print(f"issuing {args.agents} agent certificates...", file=sys.stderr, flush=True)
+        for i in range(args.agents):
+            issue_agent(certs, f"fleet-{i}")
+        port = free_port()
+        env = hub_env(workdir / "data", certs, heartbeat_interval_s=str(args.heartbeat))
+        proc = start_server(hub_command(port), env, port)
+        try:
+            rows = asyncio.run(run(f"https://127.0.0.1:{port}", certs, psutil.Process(proc.pid), args))
+        finally:
+            stop_server(proc)
+    print(f"machine: {platform.node()}, {psutil.cpu_count()} cores, Python {platform.python_version()}")
+    print(table(rows, HEADERS))
+
+
+if __name__ == "__main__":
+    main()

@@ -51,6 +51,7 @@ from hub.keys import (
     DELIVERER,
     INGESTOR,
     JOBS,
+    METRICS,
     OPENAPI,
     PRESENCE,
     REVOKED_TOKENS,
@@ -66,6 +67,7 @@ from hub.keys import (
 from hub.limits import TokenBuckets
 from hub.notices import watch_expiring_certificates
 from hub.notify import Webhooks
+from hub.observability import HubMetrics, observe_middleware
 from hub.presence import Presence
 from hub.problems import problem_middleware
 from hub.pulse import beat
@@ -73,6 +75,7 @@ from hub.push import PushBus
 from hub.rules import load_rules
 from hub.scoring import RiskEngine, RiskParams, ScoringService
 from hub.sessions import SessionService
+from hub.siem import SiemForwarder
 from hub.store.sqlite import SqliteStore
 from hub.tokens import RevokedTokens, TokenVerifier, load_secret
 from hub.transport import NAMESPACE, AgentNamespace, AgentServer
@@ -89,8 +92,10 @@ NAMESPACE_KEY = web.AppKey("namespace", AgentNamespace)
 def create_app(settings: Settings) -> web.Application:
     """Build the hub: every component, its routes and its lifecycle."""
     rules = load_rules(settings.rule_files)  # a bad rule file stops start-up here
-    # Audit inside auth (it names the actor) and rate limiting (refusals there stay cheap).
+    # Observation outermost: it sees the answer problems were rendered into. Audit inside auth
+    # (it names the actor) and rate limiting (refusals there stay cheap).
     middlewares = [
+        observe_middleware,
         problem_middleware,
         address_rate_limit_middleware,
         auth_middleware,
@@ -102,11 +107,13 @@ def create_app(settings: Settings) -> web.Application:
     # the API and ingest enforce their tighter, configurable limits themselves.
     client_max_size = max(settings.api_max_body_bytes, settings.max_frame_bytes)
     app = web.Application(middlewares=middlewares, client_max_size=client_max_size)
+    metrics = HubMetrics(node_id=settings.node_id)
     store = SqliteStore(
         settings.db_path,
         commit_max_events=settings.commit_max_events,
         retry_after_ms=settings.retry_after_ms,
         busy_timeout_s=settings.sqlite_busy_timeout_s,
+        on_commit=metrics.observe_commit,
     )
     bus = PushBus(
         max_pending=settings.push_max_pending,
@@ -115,15 +122,26 @@ def create_app(settings: Settings) -> web.Application:
         send_timeout_s=settings.push_send_timeout_s,
     )
     engine = RiskEngine(rules, RiskParams.from_settings(settings))
-    scoring = ScoringService(engine, store, bus.publish, max_backlog=settings.scoring_max_backlog)
+    scoring = ScoringService(
+        engine, store, bus.publish, max_backlog=settings.scoring_max_backlog,
+        on_lag=metrics.scoring_lag.observe, on_alert=metrics.count_alert,
+        siem_min_severity=settings.siem_min_event_severity if settings.siem_endpoint else None,
+    )  # fmt: skip
     ingestor = Ingestor(settings, store, scoring)
     presence = Presence(settings, store, bus.publish)
     trust = AgentTrust.from_settings(settings, store)
     commands = CommandService(settings, store, bus.publish)
-    namespace = AgentNamespace(settings, ingestor, presence, commands=commands, trust=trust)
+    namespace = AgentNamespace(
+        settings, ingestor, presence, commands=commands, trust=trust, ack_latency=metrics.ack_latency
+    )
     commands.attach(namespace)
     app[COMMANDS] = commands
-    deliverer = Deliverer(settings, store)
+    deliverer = Deliverer(settings, store, on_outcome=metrics.count_delivery)
+    metrics.watch(
+        ingestor=ingestor, presence=presence, bus=bus, scoring=scoring, store=store,
+        max_webhooks=settings.webhook_max_subscriptions,
+    )  # fmt: skip
+    app[METRICS] = metrics
     app[DELIVERER] = deliverer
     app[WEBHOOKS] = Webhooks(settings, store, deliverer.wake)
     app[AGENT_TRUST] = trust
@@ -167,9 +185,11 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(page_headers)
     app.router.add_static("/static/swagger-ui/", swagger_ui_bundle.swagger_ui_path)
     app.router.add_static("/static/", WEB_DIR / "static")
+    app.cleanup_ctx.append(_metrics_listener)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_command_expiry)  # after _lifecycle: stopped before the store closes
     app.cleanup_ctx.append(_webhook_deliveries)  # likewise
+    app.cleanup_ctx.append(_siem_forwarding)  # likewise
     app.on_shutdown.append(_disconnect_agents)
     app.on_shutdown.append(_answer_command_waiters)
     return app
@@ -204,6 +224,22 @@ async def _webhook_deliveries(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _siem_forwarding(app: web.Application) -> AsyncIterator[None]:
+    forwarder = SiemForwarder(app[SETTINGS], app[STORE])  # checks the SIEM in its task: start-up never waits
+    task = asyncio.create_task(forwarder.run(), name="siem-forwarding")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
+    address = app[SETTINGS].metrics_address
+    if address is not None:
+        await app[METRICS].listen(*address)
+    yield
+    await app[METRICS].close()
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -80,7 +80,11 @@ async def _serve_until_signal(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from hub.observability import configure_logging
+
     settings = _settings(args)
+    level = logging.DEBUG if args.debug else settings.log_level
+    configure_logging(args.log_format or settings.log_format, level)
     _run_async(_serve_until_signal(settings))
 
 
@@ -343,6 +347,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
             str(settings.port),
             "--host",
             settings.host,
+            "--log-format",  # a person reads these lines
+            "text",
         ],
         env=env,
     )
@@ -449,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (HUB_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (HUB_PORT, default 8443)")
+    serve.add_argument(
+        "--log-format", choices=("json", "text"), help="log lines on stderr (HUB_LOG_FORMAT, default json)"
+    )
     _state_options(serve)
     serve.set_defaults(func=cmd_serve)
 

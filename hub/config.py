@@ -206,7 +206,38 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="how often certificates are checked for coming expiry"
     )
 
+    # SIEM forwarding
+    siem_endpoint: str | None = Field(
+        None, description="base URL of the SIEM API (e.g. https://siem.example.com); unset: forwarding off"
+    )
+    siem_api_key: SecretStr | None = Field(None, description="bearer key sent to the SIEM")
+    siem_batch_max: int = Field(100, gt=0, description="most alerts or events in one SIEM request")
+    siem_batch_interval_s: float = Field(
+        2.0, ge=0, description="longest an item waits for its batch to fill before it is sent"
+    )
+    siem_timeout_s: float = Field(10.0, gt=0, description="longest one SIEM request may take")
+    siem_retry_base_s: float = Field(
+        1.0, gt=0, description="first SIEM retry delay bound; it doubles each failure (full jitter)"
+    )
+    siem_retry_max_s: float = Field(300.0, gt=0, description="longest delay between SIEM retries")
+    siem_max_queue: int = Field(
+        100_000, gt=0, description="most rows the SIEM queue holds; beyond it the oldest events are dropped"
+    )
+    siem_min_event_severity: Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"] = Field(
+        "HIGH", description="events matching a rule of at least this severity are forwarded"
+    )
+    siem_allow_http: bool = Field(False, description="accept a plain-http SIEM endpoint")
+
+    # logs and metrics (hub.observability)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        "json", description="`agenthub serve` logs on stderr: one JSON object a line, or plain text"
+    )
+    metrics_listen: str | None = Field(
+        None,
+        description="host:port of a plain-HTTP listener serving only /metrics, for scrapers without "
+        "a token (e.g. 127.0.0.1:9464); off by default (/api/v1/metrics needs hub:read)",
+    )
 
     @field_validator("risk_thresholds")
     @classmethod
@@ -214,6 +245,13 @@ class Settings(BaseSettings):
         if not value or any(not 0 < t < 100 for t in value):
             raise ValueError("risk thresholds must be between 0 and 100 (exclusive)")
         return sorted(value)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            _split_address(value)
+        return value
 
     @model_validator(mode="after")
     def _offline_after_late(self) -> Settings:
@@ -235,6 +273,32 @@ class Settings(BaseSettings):
             raise ValueError("command_default_wait_s must be at most command_max_wait_s")
         return self
 
+    @model_validator(mode="after")
+    def _siem_endpoint_usable(self) -> Settings:
+        if self.siem_endpoint is None:
+            return self
+        scheme, _, rest = self.siem_endpoint.partition("://")
+        if scheme not in ("https", "http") or not rest.strip("/"):
+            raise ValueError("siem_endpoint must be an https:// URL")
+        if scheme == "http" and not self.siem_allow_http:
+            raise ValueError("siem_endpoint must use https (siem_allow_http accepts plain http)")
+        if self.siem_api_key is None:
+            raise ValueError("siem_api_key is required with siem_endpoint")
+        return self
+
     @property
     def db_path(self) -> Path:
         return self.data_dir / "hub.db"
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """The separate metrics listener's (host, port), when one is configured."""
+        return None if self.metrics_listen is None else _split_address(self.metrics_listen)
+
+
+def _split_address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:9464
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:9464)")
+    return host, int(port)

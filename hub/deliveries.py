@@ -27,6 +27,7 @@ import hmac
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -57,8 +58,11 @@ def retry_delay(attempts: int, base_s: float, max_s: float) -> float:
 class Deliverer:
     """Send this node's share of due webhook deliveries until cancelled."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, *, on_outcome: Callable[[str], None] | None = None
+    ) -> None:
         self._store = store
+        self._on_outcome = on_outcome  # told each attempt's outcome: delivered, retrying or dead
         self._policy = DestinationPolicy.from_settings(settings)
         self._node = settings.node_id
         self._max_attempts = settings.webhook_max_attempts
@@ -146,9 +150,15 @@ class Deliverer:
             changes |= {"state": "delivered", "delivered_at": now, "next_attempt_at": None}
         elif attempts >= self._max_attempts:
             changes |= {"state": "dead", "next_attempt_at": None}
-            log.warning("webhook delivery %s is dead after %d attempts: %s", delivery["id"], attempts, error)
+            # Not the error itself: it may quote the URL or a redirect, and webhook URLs hold secrets.
+            log.warning(
+                "webhook delivery %s to %s is dead after %d attempts (its last_error says why)",
+                delivery["id"], delivery["webhook_id"], attempts,
+            )  # fmt: skip
         else:
             changes["next_attempt_at"] = now + retry_delay(attempts, self._base_s, self._max_s)
+        if self._on_outcome is not None:
+            self._on_outcome(changes.get("state", "retrying"))
         try:
             await self._store.finish_delivery(delivery["id"], self._node, changes)
         except Exception:  # the lease runs out and the attempt is made again, same id

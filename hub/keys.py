@@ -44,9 +44,11 @@ STARTED_AT = web.AppKey("started_at", float)
 CURSORS: web.AppKey[Cursors] = web.AppKey("cursors")
 JOBS = web.AppKey("jobs", Jobs)
 OPENAPI = web.AppKey("openapi", bytes)  # the rendered document, built once at start
+METRICS: web.AppKey[HubMetrics] = web.AppKey("metrics")  # hub.observability imports this module
 
 if TYPE_CHECKING:
     from hub.api.pagination import Cursors
+    from hub.observability import HubMetrics
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 SESSION = web.RequestKey("session", Session)  # set when a signed-in operator's cookie authenticated

@@ -6,6 +6,9 @@ fields of its type; the store adds each delivery's `delivery_id`. An alert is an
 once as `alert_raised`, and once more as `risk_threshold_crossed` when a risk threshold
 raised it. Notices are written to the outbox in the transaction that stores what they
 announce, so a committed alert is never left unannounced.
+
+The SIEM (`hub.siem`) is told every alert as stored, and every event that matched a rule of
+`siem_min_event_severity` or above, with the rules it matched; its rows are written the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import time
 from typing import Any, Literal
 
 from hub.config import Settings
+from hub.models import SEVERITY_ORDER, Event
+from hub.rules import Rule
 from hub.store import Notice, Store
 
 log = logging.getLogger(__name__)
@@ -80,6 +85,22 @@ def expiring_notice(record: dict[str, Any], now: float) -> Notice:
 def ping_notice(webhook_id: str, now: float) -> Notice:
     """A test delivery an operator asks for: sent to one subscription whatever it subscribes to."""
     return Notice("ping", {"event_type": "ping", "timestamp": now, **_NO_PROCESS, "webhook_id": webhook_id})
+
+
+def siem_alert(alert: dict[str, Any]) -> dict[str, Any]:
+    """What the SIEM is told of a stored alert: the alert as the API shows it."""
+    return alert
+
+
+def siem_event(agent_id: str, event: Event, rules: list[Rule], min_severity: str) -> dict[str, Any] | None:
+    """What the SIEM is told of an event matching `rules`; None below `min_severity`."""
+    severity = max((rule.severity for rule in rules), key=SEVERITY_ORDER.__getitem__)
+    if SEVERITY_ORDER[severity] < SEVERITY_ORDER[min_severity]:
+        return None
+    matched = [{"rule_id": rule.id, "name": rule.name, "severity": rule.severity, "mitre": rule.mitre}
+               for rule in rules]  # fmt: skip
+    return {"agent_id": agent_id, "process_id": f"{agent_id}:{event['pid']}", "timestamp": event["ts"],
+            "severity": severity, "rules": matched, "event": event}  # fmt: skip
 
 
 def _certificate(record: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any, ClassVar
 
@@ -12,6 +13,9 @@ from aiohttp.typedefs import Handler
 log = logging.getLogger(__name__)
 PROBLEM_TYPE_BASE = "https://agenthub.dev/problems/"
 CORRELATION_ID = web.RequestKey("correlation_id", str)
+REQUEST_ID_HEADER = "X-Request-ID"
+# A client's own request id is used when it is a sane token: it reaches logs and the audit log.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Headers every answer to a request carries, problems included (rate limits, for one).
 RESPONSE_HEADERS = web.RequestKey("response_headers", dict[str, str])
 PROBLEM_SCHEMA: dict[str, Any] = {
@@ -196,9 +200,9 @@ _HTTP_ERRORS: dict[int, type[HubError]] = {
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every error as a problem with a correlation id; never show internals."""
-    correlation_id = uuid.uuid4().hex
-    request[CORRELATION_ID] = correlation_id
-    request[RESPONSE_HEADERS] = {"X-Correlation-ID": correlation_id}
+    correlation_id = request_id(request)
+    # X-Correlation-ID is the older name of the same id, kept for clients that read it.
+    request[RESPONSE_HEADERS] = {REQUEST_ID_HEADER: correlation_id, "X-Correlation-ID": correlation_id}
     try:
         response = await handler(request)
     except HubError as error:
@@ -227,6 +231,16 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     if not response.prepared:  # a WebSocket has sent its headers already
         response.headers.update(request[RESPONSE_HEADERS])
     return response
+
+
+def request_id(request: web.Request) -> str:
+    """Return the request's correlation id: the client's sane `X-Request-ID`, else a new one."""
+    known = request.get(CORRELATION_ID)
+    if known is None:
+        offered = request.headers.get(REQUEST_ID_HEADER, "")
+        known = offered if _SANE_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        request[CORRELATION_ID] = known
+    return known
 
 
 def _http_error(exc: web.HTTPException) -> HubError:

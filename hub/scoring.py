@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 from hub.config import Settings
 from hub.models import SEVERITY_ORDER, Contribution, Event, ScoreView, score_view
-from hub.notices import alert_notices
+from hub.notices import alert_notices, siem_alert, siem_event
 from hub.rules import ProcessContext, Rule, RuleSet
 from hub.store import Store
 
@@ -148,8 +149,17 @@ class RiskEngine:
         for table in self._live.values():
             yield from table.values()
 
-    def apply(self, agent_id: str, event: Event, changed: dict[str, ProcessRisk]) -> list[dict[str, Any]]:
-        """Score one event; put every process it changed into `changed`; return new alerts."""
+    def apply(
+        self,
+        agent_id: str,
+        event: Event,
+        changed: dict[str, ProcessRisk],
+        matches: list[tuple[str, Event, list[Rule]]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Score one event; put every process it changed into `changed`; return new alerts.
+
+        When `matches` is given, an event that matched rules is added to it with them.
+        """
         kind = event["kind"]
         possible = self.rules.may_match(event)
         if not possible and kind not in _LIFECYCLE:
@@ -163,6 +173,8 @@ class RiskEngine:
         alerts = self._add(process, matched, event["ts"]) if matched else []
         if matched:
             _store(table, process, changed)
+            if matches is not None:
+                matches.append((agent_id, event, matched))
         if kind == "process_exit":
             process.exited = True
             del table[process.pid]
@@ -345,12 +357,25 @@ _RETRY_S = 1.0
 class ScoringService:
     """Consume stored events in commit order, score them, persist and publish."""
 
-    def __init__(self, engine: RiskEngine, store: Store, publish: Publisher, *, max_backlog: int) -> None:
+    def __init__(
+        self,
+        engine: RiskEngine,
+        store: Store,
+        publish: Publisher,
+        *,
+        max_backlog: int,
+        on_lag: Callable[[float], None] | None = None,
+        on_alert: Callable[[str], None] | None = None,
+        siem_min_severity: str | None = None,
+    ) -> None:
         self.engine = engine
+        self._siem_min_severity = siem_min_severity  # None: SIEM forwarding is off, nothing queued
         self._store = store
         self._publish = publish
         self._max_backlog = max_backlog
-        self._queue: deque[tuple[str, list[Event]]] = deque()
+        self._on_lag = on_lag  # told each batch's seconds from hand-over to scoring
+        self._on_alert = on_alert  # told each stored alert's severity
+        self._queue: deque[tuple[str, list[Event], float]] = deque()
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -363,7 +388,7 @@ class ScoringService:
     def submit(self, agent_id: str, events: list[Event]) -> None:
         """Hand over newly stored events (never blocks: they are already committed)."""
         if events:
-            self._queue.append((agent_id, events))
+            self._queue.append((agent_id, events, time.monotonic()))
             self.backlog += len(events)
             if self.backlog >= self._max_backlog:
                 self._room.clear()
@@ -407,23 +432,26 @@ class ScoringService:
                 await self._score_pending()
 
     async def _score_pending(self) -> None:
-        work: list[tuple[str, list[Event]]] = []
+        work: list[tuple[str, list[Event], float]] = []
         taken = 0
         while self._queue and taken < PASS_EVENTS:
             work.append(self._queue.popleft())
             taken += len(work[-1][1])
         try:
-            for agent_id in {agent_id for agent_id, _ in work if not self.engine.knows(agent_id)}:
+            for agent_id in {agent_id for agent_id, _, _ in work if not self.engine.knows(agent_id)}:
                 self.engine.restore(agent_id, await self._store.load_processes(agent_id))
         except Exception:
             self._queue.extendleft(reversed(work))  # nothing was scored: try the same work again
             raise
         changed: dict[str, ProcessRisk] = {}
         alerts: list[dict[str, Any]] = []
-        for agent_id, events in work:
+        matches: list[tuple[str, Event, list[Rule]]] | None = None if self._siem_min_severity is None else []
+        for agent_id, events, submitted in work:
+            if self._on_lag is not None:
+                self._on_lag(time.monotonic() - submitted)
             for event in events:
                 try:
-                    alerts += self.engine.apply(agent_id, event, changed)
+                    alerts += self.engine.apply(agent_id, event, changed, matches)
                 except Exception:  # a bug must cost one event's score, not the scorer
                     log.exception("scoring failed for %s seq %s", agent_id, event.get("seq"))
             self.backlog -= len(events)
@@ -431,20 +459,35 @@ class ScoringService:
         if self.backlog < self._max_backlog:
             self._room.set()
         records = [self.engine.record(p) for p in changed.values()]
+        forwarded = self._siem_events(matches)
         # One flush in flight: this pass's writes commit while the next pass scores, so
         # scoring does not stand still for every fsync, and flushes stay in order.
         if self._flushing is not None:
             await self._flushing
-        self._flushing = asyncio.create_task(self._flush(records, alerts))
+        self._flushing = asyncio.create_task(self._flush(records, alerts, forwarded))
 
-    async def _flush(self, records: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> None:
+    def _siem_events(self, matches: list[tuple[str, Event, list[Rule]]] | None) -> list[dict[str, Any]]:
+        least = self._siem_min_severity
+        if matches is None or least is None:
+            return []
+        bodies = (siem_event(agent_id, event, rules, least) for agent_id, event, rules in matches)
+        return [body for body in bodies if body is not None]
+
+    async def _flush(
+        self, records: list[dict[str, Any]], alerts: list[dict[str, Any]], forwarded: list[dict[str, Any]]
+    ) -> None:
         # Persist before publishing so a dashboard never shows what a restart would forget;
         # the state is already in memory, so a failing store is retried until it takes it.
         while True:
             try:
                 await self._store.save_processes(records)
-                # Webhook deliveries are queued in the alerts' transaction: none is lost.
-                stored_alerts = await self._store.insert_alerts(alerts, alert_notices)
+                # Webhook deliveries and SIEM rows are queued in the alerts' transaction: no
+                # committed alert goes unannounced. (The processes commit in the write before;
+                # a crash between the two loses this pass's alerts and SIEM rows together.)
+                stored_alerts = await self._store.insert_alerts(
+                    alerts, alert_notices, siem_alert=None if self._siem_min_severity is None else siem_alert,
+                    siem_events=forwarded,
+                )  # fmt: skip
                 break
             except Exception:
                 log.exception("persisting scores failed; retrying in %.0f s", _RETRY_S)
@@ -452,6 +495,8 @@ class ScoringService:
         for record in records:
             self._publish("score", record["process_key"], dict(score_view(record)))
         for alert in stored_alerts:
+            if self._on_alert is not None:
+                self._on_alert(alert["severity"])
             self._publish("alert", alert["id"], alert)
 
 

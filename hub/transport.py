@@ -10,6 +10,8 @@ from typing import Any
 
 import engineio
 import socketio
+from prometheus_async import aio
+from prometheus_async.types import Observer
 from pydantic import ValidationError
 
 from hub.certs import is_valid_agent_id
@@ -18,6 +20,7 @@ from hub.config import Settings
 from hub.identity import AgentIdentity, AgentTrust, IdentityError, peer_certificate
 from hub.ingest import Ingestor
 from hub.models import CONNECT_INFO_ADAPTER, HEARTBEAT_ADAPTER, ConnectInfo, PresenceReason
+from hub.observability import log_context
 from hub.presence import Presence
 from hub.problems import HubError, InternalError, InvalidInput, Overloaded, error_ack
 
@@ -46,8 +49,10 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         *,
         commands: CommandService,
         trust: AgentTrust,
+        ack_latency: Observer | None = None,
     ) -> None:
         super().__init__(NAMESPACE)
+        self._ack_latency = ack_latency  # observes each events batch's time to its ack
         self._commands = commands
         self._greeted: set[str] = set()  # sids that got their hello: commands may follow it
         self._settings = settings
@@ -91,16 +96,17 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
 
     async def _admit(self, sid: str, identity: AgentIdentity, info: ConnectInfo) -> None:
         agent_id = identity.agent_id
-        last_seq = await self._ingestor.last_seq(agent_id)
-        # Presence is recorded last, once nothing else can fail: a refused socket leaves no trace.
-        previous = await self._presence.connect(agent_id, sid, info, identity.fingerprint)
-        self._agents[sid] = agent_id
-        self._certs[sid] = identity.fingerprint
-        if previous is not None:  # one socket per agent: the newest wins
-            await self.close(previous, "superseded")
-        log.info("agent %s connected (sid %s, last_seq %d)", agent_id, sid, last_seq)
-        # hello must follow the CONNECT packet, which is sent after this handler returns.
-        self.server.start_background_task(self._hello, sid, agent_id, last_seq)
+        with log_context(agent_id=agent_id):
+            last_seq = await self._ingestor.last_seq(agent_id)
+            # Presence is recorded last, once nothing else can fail: a refused socket leaves no trace.
+            previous = await self._presence.connect(agent_id, sid, info, identity.fingerprint)
+            self._agents[sid] = agent_id
+            self._certs[sid] = identity.fingerprint
+            if previous is not None:  # one socket per agent: the newest wins
+                await self.close(previous, "superseded")
+            log.info("agent %s connected (sid %s, last_seq %d)", agent_id, sid, last_seq)
+            # hello must follow the CONNECT packet, which is sent after this handler returns.
+            self.server.start_background_task(self._hello, sid, agent_id, last_seq)
 
     async def _hello(self, sid: str, agent_id: str, last_seq: int) -> None:
         if self._presence.sid_of(agent_id) != sid:  # superseded before its CONNECT, when `close` could not
@@ -123,6 +129,12 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             await self._commands.deliver_queued(agent_id)
 
     async def trigger_event(self, event: str, *args: Any) -> Any:
+        # Every handler logs under its socket and agent (the first argument is always the sid).
+        sid = args[0] if args and isinstance(args[0], str) else None
+        with log_context(sid=sid, agent_id=self._agents.get(sid) if sid else None):
+            return await self._dispatch(event, *args)
+
+    async def _dispatch(self, event: str, *args: Any) -> Any:
         # Every event is answered: upstream acks an unknown one with nothing, and one with
         # extra arguments not at all (its handler's TypeError ends the task).
         if event in _RESERVED_EVENTS:
@@ -149,10 +161,11 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
                 )
             )
         self._in_flight[sid] = self._in_flight.get(sid, 0) + 1
+        ingest = self._ingestor.ingest(agent_id, payload)
         try:
             return await _answer(
-                self._ingestor.ingest(agent_id, payload), f"events from {agent_id}",
-                "the hub failed to process this batch; retry it",
+                ingest if self._ack_latency is None else aio.time(self._ack_latency, ingest),
+                f"events from {agent_id}", "the hub failed to process this batch; retry it",
             )  # fmt: skip
         finally:
             self._in_flight[sid] -= 1

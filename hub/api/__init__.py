@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from hub.api import agents, alerts, audit, certificates, commands, events, scores, system, webhooks
+from hub.api import agents, alerts, audit, certificates, commands, events, metrics, scores, system, webhooks
 from hub.api.spec import ApiRoutes
 
 TABLES: list[ApiRoutes] = [
     system.api,
+    metrics.api,
     agents.api,
     events.api,
     scores.api,

@@ -135,11 +135,17 @@ class Store(Protocol):
         ...
 
     async def insert_alerts(
-        self, alerts: list[dict[str, Any]], notices: Callable[[dict[str, Any]], list[Notice]] | None = None
+        self,
+        alerts: list[dict[str, Any]],
+        notices: Callable[[dict[str, Any]], list[Notice]] | None = None,
+        *,
+        siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        siem_events: list[dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
         """Store new alerts; return them with their ids.
 
-        `notices(alert)`, given each alert with its id, are queued for webhooks in the same transaction.
+        `notices(alert)`, given each alert with its id, are queued for webhooks in the same
+        transaction, and so are `siem_alert(alert)` and `siem_events` for the SIEM.
         """
         ...
 
@@ -384,4 +390,40 @@ class Store(Protocol):
 
     async def prune_sessions(self, now: float) -> int:
         """Delete the sessions expired at `now`; return how many."""
+        ...
+
+    # SIEM forwarding (its own queue)
+
+    async def claim_siem(
+        self, *, now: float, node: str, lease_s: float, limit: int, filled_before: float
+    ) -> tuple[str, list[dict[str, Any]]] | None:
+        """Lease to `node` up to `limit` due rows of one kind, alerts first, oldest first: (kind, rows).
+
+        Only a full batch, or one whose oldest row was queued before `filled_before`, is taken.
+        Rows carry `seq`, `body` (JSON bytes), `attempts` and `created_at`.
+        """
+        ...
+
+    async def finish_siem(self, seqs: list[int]) -> int:
+        """Delete forwarded rows; return how many were still there."""
+        ...
+
+    async def retry_siem(self, seqs: list[int], node: str, next_attempt_at: float) -> int:
+        """Count a failed attempt on the rows `node` leased and end the lease until `next_attempt_at`."""
+        ...
+
+    async def release_siem_leases(self, node: str) -> int:
+        """End every SIEM lease `node` holds (it is starting or stopping: nothing of it is in flight)."""
+        ...
+
+    async def next_siem_at(self, *, now: float, fill_s: float) -> float | None:
+        """When the soonest batch of unleased rows is due, its oldest row given `fill_s` to fill; if any."""
+        ...
+
+    async def siem_queue_depth(self) -> int:
+        """How many rows the SIEM queue holds."""
+        ...
+
+    async def trim_siem_queue(self, max_rows: int) -> int:
+        """Delete the oldest events (never alerts) beyond `max_rows` rows in all; return how many."""
         ...

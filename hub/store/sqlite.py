@@ -87,8 +87,10 @@ class SqliteStore:
         commit_max_events: int = 5_000,
         retry_after_ms: int = 1000,
         busy_timeout_s: float = 30.0,
+        on_commit: Callable[[int, float], None] | None = None,
     ):
         self._path = path
+        self._on_commit = on_commit  # told each group commit's size (writes) and seconds
         self._busy_timeout_s = busy_timeout_s
         self._commit_max = commit_max_events
         self._retry_after_ms = retry_after_ms
@@ -176,7 +178,10 @@ class SqliteStore:
                 group.append(job)
                 size += job.size
             try:
+                started = time.perf_counter()
                 outcomes = await loop.run_in_executor(self._write_thread, self._run_group, group)
+                if self._on_commit is not None:
+                    self._on_commit(size, time.perf_counter() - started)
             except sqlite3.Error as exc:  # the commit itself failed: so did every job in it
                 log.error("group commit of %d jobs failed: %s", len(group), exc)
                 outcomes = [(False, exc)] * len(group)
@@ -443,9 +448,16 @@ class SqliteStore:
     # alerts ------------------------------------------------------------------------------
 
     async def insert_alerts(
-        self, alerts: list[dict[str, Any]], notices: Callable[[dict[str, Any]], list[Notice]] | None = None
+        self,
+        alerts: list[dict[str, Any]],
+        notices: Callable[[dict[str, Any]], list[Notice]] | None = None,
+        *,
+        siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        siem_events: list[dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
         def insert(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            now = time.time()
+            _queue_siem(conn, "event", siem_events or [], now)
             stored = []
             for alert in alerts:
                 cursor = conn.execute(
@@ -467,12 +479,14 @@ class SqliteStore:
                 )
                 stored.append(full)
                 if notices is not None:
-                    _enqueue(conn, notices(full), time.time())
+                    _enqueue(conn, notices(full), now)
+                if siem_alert is not None:
+                    _queue_siem(conn, "alert", [siem_alert(full)], now)
             return stored
 
-        if not alerts:
+        if not alerts and not siem_events:
             return []
-        result: list[dict[str, Any]] = await self._write(insert, len(alerts))
+        result: list[dict[str, Any]] = await self._write(insert, len(alerts) + len(siem_events or []))
         return result
 
     async def list_alerts(
@@ -1076,6 +1090,74 @@ class SqliteStore:
         new: bool = await self._write(revoke)
         return new
 
+    # SIEM forwarding (its own queue) ---------------------------------------------------------
+
+    async def claim_siem(
+        self, *, now: float, node: str, lease_s: float, limit: int, filled_before: float
+    ) -> tuple[str, list[dict[str, Any]]] | None:
+        def claim(conn: sqlite3.Connection) -> tuple[str, list[dict[str, Any]]] | None:
+            # Inside the writer's BEGIN IMMEDIATE: nodes sharing the database claim one at a time.
+            for kind in ("alert", "event"):  # alerts first: an event backlog never holds them up
+                rows = _rows(conn, _SIEM_CLAIM_SQL, [kind, now, now, limit])
+                if rows and (len(rows) == limit or rows[0]["created_at"] < filled_before):
+                    conn.executemany(
+                        "UPDATE siem_queue SET lease_until = ?, lease_node = ? WHERE seq = ?",
+                        [(now + lease_s, node, row["seq"]) for row in rows],
+                    )
+                    return kind, rows
+            return None
+
+        claimed: tuple[str, list[dict[str, Any]]] | None = await self._write(claim)
+        return claimed
+
+    async def finish_siem(self, seqs: list[int]) -> int:
+        sql = "DELETE FROM siem_queue WHERE seq IN (SELECT value FROM json_each(?))"
+        deleted: int = await self._write(lambda c: c.execute(sql, (orjson.dumps(seqs).decode(),)).rowcount)
+        return deleted
+
+    async def retry_siem(self, seqs: list[int], node: str, next_attempt_at: float) -> int:
+        sql = (
+            "UPDATE siem_queue SET attempts = attempts + 1, next_attempt_at = ?, lease_until = NULL, "
+            "lease_node = NULL WHERE seq IN (SELECT value FROM json_each(?)) AND lease_node = ?"
+        )
+        params = (next_attempt_at, orjson.dumps(seqs).decode(), node)
+        updated: int = await self._write(lambda c: c.execute(sql, params).rowcount)
+        return updated
+
+    async def release_siem_leases(self, node: str) -> int:
+        sql = "UPDATE siem_queue SET lease_until = NULL, lease_node = NULL WHERE lease_node = ?"
+        released: int = await self._write(lambda c: c.execute(sql, (node,)).rowcount)
+        return released
+
+    async def next_siem_at(self, *, now: float, fill_s: float) -> float | None:
+        # The oldest unleased row of each kind says when its batch is due: once it waited
+        # `fill_s` for company, and not before its next attempt.
+        sql = (
+            "SELECT min(max(next_attempt_at, created_at + ?)) FROM (SELECT kind, min(seq) AS seq "
+            "FROM siem_queue WHERE lease_until IS NULL OR lease_until <= ? GROUP BY kind) "
+            "JOIN siem_queue USING (seq)"
+        )
+        row = await self._read(lambda c: c.execute(sql, (fill_s, now)).fetchone())
+        return None if row[0] is None else float(row[0])
+
+    async def siem_queue_depth(self) -> int:
+        row = await self._read(lambda c: c.execute("SELECT count(*) FROM siem_queue").fetchone())
+        return int(row[0])
+
+    async def trim_siem_queue(self, max_rows: int) -> int:
+        def trim(conn: sqlite3.Connection) -> int:
+            over = conn.execute("SELECT count(*) FROM siem_queue").fetchone()[0] - max_rows
+            if over <= 0:
+                return 0
+            return conn.execute(
+                "DELETE FROM siem_queue WHERE seq IN "
+                "(SELECT seq FROM siem_queue WHERE kind = 'event' ORDER BY seq LIMIT ?)",
+                (over,),
+            ).rowcount
+
+        dropped: int = await self._write(trim)
+        return dropped
+
 
 _ROWS_PER_INSERT = 4000  # 7 parameters a row; SQLite allows 32,766 per statement
 
@@ -1283,6 +1365,20 @@ def _enqueue(conn: sqlite3.Connection, notices: list[Notice], now: float) -> Non
         for notice in notices:
             if notice.event_type in wanted and _severe_enough(notice.severity, min_severity):
                 _insert_delivery(conn, webhook_id, notice, now)
+
+
+_SIEM_CLAIM_SQL = (
+    "SELECT seq, body, attempts, created_at FROM siem_queue WHERE kind = ? AND next_attempt_at <= ? "
+    "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY seq LIMIT ?"
+)
+
+
+def _queue_siem(conn: sqlite3.Connection, kind: str, bodies: list[dict[str, Any]], now: float) -> None:
+    """Queue items for the SIEM; each body is fixed now, as JSON."""
+    conn.executemany(
+        "INSERT INTO siem_queue (kind, body, created_at, next_attempt_at) VALUES (?, ?, ?, ?)",
+        [(kind, orjson.dumps(body), now, now) for body in bodies],
+    )
 
 
 def _severe_enough(severity: str | None, minimum: str | None) -> bool:

@@ -480,13 +480,12 @@ class ScoringService:
         # the state is already in memory, so a failing store is retried until it takes it.
         while True:
             try:
-                await self._store.save_processes(records)
-                # Webhook deliveries and SIEM rows are queued in the alerts' transaction: no
-                # committed alert goes unannounced. (The processes commit in the write before;
-                # a crash between the two loses this pass's alerts and SIEM rows together.)
-                stored_alerts = await self._store.insert_alerts(
-                    alerts, alert_notices, siem_alert=None if self._siem_min_severity is None else siem_alert,
-                    siem_events=forwarded,
+                # One transaction: the processes' states, their alerts, and the webhook deliveries
+                # and SIEM rows announcing them. No committed alert goes unannounced, and no
+                # process keeps a fired threshold whose alert a crash lost.
+                stored_alerts = await self._store.save_scoring_pass(
+                    records, alerts, alert_notices,
+                    siem_alert=None if self._siem_min_severity is None else siem_alert, siem_events=forwarded,
                 )  # fmt: skip
                 break
             except Exception:

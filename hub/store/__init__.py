@@ -107,7 +107,6 @@ class Store(Protocol):
         """Delete the heartbeats received before `before`; return how many."""
         ...
 
-    async def save_processes(self, states: list[dict[str, Any]]) -> None: ...
     async def load_processes(self, agent_id: str) -> list[dict[str, Any]]: ...
     async def replace_scores(self, states: list[dict[str, Any]]) -> None: ...
     async def list_scores(
@@ -146,6 +145,22 @@ class Store(Protocol):
 
         `notices(alert)`, given each alert with its id, are queued for webhooks in the same
         transaction, and so are `siem_alert(alert)` and `siem_events` for the SIEM.
+        """
+        ...
+
+    async def save_scoring_pass(
+        self,
+        processes: list[dict[str, Any]],
+        alerts: list[dict[str, Any]],
+        notices: Callable[[dict[str, Any]], list[Notice]] | None = None,
+        *,
+        siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        siem_events: list[dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Store what one scoring pass changed, in one transaction: the processes' states, the new
+        alerts (returned with their ids) and what announces them, as `insert_alerts` does.
+
+        A crash cannot keep a process's state (its fired thresholds) and lose the alert it raised.
         """
         ...
 

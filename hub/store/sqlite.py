@@ -373,10 +373,6 @@ class SqliteStore:
 
     # processes and scores ----------------------------------------------------------------
 
-    async def save_processes(self, states: list[dict[str, Any]]) -> None:
-        if states:
-            await self._write(lambda c: _upsert_processes(c, states), len(states))
-
     async def replace_scores(self, states: list[dict[str, Any]]) -> None:
         def replace(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM processes")
@@ -455,38 +451,27 @@ class SqliteStore:
         siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         siem_events: list[dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
-        def insert(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            now = time.time()
-            _queue_siem(conn, "event", siem_events or [], now)
-            stored = []
-            for alert in alerts:
-                cursor = conn.execute(
-                    "INSERT INTO alerts (agent_id, process_key, severity, rule_id, ts, status, body) "
-                    "VALUES (?, ?, ?, ?, ?, ?, '{}')",
-                    (
-                        alert["agent_id"],
-                        alert["process_key"],
-                        alert["severity"],
-                        alert["rule_id"],
-                        alert["ts"],
-                        alert["status"],
-                    ),
-                )
-                full = {**alert, "id": str(cursor.lastrowid)}
-                conn.execute(
-                    "UPDATE alerts SET body = ? WHERE id = ?",
-                    (orjson.dumps(full), cursor.lastrowid),
-                )
-                stored.append(full)
-                if notices is not None:
-                    _enqueue(conn, notices(full), now)
-                if siem_alert is not None:
-                    _queue_siem(conn, "alert", [siem_alert(full)], now)
-            return stored
+        return await self.save_scoring_pass(
+            [], alerts, notices, siem_alert=siem_alert, siem_events=siem_events
+        )
 
-        if not alerts and not siem_events:
+    async def save_scoring_pass(
+        self,
+        processes: list[dict[str, Any]],
+        alerts: list[dict[str, Any]],
+        notices: Callable[[dict[str, Any]], list[Notice]] | None = None,
+        *,
+        siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        siem_events: list[dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        def save(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            _upsert_processes(conn, processes)
+            return _insert_alerts(conn, alerts, notices, siem_alert, siem_events or [])
+
+        if not processes and not alerts and not siem_events:
             return []
-        result: list[dict[str, Any]] = await self._write(insert, len(alerts) + len(siem_events or []))
+        size = len(processes) + len(alerts) + len(siem_events or [])
+        result: list[dict[str, Any]] = await self._write(save, size)
         return result
 
     async def list_alerts(
@@ -1371,6 +1356,33 @@ _SIEM_CLAIM_SQL = (
     "SELECT seq, body, attempts, created_at FROM siem_queue WHERE kind = ? AND next_attempt_at <= ? "
     "AND (lease_until IS NULL OR lease_until <= ?) ORDER BY seq LIMIT ?"
 )
+
+
+def _insert_alerts(
+    conn: sqlite3.Connection,
+    alerts: list[dict[str, Any]],
+    notices: Callable[[dict[str, Any]], list[Notice]] | None,
+    siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None,
+    siem_events: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    now = time.time()
+    _queue_siem(conn, "event", siem_events, now)
+    stored = []
+    for alert in alerts:
+        cursor = conn.execute(
+            "INSERT INTO alerts (agent_id, process_key, severity, rule_id, ts, status, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, '{}')",
+            (alert["agent_id"], alert["process_key"], alert["severity"], alert["rule_id"], alert["ts"],
+             alert["status"]),
+        )  # fmt: skip
+        full = {**alert, "id": str(cursor.lastrowid)}
+        conn.execute("UPDATE alerts SET body = ? WHERE id = ?", (orjson.dumps(full), cursor.lastrowid))
+        stored.append(full)
+        if notices is not None:
+            _enqueue(conn, notices(full), now)
+        if siem_alert is not None:
+            _queue_siem(conn, "alert", [siem_alert(full)], now)
+    return stored
 
 
 def _queue_siem(conn: sqlite3.Connection, kind: str, bodies: list[dict[str, Any]], now: float) -> None:

@@ -58,6 +58,7 @@ from hub.keys import (
     SCORING,
     SESSIONS,
     SETTINGS,
+    SIEM,
     STARTED_AT,
     STORE,
     USERS,
@@ -137,9 +138,11 @@ def create_app(settings: Settings) -> web.Application:
     commands.attach(namespace)
     app[COMMANDS] = commands
     deliverer = Deliverer(settings, store, on_outcome=metrics.count_delivery)
+    siem = SiemForwarder(settings, store)
+    app[SIEM] = siem
     metrics.watch(
         ingestor=ingestor, presence=presence, bus=bus, scoring=scoring, store=store,
-        max_webhooks=settings.webhook_max_subscriptions,
+        siem=siem,
     )  # fmt: skip
     app[METRICS] = metrics
     app[DELIVERER] = deliverer
@@ -227,8 +230,8 @@ async def _webhook_deliveries(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _siem_forwarding(app: web.Application) -> AsyncIterator[None]:
-    forwarder = SiemForwarder(app[SETTINGS], app[STORE])  # checks the SIEM in its task: start-up never waits
-    task = asyncio.create_task(forwarder.run(), name="siem-forwarding")
+    # The forwarder checks the SIEM in its own task: start-up never waits for it.
+    task = asyncio.create_task(app[SIEM].run(), name="siem-forwarding")
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

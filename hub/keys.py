@@ -19,6 +19,7 @@ from hub.presence import Presence
 from hub.push import PushBus
 from hub.scoring import ScoringService
 from hub.sessions import Session, SessionService
+from hub.siem import SiemForwarder
 from hub.store import Store
 from hub.tokens import Principal, RevokedTokens, TokenVerifier
 from hub.users import Users
@@ -39,6 +40,7 @@ SESSIONS = web.AppKey("sessions", SessionService)
 USERS = web.AppKey("users", Users)
 WEBHOOKS = web.AppKey("webhooks", Webhooks)
 DELIVERER = web.AppKey("deliverer", Deliverer)  # sends the webhook outbox
+SIEM = web.AppKey("siem", SiemForwarder)  # forwards alerts and severe events to the SIEM
 STARTED_AT = web.AppKey("started_at", float)
 # Declared by annotation: the API modules that define these types import this module.
 CURSORS: web.AppKey[Cursors] = web.AppKey("cursors")

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from hub.presence import Presence
     from hub.push import PushBus
     from hub.scoring import ScoringService
+    from hub.siem import SiemForwarder
     from hub.store import Store
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,9 @@ class HubMetrics:
             self.deliveries.labels(outcome)
         self.node_id = node_id
         self.outbox = dict.fromkeys(_OUTBOX_STATES, 0)
+        self.siem_queue = 0
         self.listener: web.AppRunner | None = None
         self._store: Store | None = None
-        self._max_webhooks = 0
 
     def watch(
         self,
@@ -106,11 +107,11 @@ class HubMetrics:
         bus: PushBus,
         scoring: ScoringService,
         store: Store,
-        max_webhooks: int,
+        siem: SiemForwarder,
     ) -> None:
         """Read these components' own counters at every scrape."""
-        self._store, self._max_webhooks = store, max_webhooks
-        self.registry.register(_HubCollector(self, ingestor, presence, bus, scoring))
+        self._store = store
+        self.registry.register(_HubCollector(self, ingestor, presence, bus, scoring, siem))
 
     def observe_commit(self, size: int, seconds: float) -> None:
         """Record one group commit of `size` writes."""
@@ -132,24 +133,24 @@ class HubMetrics:
 
     async def response(self, request: web.Request) -> web.Response:
         """Render every metric in the format the scraper asks for (Prometheus text by default)."""
-        await self._refresh_outbox()
+        await self._refresh_queues()
         encode, content_type = choose_encoder(request.headers.get("Accept", ""))
         response = web.Response(body=encode(self.registry))
         response.headers["Content-Type"] = content_type  # aiohttp refuses `;` in content_type
         return response
 
-    async def _refresh_outbox(self) -> None:
-        # The outbox lives in the store; a scrape is rare enough to ask it each time.
+    async def _refresh_queues(self) -> None:
+        # The queues live in the store (every node's); a scrape is rare enough to ask it each time.
         if self._store is None:
             return
         try:
-            page = await self._store.list_webhooks(after=None, limit=self._max_webhooks)
-            summaries = await self._store.delivery_summaries([hook["id"] for hook in page.items])
+            counts = await self._store.count_deliveries()
+            self.siem_queue = await self._store.siem_queue_depth()
         except Exception as exc:  # the last values stand; the scrape still answers
-            log.warning("could not count the webhook outbox: %s", exc)
+            log.warning("could not count the webhook and SIEM queues: %s", exc)
             return
         for state in _OUTBOX_STATES:
-            self.outbox[state] = sum(summary[state] or 0 for summary in summaries.values())
+            self.outbox[state] = counts[state]
 
     async def listen(self, host: str, port: int) -> None:
         """Serve `/metrics` alone over plain HTTP on `host:port` (HUB_METRICS_LISTEN)."""
@@ -178,8 +179,10 @@ class _HubCollector(Collector):
         presence: Presence,
         bus: PushBus,
         scoring: ScoringService,
+        siem: SiemForwarder,
     ) -> None:
         self._metrics = metrics
+        self._siem = siem
         self._ingestor = ingestor
         self._presence = presence
         self._bus = bus
@@ -232,6 +235,13 @@ class _HubCollector(Collector):
         for state, count in self._metrics.outbox.items():
             outbox.add_metric([state], count)
         yield outbox
+        yield GaugeMetricFamily(
+            "hub_siem_queue_rows", "Alerts and events waiting for the SIEM", value=self._metrics.siem_queue
+        )
+        yield CounterMetricFamily(
+            "hub_siem_dropped_events", "Events dropped from a full SIEM queue (alerts never are)",
+            value=self._siem.dropped,
+        )  # fmt: skip
 
 
 # HTTP --------------------------------------------------------------------------------------

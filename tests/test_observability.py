@@ -86,6 +86,8 @@ async def test_event_counters_equal_what_the_agent_sent(
     assert value(samples, "hub_info", version="0.1.0", node=hub.settings.node_id) == 1
     assert value(samples, "hub_push_subscribers") == 0
     assert value(samples, "hub_webhook_outbox_deliveries", state="pending") == 0
+    assert value(samples, "hub_siem_queue_rows") == 0  # no SIEM configured: nothing is queued
+    assert value(samples, "hub_siem_dropped_events_total") == 0
 
     await agent.close()
     await hub.settle()

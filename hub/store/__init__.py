@@ -342,6 +342,10 @@ class Store(Protocol):
         """End every lease `node` holds (it is starting or stopping: nothing of it is in flight)."""
         ...
 
+    async def count_deliveries(self) -> dict[str, int]:
+        """How many deliveries are in each state (pending, delivered, dead), over every subscription."""
+        ...
+
     async def prune_deliveries(self, before: float) -> int:
         """Delete delivered and dead deliveries made before `before`; return how many."""
         ...

@@ -885,6 +885,11 @@ class SqliteStore:
         )
         return released
 
+    async def count_deliveries(self) -> dict[str, int]:
+        sql = "SELECT state, count(*) FROM webhook_deliveries GROUP BY state"
+        rows = await self._read(lambda c: c.execute(sql).fetchall())
+        return {"pending": 0, "delivered": 0, "dead": 0} | dict(rows)
+
     async def prune_deliveries(self, before: float) -> int:
         sql = "DELETE FROM webhook_deliveries WHERE created_at < ? AND state != 'pending'"
         deleted: int = await self._write(lambda c: c.execute(sql, (before,)).rowcount)

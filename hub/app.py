@@ -8,7 +8,7 @@ import gc
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -18,6 +18,7 @@ import swagger_ui_bundle
 from aiohttp import web
 
 from hub import __version__
+from hub.anomaly import AnomalyDetector, Throttles
 from hub.api import TABLES
 from hub.api.audit import audit_middleware
 from hub.api.auth import auth_middleware
@@ -115,6 +116,7 @@ def create_app(settings: Settings) -> web.Application:
         retry_after_ms=settings.retry_after_ms,
         busy_timeout_s=settings.sqlite_busy_timeout_s,
         on_commit=metrics.observe_commit,
+        agent_groups=settings.agent_groups,  # webhook routing by agent group, applied as notices are queued
     )
     bus = PushBus(
         max_pending=settings.push_max_pending,
@@ -128,8 +130,13 @@ def create_app(settings: Settings) -> web.Application:
         on_lag=metrics.scoring_lag.observe, on_alert=metrics.count_alert,
         siem_min_severity=settings.siem_min_event_severity if settings.siem_endpoint else None,
     )  # fmt: skip
-    ingestor = Ingestor(settings, store, scoring)
     presence = Presence(settings, store, bus.publish)
+    throttles = Throttles(store, burst=settings.max_batch_events)
+    anomalies = AnomalyDetector(
+        settings, store, throttles, bus.publish,
+        connected=lambda agent_id: presence.sid_of(agent_id) is not None, on_alert=metrics.count_alert,
+    )  # fmt: skip
+    ingestor = Ingestor(settings, store, scoring, throttles=throttles, anomalies=anomalies)
     trust = AgentTrust.from_settings(settings, store)
     commands = CommandService(settings, store, bus.publish)
     namespace = AgentNamespace(
@@ -193,6 +200,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_command_expiry)  # after _lifecycle: stopped before the store closes
     app.cleanup_ctx.append(_webhook_deliveries)  # likewise
     app.cleanup_ctx.append(_siem_forwarding)  # likewise
+    app.cleanup_ctx.append(_anomaly_detection(anomalies))  # likewise
     app.on_shutdown.append(_disconnect_agents)
     app.on_shutdown.append(_answer_command_waiters)
     return app
@@ -235,6 +243,19 @@ async def _siem_forwarding(app: web.Application) -> AsyncIterator[None]:
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def _anomaly_detection(
+    anomalies: AnomalyDetector,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        await app[INGESTOR].throttles.load()  # throttles outlive restarts
+        task = asyncio.create_task(anomalies.run(), name="anomaly-detection")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    return run
 
 
 async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:

@@ -165,6 +165,19 @@ class Settings(BaseSettings):
     )
     command_sweep_interval_s: float = Field(1.0, gt=0, description="how often expired commands are swept")
 
+    # alerts and their routing (hub.scoring, hub.notify)
+    alert_suppression_window_s: float = Field(
+        300.0,
+        ge=0,
+        description="a repeat of an unresolved alert (same rule, agent and process lineage) last seen "
+        "this recently folds into it, counted, instead of raising a new one (0: never fold)",
+    )
+    agent_groups: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='agent groups webhooks may route by: group -> agent id globs, e.g. {"web": ["web-*"]} '
+        "(JSON in the env)",
+    )
+
     # webhooks (hub.notify): where deliveries may go
     webhook_allowed_networks: list[IPvAnyNetwork] = Field(
         default_factory=list,
@@ -227,6 +240,39 @@ class Settings(BaseSettings):
         "HIGH", description="events matching a rule of at least this severity are forwarded"
     )
     siem_allow_http: bool = Field(False, description="accept a plain-http SIEM endpoint")
+
+    # anomaly detection (hub.anomaly): each agent's event rate and mix of kinds against its own baseline
+    anomaly_interval_s: float = Field(10.0, gt=0, description="length of the intervals events are counted in")
+    anomaly_span_intervals: int = Field(
+        30, gt=0, description="span of the exponentially weighted baseline, in intervals"
+    )
+    anomaly_warmup_intervals: int = Field(
+        12, ge=1, description="intervals an agent's baseline learns before anything is judged against it"
+    )
+    anomaly_z_threshold: float = Field(
+        6.0, gt=0, description="a burst is this many standard deviations above the baseline mean"
+    )
+    anomaly_min_factor: float = Field(
+        5.0, ge=1, description="a burst is also at least this many times the mean"
+    )
+    anomaly_min_events: int = Field(
+        500, gt=0, description="a burst (or a kind-mix shift) needs at least this many events in its interval"
+    )
+    anomaly_silence_intervals: int = Field(
+        6, gt=0, description="intervals without events, while connected, that make a silence"
+    )
+    anomaly_silence_min_mean: float = Field(
+        20.0,
+        gt=0,
+        description="only agents whose baseline holds this many events an interval fall silent",
+    )
+    anomaly_mix_shift: float = Field(
+        0.5, gt=0, le=1, description="a kind's share of an interval above its baseline share by this much"
+    )
+    anomaly_throttle: bool = Field(False, description="throttle an agent automatically on a burst")
+    anomaly_throttle_events_per_s: float = Field(
+        100.0, gt=0, description="events a second a throttled agent may send until an operator lifts it"
+    )
 
     # logs and metrics (hub.observability)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
 from pydantic import ValidationError
 
+from hub.anomaly import AnomalyDetector, Throttles
 from hub.codec import decode_batch, nested_deeper_than
 from hub.config import Settings
 from hub.limits import TokenBuckets
@@ -26,10 +28,20 @@ _CLOSE_WAIT_S = 10.0  # longest shutdown waits for batches under way
 class Ingestor:
     """Turn an `events` payload into stored events and the ack PROTOCOL.md promises."""
 
-    def __init__(self, settings: Settings, store: Store, scoring: ScoringService) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        scoring: ScoringService,
+        *,
+        throttles: Throttles,
+        anomalies: AnomalyDetector,
+    ) -> None:
         self._settings = settings
         self._store = store
         self._scoring = scoring
+        self.throttles = throttles
+        self._anomalies = anomalies
         self._last_seq: dict[str, int] = {}
         self._quotas = TokenBuckets(rate=settings.agent_max_events_per_s, burst=settings.agent_burst_events)
         # Stored bodies are msgpack: a reused Packer costs a sixth of a per-call orjson.dumps.
@@ -59,6 +71,12 @@ class Ingestor:
             raise Overloaded(self._paused, retry_after_ms=settings.retry_after_ms)
         if self.in_flight + self._scoring.backlog + len(raw) > settings.ingest_max_pending_events:
             raise Overloaded("the hub's ingest queue is full", retry_after_ms=settings.retry_after_ms)
+        throttled = self.throttles.take(agent_id, cost=len(raw))
+        if throttled is not None and not throttled.allowed:  # until an operator lifts it
+            raise Overloaded(
+                f"agent {agent_id} is throttled to {self.throttles.rate_of(agent_id):g} events/s",
+                retry_after_ms=max(1, math.ceil(throttled.retry_after_s * 1000)),
+            )
         quota = self._quotas.take(agent_id, cost=len(raw))
         if not quota.allowed:  # one agent flooding is throttled alone
             raise Overloaded(
@@ -99,6 +117,8 @@ class Ingestor:
         )
         new_events = [event for event in events if event["seq"] in new_seqs]
         self._scoring.submit(agent_id, new_events)
+        if new_events:
+            self._anomalies.record(agent_id, Counter(event["kind"] for event in new_events))
         # Another batch of this agent may have committed meanwhile: never move backwards.
         last = max([self._last_seq[agent_id], *(event["seq"] for event in events)])
         self._last_seq[agent_id] = last

@@ -4,8 +4,10 @@ Every body carries `event_type`, `timestamp` (when it happened, Unix seconds), a
 `process_id`, `risk_score` and `threshold` (null for events about no process), then the
 fields of its type; the store adds each delivery's `delivery_id`. An alert is announced
 once as `alert_raised`, and once more as `risk_threshold_crossed` when a risk threshold
-raised it. Notices are written to the outbox in the transaction that stores what they
-announce, so a committed alert is never left unannounced.
+raised it; a repeat folded into an open alert (`hub.scoring`) is not announced again. Which
+subscriptions get a notice is the store's routing (`hub.store.Notice.routed`). Notices are
+written to the outbox in the transaction that stores what they announce, so a committed alert
+is never left unannounced.
 
 The SIEM (`hub.siem`) is told every alert as stored, and every event that matched a rule of
 `siem_min_event_severity` or above, with the rules it matched; its rows are written the same way.
@@ -52,9 +54,13 @@ def alert_notices(alert: dict[str, Any]) -> list[Notice]:
         "rule_id": alert["rule_id"],
         "title": alert["title"],
         "mitre": alert["mitre"],
+        "tags": alert["tags"],
+        "fingerprint": alert["fingerprint"],
     }
     types = ["alert_raised"] + (["risk_threshold_crossed"] if alert["threshold"] is not None else [])
-    return [Notice(kind, {"event_type": kind, **body}, alert["severity"]) for kind in types]
+    route = {"severity": alert["severity"], "agent_id": alert["agent_id"], "rule_id": alert["rule_id"],
+             "tags": tuple(alert["tags"])}  # fmt: skip
+    return [Notice(kind, {"event_type": kind, **body}, **route) for kind in types]
 
 
 def presence_notices(agent_id: str, status: str, reason: str, now: float) -> list[Notice]:
@@ -63,7 +69,7 @@ def presence_notices(agent_id: str, status: str, reason: str, now: float) -> lis
         return []
     kind = f"agent_{status}"
     return [Notice(kind, {"event_type": kind, "timestamp": now, **_NO_PROCESS, "agent_id": agent_id,
-                          "reason": reason})]  # fmt: skip
+                          "reason": reason}, agent_id=agent_id)]  # fmt: skip
 
 
 def revocation_notice(record: dict[str, Any], reason: str, now: float) -> Notice:
@@ -72,6 +78,7 @@ def revocation_notice(record: dict[str, Any], reason: str, now: float) -> Notice
         "certificate_revoked",
         {"event_type": "certificate_revoked", "timestamp": now, **_NO_PROCESS, **_certificate(record),
          "reason": reason},
+        agent_id=record["agent_id"],
     )  # fmt: skip
 
 
@@ -79,7 +86,7 @@ def expiring_notice(record: dict[str, Any], now: float) -> Notice:
     """Announce that an agent certificate expires soon."""
     body = {"event_type": "certificate_expiring", "timestamp": now, **_NO_PROCESS, **_certificate(record),
             "expires_in_s": round(record["not_after"] - now, 3)}  # fmt: skip
-    return Notice("certificate_expiring", body)
+    return Notice("certificate_expiring", body, agent_id=record["agent_id"])
 
 
 def ping_notice(webhook_id: str, now: float) -> Notice:

@@ -11,6 +11,10 @@ A subscription (GitHub's repository hooks and Stripe's webhook endpoints are the
   Per-process `score` updates, which the dashboards get, are not offered: under load they come
   many times a second, and a score crossing a threshold is what a receiver acts on.
 - `min_severity`: only alerts at least this severe; it filters the alert types, so it needs one.
+- Routes, each optional, null for none: `rule_ids`, `tags` (any of them), `severities` (alert
+  filters, so they need an alert type too) and `agent_groups` (groups of `HUB_AGENT_GROUPS`, whose
+  agent id globs must match the alert's or the presence or certificate event's agent). A notice
+  reaches a subscription only if every filter it has matches; they are stored as `routes`.
 - `enabled`: a disabled subscription keeps its settings and receives nothing.
 - `secret`: made by the hub and shown only in the answers that make it (creation, rotation);
   every delivery carries an HMAC-SHA256 of its body with it. A rotation may let the replaced
@@ -319,6 +323,10 @@ class WebhookView(TypedDict):
     description: str | None
     event_types: list[EventType]
     min_severity: Severity | None
+    rule_ids: list[str] | None
+    tags: list[str] | None
+    severities: list[Severity] | None
+    agent_groups: list[str] | None
     enabled: bool
     previous_secret_expires_at: float | None  # until then the replaced secret signs too
     created_at: float
@@ -341,6 +349,10 @@ def webhook_view(record: Mapping[str, Any], deliveries: DeliverySummary = _NO_DE
         description=record["description"],
         event_types=record["event_types"],
         min_severity=record["min_severity"],
+        rule_ids=record["routes"].get("rule_ids"),
+        tags=record["routes"].get("tags"),
+        severities=record["routes"].get("severities"),
+        agent_groups=record["routes"].get("agent_groups"),
         enabled=record["enabled"],
         previous_secret_expires_at=record["previous_secret_expires_at"],
         created_at=record["created_at"],
@@ -361,12 +373,28 @@ def _invalid(field: str, message: str) -> InvalidInput:
     )
 
 
-def _check_filters(record: Mapping[str, Any]) -> None:
-    if record["min_severity"] is not None and not ALERT_TYPES & set(record["event_types"]):
+ROUTE_FIELDS = ("rule_ids", "tags", "severities", "agent_groups")
+_ALERT_FILTERS = ("min_severity", "rule_ids", "tags", "severities")
+
+
+def _routes(current: Mapping[str, list[str]], changes: Mapping[str, Any]) -> dict[str, list[str]]:
+    # Only the filters given change; null clears one. The stored object keeps only those set.
+    routes = {**current, **{name: changes[name] for name in ROUTE_FIELDS if name in changes}}
+    return {name: value for name, value in routes.items() if value is not None}
+
+
+def _check_filters(record: Mapping[str, Any], agent_groups: Mapping[str, list[str]]) -> None:
+    filters = {"min_severity": record["min_severity"], **record["routes"]}
+    alert_filter = next((name for name in _ALERT_FILTERS if filters.get(name) is not None), None)
+    if alert_filter is not None and not ALERT_TYPES & set(record["event_types"]):
         raise _invalid(
-            "min_severity",
+            alert_filter,
             "filters alerts only: add alert_raised or risk_threshold_crossed to event_types or leave it out",
         )
+    unknown = sorted(set(record["routes"].get("agent_groups", ())) - set(agent_groups))
+    if unknown:
+        known = ", ".join(sorted(agent_groups)) or "none"
+        raise _invalid("agent_groups", f"no agent group {', '.join(unknown)} (HUB_AGENT_GROUPS has {known})")
 
 
 class Webhooks:
@@ -378,6 +406,7 @@ class Webhooks:
         self._policy = DestinationPolicy.from_settings(settings)
         self._max_count = settings.webhook_max_subscriptions
         self._max_overlap_s = settings.webhook_max_secret_overlap_s
+        self._agent_groups = settings.agent_groups
 
     async def create(
         self,
@@ -385,6 +414,7 @@ class Webhooks:
         url: str,
         event_types: list[EventType],
         min_severity: Severity | None,
+        routes: Mapping[str, list[str] | None],
         description: str | None,
         enabled: bool,
         created_by: str,
@@ -398,6 +428,7 @@ class Webhooks:
             "description": description,
             "event_types": event_types,
             "min_severity": min_severity,
+            "routes": _routes({}, routes),
             "enabled": enabled,
             "secret": "whsec_" + secrets.token_urlsafe(32),
             "previous_secret": None,
@@ -406,7 +437,7 @@ class Webhooks:
             "updated_at": now,
             "created_by": created_by,
         }
-        _check_filters(record)
+        _check_filters(record, self._agent_groups)
         if not await self._store.insert_webhook(record, max_count=self._max_count):
             raise Conflict(
                 f"the hub keeps at most {self._max_count} webhook subscriptions "
@@ -434,8 +465,12 @@ class Webhooks:
         now = time.time()
 
         def change(current: dict[str, Any]) -> dict[str, Any]:
-            _check_filters({**current, **changes})  # against the stored state, in the same transaction
-            return {**changes, "updated_at": now}
+            columns = {name: value for name, value in changes.items() if name not in ROUTE_FIELDS}
+            if any(name in changes for name in ROUTE_FIELDS):
+                columns["routes"] = _routes(current["routes"], changes)
+            # Against the stored state, in the same transaction.
+            _check_filters({**current, **columns}, self._agent_groups)
+            return {**columns, "updated_at": now}
 
         return await self._view(await self._change(webhook_id, change))
 

@@ -9,6 +9,7 @@ processes, stores alerts and publishes both to dashboards.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -16,6 +17,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from hub.config import Settings
 from hub.models import SEVERITY_ORDER, Contribution, Event, ScoreView, score_view
@@ -38,6 +41,7 @@ class RiskParams:
     hysteresis: float
     explanation_top: int
     max_processes: int = 50_000
+    suppression_window_s: float = 0.0  # repeats of an unresolved alert seen this recently fold into it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RiskParams:
@@ -49,6 +53,7 @@ class RiskParams:
             hysteresis=settings.risk_hysteresis,
             explanation_top=settings.explanation_top,
             max_processes=settings.max_processes_per_agent,
+            suppression_window_s=settings.alert_suppression_window_s,
         )
 
 
@@ -316,15 +321,18 @@ class RiskEngine:
         """Render an alert as it stands when raised: the score and explanation of that moment."""
         explanation = self.explain(process)
         if rule is not None:
-            severity, rule_id, mitre = rule.severity, rule.id, rule.mitre
+            severity, rule_id, mitre, tags = rule.severity, rule.id, rule.mitre, sorted(rule.tags)
             title = f"{rule.name} ({process.exe or process.comm or f'pid {process.pid}'})"
         else:
             assert threshold is not None
             severity = "CRITICAL" if threshold >= max(self.params.thresholds) else "HIGH"
             rule_id = f"risk-threshold-{threshold:g}"
             mitre = sorted({m for line in explanation for m in line["mitre"]})
+            tags = sorted({tag for line in explanation for tag in self._tags(line["rule_id"])})
             title = f"Risk of {process.process_id} crossed {threshold:g} ({process.risk_score:.1f})"
         return {
+            "fingerprint": self._fingerprint(process, rule_id),
+            "tags": tags,
             "agent_id": process.agent_id,
             "pid": process.pid,
             "process_id": process.process_id,
@@ -339,6 +347,22 @@ class RiskEngine:
             "status": "open",
             "explanation": explanation,
         }
+
+    def _tags(self, rule_id: str) -> tuple[str, ...]:
+        rule = self.rules.get(rule_id)
+        return rule.tags if rule is not None else ()
+
+    def _fingerprint(self, process: ProcessRisk, rule_id: str) -> str:
+        # The lineage is what ran, not which pid: the same chain replayed in new processes
+        # (a web shell hit again) repeats one alert instead of raising a new one.
+        parent = self._live.get(process.agent_id, {}).get(process.ppid) if process.ppid is not None else None
+        lineage = (process.exe or process.comm, (parent.exe or parent.comm) if parent else None)
+        return alert_fingerprint(rule_id, process.agent_id, lineage)
+
+
+def alert_fingerprint(rule_id: str, agent_id: str, lineage: tuple[str | None, ...] = ()) -> str:
+    """Name what an alert is about, so its repeats fold into it: the rule, the agent, what ran."""
+    return hashlib.sha256(orjson.dumps([rule_id, agent_id, *lineage])).hexdigest()
 
 
 def _evict_one(table: dict[int, ProcessRisk]) -> None:
@@ -374,7 +398,7 @@ class ScoringService:
         self._publish = publish
         self._max_backlog = max_backlog
         self._on_lag = on_lag  # told each batch's seconds from hand-over to scoring
-        self._on_alert = on_alert  # told each stored alert's severity
+        self._on_alert = on_alert  # told each new stored alert's severity (not the repeats folded)
         self._queue: deque[tuple[str, list[Event], float]] = deque()
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
@@ -486,6 +510,7 @@ class ScoringService:
                 stored_alerts = await self._store.save_scoring_pass(
                     records, alerts, alert_notices,
                     siem_alert=None if self._siem_min_severity is None else siem_alert, siem_events=forwarded,
+                    suppression_window_s=self.engine.params.suppression_window_s,
                 )  # fmt: skip
                 break
             except Exception:
@@ -494,9 +519,9 @@ class ScoringService:
         for record in records:
             self._publish("score", record["process_key"], dict(score_view(record)))
         for alert in stored_alerts:
-            if self._on_alert is not None:
+            if self._on_alert is not None and alert["count"] == 1:  # a repeat folded is no new alert
                 self._on_alert(alert["severity"])
-            self._publish("alert", alert["id"], alert)
+            self._publish("alert", alert["id"], alert)  # a fold: the alert it repeats, updated
 
 
 async def recalculate(

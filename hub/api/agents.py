@@ -7,14 +7,14 @@ import time
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
 
 from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.params import AgentPath
 from hub.api.spec import ApiRoutes
 from hub.api.views import AgentView, HeartbeatPoint
-from hub.keys import STORE
+from hub.keys import INGESTOR, PRINCIPAL, SETTINGS, STORE
 from hub.problems import NotFound
 
 api = ApiRoutes("agents")
@@ -97,3 +97,72 @@ async def delete_signing_secret(request: web.Request, *, path: AgentPath) -> Non
     """Withdraw an agent's signing secret: its signed posts are refused from now on."""
     if not await request.app[STORE].set_agent_secret(path.agent_id, None):
         raise NotFound(f"agent {path.agent_id!r} has no signing secret")
+
+
+class Throttle(TypedDict):
+    """Whether an agent's events are held to a low rate; the other fields are null when not."""
+
+    agent_id: str
+    throttled: bool
+    events_per_s: float | None
+    reason: str | None
+    throttled_at: float | None
+    throttled_by: str | None  # an operator, or "anomaly-detector" on an anomalous burst
+
+
+class ThrottleBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events_per_s: float | None = Field(
+        None,
+        gt=0,
+        le=1e9,
+        description="events a second it may send; default anomaly_throttle_events_per_s",
+    )
+    reason: str = Field("", max_length=500, description="why, for the next person who looks")
+
+
+def _throttle_view(agent_id: str, record: dict[str, Any] | None) -> Throttle:
+    if record is None:
+        return Throttle(agent_id=agent_id, throttled=False, events_per_s=None, reason=None,
+                        throttled_at=None, throttled_by=None)  # fmt: skip
+    return Throttle(
+        agent_id=agent_id,
+        throttled=True,
+        events_per_s=record["events_per_s"],
+        reason=record["reason"],
+        throttled_at=record["throttled_at"],
+        throttled_by=record["throttled_by"],
+    )
+
+
+@api.get("/api/v1/agents/{agent_id}/throttle", scope="hub:read", path_params=AgentPath, response=Throttle)
+async def get_throttle(request: web.Request, *, path: AgentPath) -> Throttle:
+    """Say whether an agent's events are throttled, since when, by whom and why."""
+    return _throttle_view(path.agent_id, await request.app[STORE].get_throttle(path.agent_id))
+
+
+@api.post(
+    "/api/v1/agents/{agent_id}/throttle",
+    scope="hub:admin",
+    path_params=AgentPath,
+    body=ThrottleBody,
+    response=Throttle,
+)
+async def throttle_agent(request: web.Request, *, path: AgentPath, body: ThrottleBody) -> Throttle:
+    """Throttle an agent's events (or change its rate) until an operator lifts it.
+
+    Batches over the rate are answered `overloaded`; the agent keeps them and retries.
+    """
+    rate = body.events_per_s or request.app[SETTINGS].anomaly_throttle_events_per_s
+    record = await request.app[INGESTOR].throttles.throttle(
+        path.agent_id, events_per_s=rate, reason=body.reason, by=request[PRINCIPAL].subject
+    )
+    return _throttle_view(path.agent_id, record)
+
+
+@api.delete("/api/v1/agents/{agent_id}/throttle", scope="hub:admin", path_params=AgentPath, status=204)
+async def lift_throttle(request: web.Request, *, path: AgentPath) -> None:
+    """Lift an agent's throttle: its batches are taken at its usual quota again."""
+    if not await request.app[INGESTOR].throttles.lift(path.agent_id):
+        raise NotFound(f"agent {path.agent_id!r} is not throttled")

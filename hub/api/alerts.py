@@ -22,6 +22,11 @@ class AlertQuery(PageQuery):
     agent_id: str | None = Field(None, pattern=AGENT_ID_PATTERN)
     severity: Severity | None = None
     status: AlertStatus | None = None
+    fingerprint: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="only this alert's repeats: rule, agent and process lineage",
+    )
 
 
 class AlertPath(BaseModel):
@@ -36,10 +41,14 @@ class AlertChange(BaseModel):
 
 @api.get("/api/v1/alerts", scope="hub:read", query=AlertQuery, response=PageOf[AlertView])
 async def list_alerts(request: web.Request, *, query: AlertQuery) -> dict[str, Any]:
-    """List alerts, newest first."""
+    """List alerts, newest first.
+
+    A repeat of an unresolved alert (same `fingerprint`) seen within HUB_ALERT_SUPPRESSION_WINDOW_S
+    of it is not listed apart: it counts in that alert's `count` and moves its `last_seen_at`.
+    """
     return await paginate(
         request, query, request.app[STORE].list_alerts,
-        agent_id=query.agent_id, severity=query.severity, status=query.status,
+        agent_id=query.agent_id, severity=query.severity, status=query.status, fingerprint=query.fingerprint,
     )  # fmt: skip
 
 

@@ -79,6 +79,10 @@ class AlertView(TypedDict):
     ts: float
     status: AlertStatus
     explanation: list[Contribution]
+    tags: list[str]  # the rule's tags; for a risk threshold, those of the rules explaining it
+    fingerprint: str | None  # sha256 of rule, agent and process lineage; null on alerts from before it
+    count: int  # times raised: repeats within the suppression window fold into the first
+    last_seen_at: float  # the latest repeat's event time (`ts` is the first's)
     acknowledged_by: NotRequired[str]
     acknowledged_at: NotRequired[float]
     resolved_by: NotRequired[str]

@@ -7,7 +7,7 @@ secrets work are `hub.notify`'s rules; this module only translates HTTP to `Webh
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
 from pydantic import MISSING, AfterValidator, BaseModel, ConfigDict, Field, StrictBool
@@ -19,6 +19,7 @@ from hub.models import Severity
 from hub.notices import EventType
 from hub.notify import (
     DELIVERY_ID_PATTERN,
+    ROUTE_FIELDS,
     WEBHOOK_ID_PATTERN,
     DeliveryState,
     DeliveryView,
@@ -26,12 +27,16 @@ from hub.notify import (
     WebhookView,
     WebhookWithSecret,
 )
+from hub.rules import RULE_ID_PATTERN
 
 api = ApiRoutes("webhooks")
 
 
-def _sorted_unique(event_types: list[EventType]) -> list[EventType]:
-    return sorted(set(event_types))
+_Name = TypeVar("_Name", bound=str)
+
+
+def _sorted_unique(values: list[_Name]) -> list[_Name]:
+    return sorted(set(values))
 
 
 WebhookUrl = Annotated[
@@ -55,6 +60,35 @@ MinSeverity = Annotated[
     Severity,
     Field(description="only alerts at least this severe (needs alert_raised or risk_threshold_crossed)"),
 ]
+Name = Annotated[str, Field(min_length=1, max_length=64)]
+RuleIds = Annotated[
+    list[Annotated[str, Field(pattern=f"^{RULE_ID_PATTERN.pattern}$")]],
+    Field(
+        min_length=1,
+        max_length=100,
+        description="only alerts of these rules (risk-threshold-80 and the like too)",
+    ),
+    AfterValidator(_sorted_unique),
+]
+Tags = Annotated[
+    list[Name],
+    Field(min_length=1, max_length=100, description="only alerts carrying at least one of these rule tags"),
+    AfterValidator(_sorted_unique),
+]
+Severities = Annotated[
+    list[Severity],
+    Field(min_length=1, description="only alerts of these severities"),
+    AfterValidator(_sorted_unique),
+]
+AgentGroups = Annotated[
+    list[Name],
+    Field(
+        min_length=1,
+        max_length=100,
+        description="only alerts, presence and certificate events of agents in these HUB_AGENT_GROUPS",
+    ),
+    AfterValidator(_sorted_unique),
+]
 Description = Annotated[str, Field(max_length=500, description="what it is for, for the next person")]
 Enabled = Annotated[StrictBool, Field(description="false keeps the subscription but delivers nothing")]
 
@@ -65,18 +99,26 @@ class CreateWebhook(BaseModel):
     url: WebhookUrl
     event_types: EventTypes
     min_severity: MinSeverity | None = None
+    rule_ids: RuleIds | None = None
+    tags: Tags | None = None
+    severities: Severities | None = None
+    agent_groups: AgentGroups | None = None
     description: Description | None = None
     enabled: Enabled = True
 
 
 class UpdateWebhook(BaseModel):
-    """Only the fields present change; null clears `min_severity` and `description`."""
+    """Only the fields present change; null clears an optional one (a filter, `description`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     url: WebhookUrl | MISSING = MISSING
     event_types: EventTypes | MISSING = MISSING
     min_severity: MinSeverity | MISSING | None = MISSING
+    rule_ids: RuleIds | MISSING | None = MISSING
+    tags: Tags | MISSING | None = MISSING
+    severities: Severities | MISSING | None = MISSING
+    agent_groups: AgentGroups | MISSING | None = MISSING
     description: Description | MISSING | None = MISSING
     enabled: Enabled | MISSING = MISSING
 
@@ -122,11 +164,14 @@ async def create_webhook(request: web.Request, *, body: CreateWebhook) -> web.Re
     The URL must use https (http only when the hub allows it), carry no user name or password,
     and lead only to public addresses: an IP literal, or a name every address of which is
     public, unless HUB_WEBHOOK_ALLOWED_NETWORKS allows it. A refused URL is a 422 saying why.
+    Routes (`rule_ids`, `tags`, `severities`, `agent_groups`) narrow what it receives: every
+    filter given must match.
     """
     webhook = await _webhooks(request).create(
         url=body.url,
         event_types=body.event_types,
         min_severity=body.min_severity,
+        routes={name: getattr(body, name) for name in ROUTE_FIELDS},
         description=body.description,
         enabled=body.enabled,
         created_by=request[PRINCIPAL].subject,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from hub.models import Event
@@ -23,13 +24,31 @@ class EventBatch:
 class Notice:
     """Something webhooks may be told: every enabled subscription to `event_type` gets a delivery.
 
-    `severity` (alerts only) is checked against a subscription's `min_severity`; `body` is the
-    JSON object sent, to which each delivery adds its own `delivery_id`.
+    `body` is the JSON object sent, to which each delivery adds its own `delivery_id`. The rest
+    routes it: `severity`, `rule_id` and `tags` (alerts only) are checked against a subscription's
+    `min_severity`, `severities`, `rule_ids` and `tags`; `agent_id` against its `agent_groups`.
     """
 
     event_type: str
     body: dict[str, Any]
     severity: str | None = None
+    agent_id: str | None = None
+    rule_id: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def routed(self, routes: Mapping[str, list[str]], agent_groups: Mapping[str, list[str]]) -> bool:
+        """Say whether a subscription with these `routes` receives it; every filter given must match."""
+        if self.severity is not None:  # the alert filters pass what is not an alert
+            if (rule_ids := routes.get("rule_ids")) and self.rule_id not in rule_ids:
+                return False
+            if (severities := routes.get("severities")) and self.severity not in severities:
+                return False
+            if (tags := routes.get("tags")) and not set(tags) & set(self.tags):
+                return False
+        if groups := routes.get("agent_groups"):
+            patterns = [pattern for group in groups for pattern in agent_groups.get(group, ())]
+            return self.agent_id is not None and any(fnmatchcase(self.agent_id, p) for p in patterns)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +159,16 @@ class Store(Protocol):
         *,
         siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         siem_events: list[dict[str, Any]] | None = None,
+        suppression_window_s: float = 0.0,
     ) -> list[dict[str, Any]]:
         """Store new alerts; return them with their ids.
 
-        `notices(alert)`, given each alert with its id, are queued for webhooks in the same
-        transaction, and so are `siem_alert(alert)` and `siem_events` for the SIEM.
+        An alert whose `fingerprint` matches an unresolved alert last seen (event time) within
+        `suppression_window_s` folds into it: that alert's `count`, `last_seen_at` and
+        `risk_score` move on, and it is returned in the new one's place (its `count` above 1).
+        `notices(alert)`, given each new alert with its id, are queued for webhooks in the same
+        transaction, and so are `siem_alert(alert)` and `siem_events` for the SIEM; a fold
+        announces nothing.
         """
         ...
 
@@ -156,6 +180,7 @@ class Store(Protocol):
         *,
         siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         siem_events: list[dict[str, Any]] | None = None,
+        suppression_window_s: float = 0.0,
     ) -> list[dict[str, Any]]:
         """Store what one scoring pass changed, in one transaction: the processes' states, the new
         alerts (returned with their ids) and what announces them, as `insert_alerts` does.
@@ -170,6 +195,7 @@ class Store(Protocol):
         agent_id: str | None,
         severity: str | None,
         status: str | None = None,
+        fingerprint: str | None = None,
         after: list[Any] | None,
         limit: int,
     ) -> Page: ...
@@ -445,4 +471,19 @@ class Store(Protocol):
 
     async def trim_siem_queue(self, max_rows: int) -> int:
         """Delete the oldest events (never alerts) beyond `max_rows` rows in all; return how many."""
+        ...
+
+    # agent throttles
+
+    async def set_throttle(self, record: dict[str, Any], *, replace: bool) -> dict[str, Any]:
+        """Throttle `record["agent_id"]`, keeping one in force unless `replace`; return the one in force."""
+        ...
+
+    async def get_throttle(self, agent_id: str) -> dict[str, Any] | None: ...
+    async def list_throttles(self) -> list[dict[str, Any]]:
+        """Every throttle in force, by agent id."""
+        ...
+
+    async def delete_throttle(self, agent_id: str) -> bool:
+        """Lift an agent's throttle; say whether there was one."""
         ...

@@ -19,7 +19,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -88,6 +88,7 @@ class SqliteStore:
         retry_after_ms: int = 1000,
         busy_timeout_s: float = 30.0,
         on_commit: Callable[[int, float], None] | None = None,
+        agent_groups: Mapping[str, list[str]] | None = None,
     ):
         self._path = path
         self._on_commit = on_commit  # told each group commit's size (writes) and seconds
@@ -103,6 +104,8 @@ class SqliteStore:
         self._writer_task: asyncio.Task[None] | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
+        # Group -> agent id globs: webhook subscriptions filtered by group receive their agents' notices.
+        self._agent_groups: Mapping[str, list[str]] = dict(agent_groups or {})
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -312,7 +315,7 @@ class SqliteStore:
                     _INSERT_HEARTBEAT_SQL,
                     [agent_id, fields["last_seen"], *(beat.get(name) for name in _HEARTBEAT_COLUMNS)],
                 )
-            _enqueue(conn, notices or [], time.time())
+            _enqueue(conn, notices or [], time.time(), self._agent_groups)
 
         await self._write(save)
 
@@ -450,10 +453,12 @@ class SqliteStore:
         *,
         siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         siem_events: list[dict[str, Any]] | None = None,
+        suppression_window_s: float = 0.0,
     ) -> list[dict[str, Any]]:
         return await self.save_scoring_pass(
-            [], alerts, notices, siem_alert=siem_alert, siem_events=siem_events
-        )
+            [], alerts, notices, siem_alert=siem_alert, siem_events=siem_events,
+            suppression_window_s=suppression_window_s,
+        )  # fmt: skip
 
     async def save_scoring_pass(
         self,
@@ -463,10 +468,14 @@ class SqliteStore:
         *,
         siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         siem_events: list[dict[str, Any]] | None = None,
+        suppression_window_s: float = 0.0,
     ) -> list[dict[str, Any]]:
+        announce = _Announce(notices, siem_alert, self._agent_groups)
+
         def save(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             _upsert_processes(conn, processes)
-            return _insert_alerts(conn, alerts, notices, siem_alert, siem_events or [])
+            _queue_siem(conn, "event", siem_events or [], time.time())
+            return [_insert_alert(conn, alert, announce, suppression_window_s) for alert in alerts]
 
         if not processes and not alerts and not siem_events:
             return []
@@ -480,12 +489,19 @@ class SqliteStore:
         agent_id: str | None,
         severity: str | None,
         status: str | None = None,
+        fingerprint: str | None = None,
         after: list[Any] | None,
         limit: int,
     ) -> Page:
         sql = "SELECT body FROM alerts WHERE id < ?"
         params: list[Any] = [int(after[0]) if after else 2**62]
-        for column, value in (("agent_id", agent_id), ("severity", severity), ("status", status)):
+        filters = (
+            ("agent_id", agent_id),
+            ("severity", severity),
+            ("status", status),
+            ("fingerprint", fingerprint),
+        )
+        for column, value in filters:
             if value:
                 sql += f" AND {column} = ?"
                 params.append(value)
@@ -701,7 +717,7 @@ class SqliteStore:
                     "UPDATE certificates SET expiry_notified_at = ? WHERE fingerprint = ?",
                     (now, record["fingerprint"]),
                 )
-                _enqueue(conn, [notice(record)], now)
+                _enqueue(conn, [notice(record)], now, self._agent_groups)
             return len(due)
 
         count: int = await self._write(notify)
@@ -1074,7 +1090,7 @@ class SqliteStore:
             )
             if cursor.rowcount != 1:
                 return False
-            _enqueue(conn, notices or [], now)
+            _enqueue(conn, notices or [], now, self._agent_groups)
             return True
 
         new: bool = await self._write(revoke)
@@ -1148,7 +1164,41 @@ class SqliteStore:
         dropped: int = await self._write(trim)
         return dropped
 
+    # agent throttles ---------------------------------------------------------------------
 
+    async def set_throttle(self, record: dict[str, Any], *, replace: bool) -> dict[str, Any]:
+        def save(conn: sqlite3.Connection) -> dict[str, Any]:
+            conn.execute(_REPLACE_THROTTLE_SQL if replace else _KEEP_THROTTLE_SQL, record)
+            return _rows(conn, "SELECT * FROM agent_throttles WHERE agent_id = ?", [record["agent_id"]])[0]
+
+        stored: dict[str, Any] = await self._write(save)
+        return stored
+
+    async def get_throttle(self, agent_id: str) -> dict[str, Any] | None:
+        sql = "SELECT * FROM agent_throttles WHERE agent_id = ?"
+        rows = await self._read(lambda c: _rows(c, sql, [agent_id]))
+        return rows[0] if rows else None
+
+    async def list_throttles(self) -> list[dict[str, Any]]:
+        return await self._read(lambda c: _rows(c, "SELECT * FROM agent_throttles ORDER BY agent_id", []))
+
+    async def delete_throttle(self, agent_id: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM agent_throttles WHERE agent_id = ?", (agent_id,)).rowcount > 0
+
+        deleted: bool = await self._write(delete)
+        return deleted
+
+
+_KEEP_THROTTLE_SQL = (
+    "INSERT INTO agent_throttles (agent_id, events_per_s, reason, throttled_at, throttled_by) "
+    "VALUES (:agent_id, :events_per_s, :reason, :throttled_at, :throttled_by) "
+    "ON CONFLICT (agent_id) DO NOTHING"
+)
+_REPLACE_THROTTLE_SQL = _KEEP_THROTTLE_SQL.removesuffix("NOTHING") + (
+    "UPDATE SET events_per_s = excluded.events_per_s, reason = excluded.reason, "
+    "throttled_at = excluded.throttled_at, throttled_by = excluded.throttled_by"
+)
 _ROWS_PER_INSERT = 4000  # 7 parameters a row; SQLite allows 32,766 per statement
 
 
@@ -1292,20 +1342,22 @@ def _command_view(row: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-_WEBHOOK_COLUMNS = ("id", "url", "description", "event_types", "min_severity", "enabled", "secret",
-                    "previous_secret", "previous_secret_expires_at", "created_at", "updated_at",
+_WEBHOOK_COLUMNS = ("id", "url", "description", "event_types", "min_severity", "routes", "enabled",
+                    "secret", "previous_secret", "previous_secret_expires_at", "created_at", "updated_at",
                     "created_by")  # fmt: skip
+_WEBHOOK_JSON = frozenset({"event_types", "routes"})
 
 
 def _webhook_value(name: str, value: Any) -> Any:
-    if name == "event_types":
+    if name in _WEBHOOK_JSON:
         return orjson.dumps(value).decode()
     return int(value) if name == "enabled" else value
 
 
 def _webhook_record(row: dict[str, Any]) -> dict[str, Any]:
     record = {name: row[name] for name in _WEBHOOK_COLUMNS}  # `seq` is the store's own sort key
-    record["event_types"] = orjson.loads(record["event_types"])
+    for name in _WEBHOOK_JSON:
+        record[name] = orjson.loads(record[name])
     record["enabled"] = bool(record["enabled"])
     return record
 
@@ -1345,15 +1397,21 @@ def _insert_delivery(conn: sqlite3.Connection, webhook_id: str, notice: Notice, 
     return delivery_id
 
 
-def _enqueue(conn: sqlite3.Connection, notices: list[Notice], now: float) -> None:
+def _enqueue(
+    conn: sqlite3.Connection, notices: list[Notice], now: float, agent_groups: Mapping[str, list[str]]
+) -> None:
     """Queue a delivery of each notice to every enabled subscription that wants it."""
     if not notices:
         return
-    hooks = conn.execute("SELECT id, event_types, min_severity FROM webhooks WHERE enabled = 1").fetchall()
-    for webhook_id, event_types, min_severity in hooks:
-        wanted = orjson.loads(event_types)
+    sql = "SELECT id, event_types, min_severity, routes FROM webhooks WHERE enabled = 1"
+    for webhook_id, event_types, min_severity, routes in conn.execute(sql).fetchall():
+        wanted, routing = orjson.loads(event_types), orjson.loads(routes)
         for notice in notices:
-            if notice.event_type in wanted and _severe_enough(notice.severity, min_severity):
+            if (
+                notice.event_type in wanted
+                and _severe_enough(notice.severity, min_severity)
+                and notice.routed(routing, agent_groups)
+            ):
                 _insert_delivery(conn, webhook_id, notice, now)
 
 
@@ -1363,31 +1421,60 @@ _SIEM_CLAIM_SQL = (
 )
 
 
-def _insert_alerts(
-    conn: sqlite3.Connection,
-    alerts: list[dict[str, Any]],
-    notices: Callable[[dict[str, Any]], list[Notice]] | None,
-    siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None,
-    siem_events: list[dict[str, Any]],
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class _Announce:
+    """How new alerts are announced: webhook notices, routed by agent groups, and SIEM rows."""
+
+    notices: Callable[[dict[str, Any]], list[Notice]] | None
+    siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None
+    agent_groups: Mapping[str, list[str]]
+
+
+def _insert_alert(
+    conn: sqlite3.Connection, alert: dict[str, Any], announce: _Announce, window_s: float
+) -> dict[str, Any]:
+    """Store one alert, or fold it into the open one it repeats; return what is stored."""
+    fingerprint = alert.get("fingerprint")
+    if fingerprint is not None and window_s > 0:
+        folded = _fold(conn, alert, fingerprint, window_s)
+        if folded is not None:
+            return folded  # announced when first raised: a repeat is no news to receivers
+    cursor = conn.execute(
+        "INSERT INTO alerts (agent_id, process_key, severity, rule_id, ts, status, body, fingerprint, "
+        "last_seen_at) VALUES (?, ?, ?, ?, ?, ?, '{}', ?, ?)",
+        (alert["agent_id"], alert["process_key"], alert["severity"], alert["rule_id"], alert["ts"],
+         alert["status"], fingerprint, alert["ts"]),
+    )  # fmt: skip
+    full = {"fingerprint": None, "tags": [], **alert, "count": 1, "last_seen_at": alert["ts"]}
+    full["id"] = str(cursor.lastrowid)
+    conn.execute("UPDATE alerts SET body = ? WHERE id = ?", (orjson.dumps(full), cursor.lastrowid))
     now = time.time()
-    _queue_siem(conn, "event", siem_events, now)
-    stored = []
-    for alert in alerts:
-        cursor = conn.execute(
-            "INSERT INTO alerts (agent_id, process_key, severity, rule_id, ts, status, body) "
-            "VALUES (?, ?, ?, ?, ?, ?, '{}')",
-            (alert["agent_id"], alert["process_key"], alert["severity"], alert["rule_id"], alert["ts"],
-             alert["status"]),
-        )  # fmt: skip
-        full = {**alert, "id": str(cursor.lastrowid)}
-        conn.execute("UPDATE alerts SET body = ? WHERE id = ?", (orjson.dumps(full), cursor.lastrowid))
-        stored.append(full)
-        if notices is not None:
-            _enqueue(conn, notices(full), now)
-        if siem_alert is not None:
-            _queue_siem(conn, "alert", [siem_alert(full)], now)
-    return stored
+    if announce.notices is not None:
+        _enqueue(conn, announce.notices(full), now, announce.agent_groups)
+    if announce.siem_alert is not None:
+        _queue_siem(conn, "alert", [announce.siem_alert(full)], now)
+    return full
+
+
+def _fold(
+    conn: sqlite3.Connection, alert: dict[str, Any], fingerprint: str, window_s: float
+) -> dict[str, Any] | None:
+    # Event time, as scoring keeps it: a replayed backlog folds as it would have live.
+    row = conn.execute(
+        "SELECT id, body FROM alerts WHERE fingerprint = ? AND last_seen_at >= ? AND status != 'resolved' "
+        "ORDER BY last_seen_at DESC LIMIT 1",
+        (fingerprint, alert["ts"] - window_s),
+    ).fetchone()
+    if row is None:
+        return None
+    first: dict[str, Any] = orjson.loads(row[1])
+    last_seen = max(first["last_seen_at"], alert["ts"])
+    first.update(count=first["count"] + 1, last_seen_at=last_seen, risk_score=alert["risk_score"])
+    conn.execute(
+        "UPDATE alerts SET count = ?, last_seen_at = ?, body = ? WHERE id = ?",
+        (first["count"], last_seen, orjson.dumps(first), row[0]),
+    )
+    return first
 
 
 def _queue_siem(conn: sqlite3.Connection, kind: str, bodies: list[dict[str, Any]], now: float) -> None:

@@ -1,5 +1,6 @@
 // Alerts: filter, page through, acknowledge and resolve; new and changed alerts arrive live.
 import {
+  alertTitle,
   $, Live, PagedList, api, fmtExplanation, fmtTime, handleForm, onRowButton, pageData, riskPart, say, seg, severityPart,
 } from "./hub.js";
 
@@ -36,7 +37,7 @@ const list = new PagedList(table.tBodies[0], {
     parts: (a) => [
       fmtTime(a.ts),
       severityPart(a.severity),
-      { text: a.title, title: fmtExplanation(a.explanation) },
+      { text: alertTitle(a), title: fmtExplanation(a.explanation) },
       { text: (a.mitre ?? []).join(", "), cls: "mitre" },
       { text: a.agent_id, href: "/agents/" + seg(a.agent_id) },
       { text: a.process_id, href: "/agents/" + seg(a.agent_id) + "?process=" + seg(a.process_key), cls: "mono" },

@@ -500,6 +500,9 @@ export const riskPart = (score) => ({ text: fmtNum(score, 1), cls: "num score " 
 /** A severity badge. */
 export const severityPart = (severity) => ({ text: severity, badge: "sev sev-" + String(severity).toLowerCase() });
 
+/** An alert's title, with how often it repeated when repeats were folded into it. */
+export const alertTitle = (a) => (a.count > 1 ? `${a.title} (×${a.count})` : a.title);
+
 /** Why a score is what it is: each rule and what it added. */
 export function fmtExplanation(explanation) {
   return (explanation ?? [])

@@ -1,6 +1,6 @@
 // Overview: agent counts, events per second, riskiest processes, alert feed, hub health.
 import {
-  $, Live, api, appendPoint, applyAgentPush, fmtAgo, fmtExplanation, fmtNum, riskPart, severityPart, fmtTime, syncList,
+  $, Live, alertTitle, api, appendPoint, applyAgentPush, fmtAgo, fmtExplanation, fmtNum, riskPart, severityPart, fmtTime, syncList,
   timeChart, seg,
 } from "./hub.js";
 
@@ -208,7 +208,7 @@ function drawAlerts() {
     parts: (a) => [
       { text: fmtTime(a.ts), cls: "time" },
       severityPart(a.severity),
-      { text: a.title, cls: "title" },
+      { text: alertTitle(a), cls: "title" },
       { text: (a.mitre ?? []).join(", "), cls: "mitre" },
       { text: a.agent_id, href: "/agents/" + seg(a.agent_id) },
       { text: a.status, cls: "alert-status" },

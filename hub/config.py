@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     """Every knob of the hub, validated at start; nothing else reads the environment."""
 
     model_config = SettingsConfigDict(
-        env_prefix="HUB_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="HUB_", env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
     )
 
     # listener
@@ -179,8 +179,10 @@ class Settings(BaseSettings):
     )
 
     # webhooks (hub.notify): where deliveries may go
-    webhook_allowed_networks: list[IPvAnyNetwork] = Field(
+    webhook_allow: list[IPvAnyNetwork] = Field(
         default_factory=list,
+        # HUB_WEBHOOK_ALLOWED_NETWORKS, its first name, is still read.
+        validation_alias=AliasChoices("webhook_allow", "HUB_WEBHOOK_ALLOW", "HUB_WEBHOOK_ALLOWED_NETWORKS"),
         description='CIDRs webhooks may reach although not public, e.g. ["10.1.2.0/24"] (JSON in the env)',
     )
     webhook_allow_http: bool = Field(

@@ -41,7 +41,7 @@ its globally reachable unicast ranges: anycast services there, such as PCP at 19
 IPv4 addresses inside IPv6 (mapped ::ffff:0:0/96, well-known NAT64 64:ff9b::/96, 6to4
 2002::/16) are judged as the IPv4 address they reach: a 6to4 address of a public IPv4 address
 is a 6to4 site reached through a relay, one of 10.0.0.5 leads to 10.0.0.5. Networks in
-`webhook_allowed_networks` are allowed anyway: that is how an internal receiver is reached.
+`webhook_allow` are allowed anyway: that is how an internal receiver is reached.
 URLs are read with yarl, as aiohttp will read them when it sends.
 """
 
@@ -73,7 +73,7 @@ DELIVERY_ID_PATTERN = r"^whd_[0-9a-f]{32}$"
 DeliveryState = Literal["pending", "delivered", "dead"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-_ALLOW_HINT = "allow it with HUB_WEBHOOK_ALLOWED_NETWORKS"
+_ALLOW_HINT = "allow it with HUB_WEBHOOK_ALLOW"
 # A DNS name as resolvers take it: labels of 1-63 letters, digits, '-' or '_' (seen on internal
 # names), no '-' at either end, 253 characters at most, an optional final dot.
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
@@ -144,7 +144,7 @@ class DestinationPolicy:
     @classmethod
     def from_settings(cls, settings: Settings) -> DestinationPolicy:
         return cls(
-            allowed_networks=tuple(settings.webhook_allowed_networks),
+            allowed_networks=tuple(settings.webhook_allow),
             allow_http=settings.webhook_allow_http,
             max_url_chars=settings.webhook_max_url_chars,
             resolve_timeout_s=settings.webhook_resolve_timeout_s,

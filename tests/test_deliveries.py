@@ -113,7 +113,7 @@ def settings(settings: Settings) -> Settings:
     return settings.model_copy(
         update={
             "webhook_allow_http": True,
-            "webhook_allowed_networks": LOOPBACK,
+            "webhook_allow": LOOPBACK,
             "webhook_retry_base_s": 0.05,
             "webhook_retry_max_s": 0.2,
             "webhook_poll_interval_s": 0.05,
@@ -343,7 +343,7 @@ async def test_a_destination_refused_at_delivery_fails_with_the_guards_reason(
     finally:
         await runner.cleanup()
     # The network is no longer allowed: what passed at creation is refused at delivery.
-    runner, hub = await start_hub(settings.model_copy(update={"webhook_allowed_networks": [],
+    runner, hub = await start_hub(settings.model_copy(update={"webhook_allow": [],
                                                               "webhook_max_attempts": 1}))  # fmt: skip
     try:
         async with client(hub) as http:
@@ -352,7 +352,7 @@ async def test_a_destination_refused_at_delivery_fails_with_the_guards_reason(
                 await settled(http, hub, webhook_id, "dead", 1)
             [literal] = await deliveries(http, hub, literal_id)
             assert literal["last_error"] == (
-                "127.0.0.1 is a loopback address; allow it with HUB_WEBHOOK_ALLOWED_NETWORKS"
+                "127.0.0.1 is a loopback address; allow it with HUB_WEBHOOK_ALLOW"
             )
             [named] = await deliveries(http, hub, name_id)
             assert named["last_error"].startswith("localhost resolves to ")

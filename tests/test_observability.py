@@ -140,7 +140,7 @@ async def test_webhook_deliveries_are_counted_by_outcome_and_the_outbox_by_state
     hub_with: HubStarter,
 ) -> None:
     hub = await hub_with({
-        "webhook_allow_http": True, "webhook_allowed_networks": LOOPBACK, "webhook_max_attempts": 3,
+        "webhook_allow_http": True, "webhook_allow": LOOPBACK, "webhook_max_attempts": 3,
         "webhook_retry_base_s": 0.05, "webhook_retry_max_s": 0.1, "webhook_poll_interval_s": 0.05,
     })  # fmt: skip
     receiver = Receiver(statuses=[500] * 3)

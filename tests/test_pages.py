@@ -326,7 +326,7 @@ async def test_webhooks_page_adds_a_subscription_sends_a_test_and_shows_deliveri
     url = f"http://127.0.0.1:{runner.addresses[0][1]}/agenthub"
     try:
         local = ipaddress.ip_network("127.0.0.0/8")  # the receiver is local, and plain HTTP
-        hub = await hub_with({"webhook_allowed_networks": [local], "webhook_allow_http": True})
+        hub = await hub_with({"webhook_allow": [local], "webhook_allow_http": True})
         await add_users(hub)
         admin = await signed_in(operator_at, hub.url, "ada")
         page = admin.page

@@ -31,8 +31,8 @@ def settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 async def internal_hub(hub_with: HubStarter) -> RunningHub:
-    """A hub whose webhooks may reach loopback receivers (HUB_WEBHOOK_ALLOWED_NETWORKS)."""
-    return await hub_with({"webhook_allowed_networks": LOOPBACK})
+    """A hub whose webhooks may reach loopback receivers (HUB_WEBHOOK_ALLOW)."""
+    return await hub_with({"webhook_allow": LOOPBACK})
 
 
 async def create(http: aiohttp.ClientSession, hub: RunningHub, **fields: Any) -> dict[str, Any]:
@@ -169,7 +169,7 @@ async def test_a_patch_checks_the_url_and_the_filters_again(
     status, problem = await call(http, hub, "PATCH", path, {"url": "https://10.0.0.5/hook"})
     assert (status, problem["detail"]) == (
         422,
-        "body.url: 10.0.0.5 is a private address; allow it with HUB_WEBHOOK_ALLOWED_NETWORKS",
+        "body.url: 10.0.0.5 is a private address; allow it with HUB_WEBHOOK_ALLOW",
     )
     # min_severity filters alerts: a subscription without them cannot keep one.
     status, problem = await call(http, hub, "PATCH", path, {"event_types": ["agent_offline"]})
@@ -216,11 +216,11 @@ async def test_a_webhook_creation_is_audited_without_its_secret(
     [
         (
             "https://127.0.0.1/hook",
-            "127.0.0.1 is a loopback address; allow it with HUB_WEBHOOK_ALLOWED_NETWORKS",
+            "127.0.0.1 is a loopback address; allow it with HUB_WEBHOOK_ALLOW",
         ),
         (
             "https://10.0.0.5/hook",
-            "10.0.0.5 is a private address; allow it with HUB_WEBHOOK_ALLOWED_NETWORKS",
+            "10.0.0.5 is a private address; allow it with HUB_WEBHOOK_ALLOW",
         ),
         ("https://192.168.1.20:8443/hook", "192.168.1.20 is a private address"),
         ("https://169.254.169.254/latest/meta-data/", "169.254.169.254 is a link-local address"),
@@ -279,7 +279,7 @@ async def test_a_webhook_cannot_point_inside_the_network(
     detail = await refusal(http, hub, url)
     assert reason in detail
     if url == "https://localhost/hook":
-        assert "a loopback address; allow it with HUB_WEBHOOK_ALLOWED_NETWORKS" in detail
+        assert "a loopback address; allow it with HUB_WEBHOOK_ALLOW" in detail
 
 
 @pytest.mark.parametrize(
@@ -326,8 +326,8 @@ async def test_a_delivery_session_connects_only_where_the_policy_allows(hub: Run
 
 
 def test_allowed_networks_must_be_networks() -> None:
-    with pytest.raises(ValidationError, match="webhook_allowed_networks"):
-        Settings(webhook_allowed_networks=["10.0.0.1/8"])
+    with pytest.raises(ValidationError, match="webhook_allow"):
+        Settings(webhook_allow=["10.0.0.1/8"])
 
 
 # scopes, bodies, the OpenAPI document -------------------------------------------------------
@@ -403,3 +403,9 @@ async def test_the_openapi_document_lists_the_webhook_routes(
                                    "certificate_revoked", "risk_threshold_crossed"]  # fmt: skip
     patch = paths[f"{WEBHOOKS}/{{webhook_id}}"]["patch"]
     assert patch["requestBody"]["required"] is False
+
+
+@pytest.mark.parametrize("variable", ["HUB_WEBHOOK_ALLOW", "HUB_WEBHOOK_ALLOWED_NETWORKS"])
+def test_the_allow_list_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    monkeypatch.setenv(variable, '["127.0.0.0/8", "::1/128"]')
+    assert Settings().webhook_allow == [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]

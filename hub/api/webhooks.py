@@ -44,7 +44,7 @@ WebhookUrl = Annotated[
     Field(
         min_length=1,
         description="where deliveries are POSTed: https, to a public address unless the hub's "
-        "HUB_WEBHOOK_ALLOWED_NETWORKS allows its network; no user name or password",
+        "HUB_WEBHOOK_ALLOW allows its network; no user name or password",
     ),
 ]
 EventTypes = Annotated[
@@ -163,7 +163,7 @@ async def create_webhook(request: web.Request, *, body: CreateWebhook) -> web.Re
 
     The URL must use https (http only when the hub allows it), carry no user name or password,
     and lead only to public addresses: an IP literal, or a name every address of which is
-    public, unless HUB_WEBHOOK_ALLOWED_NETWORKS allows it. A refused URL is a 422 saying why.
+    public, unless HUB_WEBHOOK_ALLOW allows it. A refused URL is a 422 saying why.
     Routes (`rule_ids`, `tags`, `severities`, `agent_groups`) narrow what it receives: every
     filter given must match.
     """

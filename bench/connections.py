@@ -29,6 +29,7 @@ from bench.harness import (
     hub_command,
     hub_env,
     pin_load_generator,
+    record_results,
     start_server,
     stop_server,
     table,
@@ -153,6 +154,15 @@ def main() -> None:
             stop_server(proc)
     print(f"machine: {platform.node()}, {psutil.cpu_count()} cores, Python {platform.python_version()}")
     print(table(rows, HEADERS))
+    last = rows[-1]
+    record_results(
+        {
+            "connections": last["connected"],
+            "rss_per_connection_kib": last["kb_per_agent"],
+            "connect_per_s": last["connect_per_s"],
+            "idle_cpu_pct": last["hub_cpu_pct_idle"],
+        }
+    )
 
 
 if __name__ == "__main__":

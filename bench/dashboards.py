@@ -45,6 +45,7 @@ from bench.harness import (
     hub_env,
     percentile,
     pin_load_generator,
+    record_results,
     start_server,
     stop_server,
     table,
@@ -353,7 +354,18 @@ def main() -> None:
             print(table(asyncio.run(run_page(workdir, certs, seconds)), PAGE_HEADERS))
         if args.only in (None, "fanout"):
             print("\nfan-out: dashboards on /ws/live\n")
-            print(table(asyncio.run(run_fanout(workdir, certs, seconds)), FANOUT_HEADERS))
+            rows = asyncio.run(run_fanout(workdir, certs, seconds))
+            print(table(rows, FANOUT_HEADERS))
+            widest = max(rows, key=lambda row: row["dashboards"] * row["received_per_dashboard_s"])
+            record_results(
+                {
+                    "fanout_deliveries_per_s": round(
+                        widest["dashboards"] * widest["received_per_dashboard_s"]
+                    ),
+                    "fanout_dashboards": widest["dashboards"],
+                    "fanout_push_p99_ms": widest["push_p99_ms"],
+                }
+            )
 
 
 if __name__ == "__main__":

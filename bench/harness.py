@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 SECRET = "bench-secret-" + "z" * 40
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 # Headless Chromium kept off the network: it talks to the hub under test only.
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -100,3 +102,11 @@ def table(rows: list[dict[str, Any]], headers: list[str]) -> str:
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     body = ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in shown]
     return "\n".join([line, "-" * len(line), *body])
+
+
+def record_results(figures: dict[str, Any]) -> None:
+    """Merge `figures` into `bench/results/latest.json`: each benchmark writes its own keys."""
+    known = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(known | figures, indent=2) + "\n")
+    print(f"wrote {RESULTS}")

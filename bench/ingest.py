@@ -40,6 +40,7 @@ from bench.harness import (
     hub_env,
     percentile,
     pin_load_generator,
+    record_results,
     start_server,
     stop_server,
     table,
@@ -49,7 +50,6 @@ from hub.codec import SocketJson
 from hub.config import Settings
 from hub.tokens import create_token
 
-RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 HEADERS = [
     "target",
     "encoding",
@@ -356,9 +356,7 @@ def main() -> None:
             http_events_per_s=round(first.peak["http"].events_per_s),
             ratio_socket_http=round(socket_over_http, 3),
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    record_results(summary)
 
 
 @dataclass

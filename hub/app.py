@@ -270,6 +270,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store, scoring, presence = app[STORE], app[SCORING], app[PRESENCE]
     await store.open()
     await app[AGENT_TRUST].load_uploaded()  # before the listener takes its first handshake
+    await app[CERTIFICATES].write_crl()  # for a proxy in front (README "Behind nginx")
     # No agent is connected to a hub that is just starting, whatever the last run left.
     await store.mark_all_offline("transport_lost", time.time())
     scorer = asyncio.create_task(scoring.run(), name="scoring")
@@ -297,10 +298,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 def listener_ssl(app: web.Application) -> ssl.SSLContext | None:
-    """Return the app's TLS context for its listener (uploads extend it), or None in plain-HTTP dev mode."""
+    """Return the app's TLS context for its listener (uploads extend it), or None for plain HTTP."""
     context = app[AGENT_TRUST].context
-    if context is None:
+    settings = app[SETTINGS]
+    if context is None and settings.dev_insecure:
         log.warning("DEV MODE: serving plain HTTP; agents are NOT authenticated by certificate")
+    elif context is None:
+        log.warning(
+            "serving plain HTTP behind trusted proxies %s: agents are identified only by their "
+            "X-SSL-Client-Cert header; nothing but those proxies must reach this port",
+            [str(proxy) for proxy in settings.trusted_proxies],
+        )
     return context
 
 
@@ -312,6 +320,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context, backlog=4096)
     await site.start()
+    if settings.unix_socket is not None:  # for a proxy on this machine; "unix" in trusted_proxies trusts it
+        await web.UnixSite(runner, str(settings.unix_socket), backlog=4096).start()
+        log.info("agent hub also listening on unix socket %s", settings.unix_socket)
     _tune_garbage_collector()
     scheme = "https" if context else "http"
     log.info("agent hub %s listening on %s://%s:%d", __version__, scheme, settings.host, settings.port)

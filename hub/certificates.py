@@ -9,6 +9,7 @@ it by sending the certificate itself.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from cryptography import x509
 
 from hub.certs import (
     CertificateError,
+    RevokedSerial,
     agent_id_mismatch,
     ca_bundle,
     check_agent_id,
@@ -25,6 +27,7 @@ from hub.certs import (
     serial_hex,
     sign_agent_csr,
     trusted_cas,
+    write_crl,
 )
 from hub.config import Settings
 from hub.identity import AgentTrust, IdentityError, certificate_record, check_agent_certificate
@@ -32,6 +35,7 @@ from hub.notices import revocation_notice
 from hub.problems import Conflict, NotFound
 from hub.store import Page, Store
 
+log = logging.getLogger(__name__)
 CertificateStatus = Literal["valid", "expired", "revoked"]
 # Close every live socket using a certificate: (fingerprint, reason) -> how many were closed.
 Disconnector = Callable[[str, str], Awaitable[int]]
@@ -114,8 +118,33 @@ class CertificateService:
         )
         # A host revoked as compromised must not go on posting signed events either.
         await self._store.set_agent_secret(known["agent_id"], None)
+        await self.write_crl()
         disconnected = await self._disconnect(fingerprint, reason)
         return {**_view(await self._known(fingerprint), time.time()), "disconnected": disconnected}
+
+    async def write_crl(self) -> None:
+        """Write the CRL a proxy verifying agent certificates loads (`certs_dir/crl.pem`)."""
+        revoked: list[RevokedSerial] = []
+        after: list[Any] | None = None
+        while True:
+            page = await self._store.list_certificates(
+                agent_id=None, status="revoked", now=time.time(), after=after, limit=500
+            )
+            revoked += [
+                RevokedSerial(
+                    issuer=record["issuer"],
+                    serial=int(record["serial"], 16),
+                    revoked_at=dt.datetime.fromtimestamp(record["revoked_at"], dt.UTC),
+                )
+                for record in page.items
+            ]
+            if page.next_key is None:
+                break
+            after = page.next_key
+        try:
+            write_crl(self._settings.certs_dir, revoked)
+        except OSError as exc:  # a read-only certs folder: the hub itself still refuses revoked ones
+            log.warning("cannot write the CRL for a proxy into %s: %s", self._settings.certs_dir, exc)
 
     def ca_status(self) -> dict[str, Any]:
         """The current CA, the next one while a rotation is under way, and the bundle agents trust."""

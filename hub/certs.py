@@ -36,6 +36,7 @@ AGENT_ID_RE = re.compile(AGENT_ID_PATTERN)
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 NEXT_CA_CERT, NEXT_CA_KEY = "ca-next.pem", "ca-next.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
+CRL_FILE = "crl.pem"  # for a proxy that verifies agent certificates (nginx `ssl_crl`)
 _RESERVED_IDS = frozenset({"ca", "ca-next", "server"})  # agent files share the folder with these
 _CA_DAYS = 3650
 _SERVER_DAYS = 825
@@ -394,6 +395,47 @@ def trusted_cas(directory: Path) -> list[x509.Certificate]:
 def ca_bundle(directory: Path) -> str:
     """The PEM bundle agents should trust the hub with: every CA it trusts now."""
     return "".join(cert.public_bytes(serialization.Encoding.PEM).decode() for cert in trusted_cas(directory))
+
+
+@dataclass(frozen=True)
+class RevokedSerial:
+    issuer: str  # RFC 4514, as the store keeps it
+    serial: int
+    revoked_at: dt.datetime
+
+
+def write_crl(directory: Path, revoked: list[RevokedSerial]) -> bool:
+    """Write `crl.pem`: a CRL from each CA whose key is here, listing the revoked serials it issued.
+
+    It stays valid as long as its CA: nginx refuses every certificate once a CRL is past its
+    next update, and the hub rewrites the file at start and on every revocation anyway. Nothing
+    is written (False) when no CA key is here.
+    """
+    pems: list[bytes] = []
+    for cert_name, key_name in ((CA_CERT, CA_KEY), (NEXT_CA_CERT, NEXT_CA_KEY)):
+        if not (directory / cert_name).is_file() or not (directory / key_name).is_file():
+            continue
+        ca, key = _load_cert(directory / cert_name), _load_key(directory / key_name)
+        if key.public_key() != ca.public_key():  # mid-retirement: never sign with a retired key
+            continue
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca.subject)
+            .last_update(_now() - dt.timedelta(minutes=5))
+            .next_update(ca.not_valid_after_utc)
+        )
+        for entry in revoked:
+            if entry.issuer == ca.subject.rfc4514_string():
+                builder = builder.add_revoked_certificate(
+                    x509.RevokedCertificateBuilder()
+                    .serial_number(entry.serial)
+                    .revocation_date(entry.revoked_at)
+                    .build()
+                )
+        pems.append(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    if pems:
+        _write(directory / CRL_FILE, b"".join(pems))
+    return bool(pems)
 
 
 def begin_ca_rotation(directory: Path) -> x509.Certificate:

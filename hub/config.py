@@ -35,6 +35,19 @@ class Settings(BaseSettings):
         False, description="plain HTTP, agents identified without a certificate: development only"
     )
 
+    # behind a proxy (README "Behind nginx")
+    trusted_proxies: list[IPvAnyNetwork | Literal["unix"]] = Field(
+        default_factory=list,
+        description='addresses (CIDRs) whose X-SSL-Client-Cert header identifies agents; "unix": '
+        'connections on unix_socket, e.g. ["127.0.0.1/32", "unix"] (JSON in the env)',
+    )
+    listen_tls: bool = Field(
+        True, description="TLS on host:port; off only behind trusted_proxies, which then terminate TLS"
+    )
+    unix_socket: Path | None = Field(
+        None, description="also listen on this unix socket (plain HTTP), for a proxy on the same machine"
+    )
+
     # agent certificates
     agent_cert_days: int = Field(365, gt=0, le=3650, description="validity of certificates the API signs")
 
@@ -310,6 +323,15 @@ class Settings(BaseSettings):
         if self.agent_burst_events < self.max_batch_events:
             raise ValueError(
                 "agent_burst_events must be at least max_batch_events, or a full batch never passes"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _plain_listener_behind_proxy(self) -> Settings:
+        if not self.listen_tls and not self.trusted_proxies and not self.dev_insecure:
+            raise ValueError(
+                "listen_tls=false needs trusted_proxies (the proxy verifies agent certificates); "
+                "without a proxy only dev_insecure serves plain HTTP"
             )
         return self
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import logging
 import ssl
 import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -77,8 +80,72 @@ def server_ssl_context(certs_dir: Path) -> ssl.SSLContext:
     return context
 
 
-def peer_certificate(request: web.Request) -> x509.Certificate | None:
-    """Return the certificate the TLS peer presented and OpenSSL verified, if any."""
+ProxyAddress = ipaddress.IPv4Network | ipaddress.IPv6Network | Literal["unix"]
+CERT_HEADER, VERIFY_HEADER = "X-SSL-Client-Cert", "X-SSL-Client-Verify"
+REAL_IP_HEADER = "X-Real-IP"  # the client's address, as a trusted proxy names it
+
+
+def presented_certificate(
+    request: web.Request, trusted_proxies: Sequence[ProxyAddress]
+) -> x509.Certificate | None:
+    """Return the client certificate of `request`: from a trusted proxy's header, else from TLS.
+
+    A trusted proxy (nginx) verified the certificate and passes it URL-escaped in
+    `X-SSL-Client-Cert`; from anyone else that header is ignored, never believed.
+    """
+    if from_trusted_proxy(request, trusted_proxies):
+        return _forwarded_certificate(request.headers)
+    return _peer_certificate(request)
+
+
+def client_address(request: web.Request, trusted_proxies: Sequence[ProxyAddress]) -> str | None:
+    """Return the address of whoever made `request`: the TCP peer, or the one a trusted proxy names.
+
+    A trusted proxy (nginx) sets `X-Real-IP` itself, overwriting any a client sent; from
+    anyone else the header is the client's word and is ignored.
+    """
+    if from_trusted_proxy(request, trusted_proxies):
+        named = request.headers.get(REAL_IP_HEADER, "")
+        try:
+            return str(ipaddress.ip_address(named))
+        except ValueError:
+            pass  # no usable address named: the proxy itself is what is known
+    return request.remote
+
+
+def from_trusted_proxy(request: web.Request, trusted_proxies: Sequence[ProxyAddress]) -> bool:
+    """Say whether `request` came from one of `trusted_proxies` (addresses, or "unix" for a unix socket)."""
+    if not trusted_proxies or request.transport is None:
+        return False
+    peer = request.transport.get_extra_info("peername")
+    if not isinstance(peer, tuple | list):  # a unix socket names no peer address
+        return "unix" in trusted_proxies
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    networks = [proxy for proxy in trusted_proxies if proxy != "unix"]
+    return any(address in network for network in networks)
+
+
+def _forwarded_certificate(headers: Mapping[str, str]) -> x509.Certificate | None:
+    # nginx's $ssl_client_verify: SUCCESS, NONE, or FAILED:<reason>.
+    verify = headers.get(VERIFY_HEADER, "NONE")
+    if verify == "NONE" or not headers.get(CERT_HEADER):
+        return None
+    if verify != "SUCCESS":
+        raise IdentityError("cert_untrusted", f"The proxy could not verify the certificate ({verify}).")
+    try:
+        return x509.load_pem_x509_certificate(urllib.parse.unquote(headers[CERT_HEADER]).encode())
+    except ValueError:
+        raise IdentityError(
+            "cert_untrusted", f"The proxy's {CERT_HEADER} header is not a URL-escaped PEM certificate."
+        ) from None
+
+
+def _peer_certificate(request: web.Request) -> x509.Certificate | None:
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport else None
     if ssl_object is None:
@@ -169,9 +236,11 @@ class AgentTrust:
 
     @classmethod
     def from_settings(cls, settings: Settings, store: Store) -> AgentTrust:
-        """Load the hub CA and build the listener's TLS context (none in plain-HTTP development mode)."""
+        """Load the hub CA and build the listener's TLS context (none when the listener is plain HTTP)."""
         complete_ca_retirement(settings.certs_dir)  # one that stopped before deleting the old key
-        context = None if settings.dev_insecure else server_ssl_context(settings.certs_dir)
+        # Behind a proxy that terminates TLS the listener is plain; identity comes from its header.
+        plain = settings.dev_insecure or not settings.listen_tls
+        context = None if plain else server_ssl_context(settings.certs_dir)
         return cls(store, settings.certs_dir, context)
 
     def begin_rotation(self) -> x509.Certificate:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from hub.certs import is_valid_agent_id
 from hub.commands import AckHandler, CommandMessage, CommandService
 from hub.config import Settings
-from hub.identity import AgentIdentity, AgentTrust, IdentityError, peer_certificate
+from hub.identity import AgentIdentity, AgentTrust, IdentityError, presented_certificate
 from hub.ingest import Ingestor
 from hub.models import CONNECT_INFO_ADAPTER, HEARTBEAT_ADAPTER, ConnectInfo, PresenceReason
 from hub.observability import log_context
@@ -84,7 +84,7 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             raise _refusal("unavailable", "The hub cannot admit agents right now; retry later.") from None
 
     async def _identify(self, environ: dict[str, Any], auth: Any) -> AgentIdentity:
-        cert = peer_certificate(environ["aiohttp.request"])
+        cert = presented_certificate(environ["aiohttp.request"], self._settings.trusted_proxies)
         if cert is None and self._settings.dev_insecure:
             agent_id = auth.get("agent_id") if isinstance(auth, dict) else None
             log.warning("DEV MODE: agent %r connected WITHOUT a client certificate", agent_id)

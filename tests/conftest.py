@@ -109,10 +109,11 @@ async def start_hub(settings: Settings) -> tuple[web.AppRunner, RunningHub]:
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=listener_ssl(app))
+    context = listener_ssl(app)
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context)
     await site.start()
     port = runner.addresses[0][1]
-    scheme = "http" if settings.dev_insecure else "https"
+    scheme = "https" if context is not None else "http"
     return runner, RunningHub(app, f"{scheme}://127.0.0.1:{port}", settings, settings.certs_dir)
 
 

@@ -21,6 +21,7 @@ from hub import __version__
 from hub.api.audit import record_action
 from hub.api.auth import requires, signed_in
 from hub.config import Settings
+from hub.identity import client_address
 from hub.keys import SESSION, SESSIONS, SETTINGS, USERS
 from hub.problems import Forbidden, PayloadTooLarge, Unavailable
 from hub.sessions import cookie_name
@@ -88,7 +89,9 @@ async def signin(request: web.Request) -> web.StreamResponse:
         response.headers["Retry-After"] = str(max(1, exc.retry_after_ms // 1000))
         return response
     settings = request.app[SETTINGS]
-    cookie_value, _ = await request.app[SESSIONS].start(user["name"], address=request.remote)
+    cookie_value, _ = await request.app[SESSIONS].start(
+        user["name"], address=client_address(request, settings.trusted_proxies)
+    )
     await _audit(request, user["name"], status=303)
     response = _redirect(target)
     _set_cookie(response, settings, "session", cookie_value, max_age=settings.session_max_s)

@@ -22,7 +22,8 @@ from typing_extensions import TypedDict  # pydantic needs this TypedDict on Pyth
 from hub.api.pagination import PageOf, PageQuery, paginate
 from hub.api.spec import ApiRoutes
 from hub.audit import Action, AuditEntry
-from hub.keys import AUDIT, PRINCIPAL, REVOKED_TOKENS
+from hub.identity import client_address
+from hub.keys import AUDIT, PRINCIPAL, REVOKED_TOKENS, SETTINGS
 from hub.problems import CORRELATION_ID, HubError
 from hub.tokens import JTI_PATTERN
 
@@ -87,11 +88,9 @@ async def record_action(
 
 
 def _peer(request: web.Request) -> str | None:
-    # The TCP peer itself: a forwarded header is the client's word, not a fact.
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if isinstance(peer, tuple | list) and peer:
-        return str(peer[0])
-    return "unix" if peer == "" else None
+    # The TCP peer, or the client a trusted proxy names: a forwarded header from anyone else is
+    # the client's word, not a fact. A unix socket's peer has no address.
+    return client_address(request, request.app[SETTINGS].trusted_proxies) or "unix"
 
 
 class AuditQuery(PageQuery):

@@ -20,6 +20,7 @@ from aiohttp.typedefs import Handler
 from yarl import URL
 
 from hub.api.signatures import AGENT_SIGNATURE, SIGNATURES, SIGNED_AGENT
+from hub.identity import client_address
 from hub.keys import PRINCIPAL, REVOKED_TOKENS, SESSION, SESSIONS, SETTINGS, VERIFIER
 from hub.problems import Forbidden, Unauthorized
 from hub.sessions import Session, cookie_name
@@ -143,5 +144,5 @@ def caller(request: web.Request) -> str:
 
 
 def peer(request: web.Request) -> str:
-    """Name the TCP peer of `request`: never a forwarded header, which a client could choose."""
-    return f"address:{request.remote}"
+    """Name the client of `request`: its TCP peer, or the address a trusted proxy (only) names."""
+    return f"address:{client_address(request, request.app[SETTINGS].trusted_proxies)}"

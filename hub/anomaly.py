@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from hub.config import Settings
 from hub.limits import Decision, TokenBuckets
-from hub.notices import alert_notices, siem_alert
+from hub.notices import alert_notices
 from hub.scoring import alert_fingerprint
 from hub.store import Store
 
@@ -247,9 +247,8 @@ class AnomalyDetector:
             "tags": ["anomaly"],
             "fingerprint": alert_fingerprint(f"anomaly-{anomaly}", agent_id),
         }
-        forward = siem_alert if self._settings.siem_endpoint else None
         (stored,) = await self._store.insert_alerts(
-            [alert], alert_notices, siem_alert=forward,
+            [alert], alert_notices, forward_to_siem=self._settings.siem_endpoint is not None,
             suppression_window_s=self._settings.alert_suppression_window_s,
         )  # fmt: skip
         if self._on_alert is not None and stored["count"] == 1:  # a repeat folded into an alert is no new one

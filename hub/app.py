@@ -281,7 +281,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             scoring,
             presence,
             store,
-            app[BUS].publish,
+            app[BUS],
             interval_s=app[SETTINGS].push_stats_interval_s,
         ),
         name="pulse",

@@ -94,11 +94,6 @@ def ping_notice(webhook_id: str, now: float) -> Notice:
     return Notice("ping", {"event_type": "ping", "timestamp": now, **_NO_PROCESS, "webhook_id": webhook_id})
 
 
-def siem_alert(alert: dict[str, Any]) -> dict[str, Any]:
-    """What the SIEM is told of a stored alert: the alert as the API shows it."""
-    return alert
-
-
 def siem_event(agent_id: str, event: Event, rules: list[Rule], min_severity: str) -> dict[str, Any] | None:
     """What the SIEM is told of an event matching `rules`; None below `min_severity`."""
     severity = max((rule.severity for rule in rules), key=SEVERITY_ORDER.__getitem__)

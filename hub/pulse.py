@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 from hub.ingest import Ingestor
 from hub.presence import Presence
+from hub.push import PushBus
 from hub.scoring import ScoringService
 from hub.store import Store
-
-Publisher = Callable[[str, str, dict[str, Any]], None]
 
 
 async def beat(
@@ -24,7 +22,7 @@ async def beat(
     scoring: ScoringService,
     presence: Presence,
     store: Store,
-    publish: Publisher,
+    bus: PushBus,
     *,
     interval_s: float = 1.0,
 ) -> None:
@@ -35,7 +33,9 @@ async def beat(
         now = time.monotonic()
         rate = (ingestor.accepted - last_count) / (now - last_at)
         last_count, last_at = ingestor.accepted, now
-        publish(
+        if not bus.subscriber_count:  # nobody to tell: spare the store its query
+            continue
+        bus.publish(
             "stats",
             "hub",
             {

@@ -22,7 +22,7 @@ import orjson
 
 from hub.config import Settings
 from hub.models import SEVERITY_ORDER, Contribution, Event, ScoreView, score_view
-from hub.notices import alert_notices, siem_alert, siem_event
+from hub.notices import alert_notices, siem_event
 from hub.rules import ProcessContext, Rule, RuleSet
 from hub.store import Store
 
@@ -507,9 +507,9 @@ class ScoringService:
                 # One transaction: the processes' states, their alerts, and the webhook deliveries
                 # and SIEM rows announcing them. No committed alert goes unannounced, and no
                 # process keeps a fired threshold whose alert a crash lost.
-                stored_alerts = await self._store.save_scoring_pass(
-                    records, alerts, alert_notices,
-                    siem_alert=None if self._siem_min_severity is None else siem_alert, siem_events=forwarded,
+                stored_alerts = await self._store.insert_alerts(
+                    alerts, alert_notices, processes=records,
+                    forward_to_siem=self._siem_min_severity is not None, siem_events=forwarded,
                     suppression_window_s=self.engine.params.suppression_window_s,
                 )  # fmt: skip
                 break

@@ -110,6 +110,11 @@ async def test_a_burst_raises_one_high_alert_and_throttles_until_an_operator_lif
         assert (alert["process_id"], alert["status"], alert["threshold"]) == ("agent-1:0", "open", None)
         assert "burst" in alert["title"].lower()
 
+        for _ in range(100):  # the throttle is set right after the alert it names is stored
+            _, throttle = await call(http, hub, "GET", "/api/v1/agents/agent-1/throttle", scope="hub:read")
+            if throttle["throttled"]:
+                break
+            await asyncio.sleep(0.05)
         ack = await agent.batch(5)
         assert ack["error"]["code"] == "overloaded"
         assert ack["error"]["retry_after_ms"] > 0

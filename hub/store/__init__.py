@@ -157,35 +157,20 @@ class Store(Protocol):
         alerts: list[dict[str, Any]],
         notices: Callable[[dict[str, Any]], list[Notice]] | None = None,
         *,
-        siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        processes: list[dict[str, Any]] | None = None,
+        forward_to_siem: bool = False,
         siem_events: list[dict[str, Any]] | None = None,
         suppression_window_s: float = 0.0,
     ) -> list[dict[str, Any]]:
-        """Store new alerts; return them with their ids.
+        """Store new alerts, in one transaction with what announces them; return them with their ids.
 
         An alert whose `fingerprint` matches an unresolved alert last seen (event time) within
         `suppression_window_s` folds into it: that alert's `count`, `last_seen_at` and
         `risk_score` move on, and it is returned in the new one's place (its `count` above 1).
-        `notices(alert)`, given each new alert with its id, are queued for webhooks in the same
-        transaction, and so are `siem_alert(alert)` and `siem_events` for the SIEM; a fold
-        announces nothing.
-        """
-        ...
-
-    async def save_scoring_pass(
-        self,
-        processes: list[dict[str, Any]],
-        alerts: list[dict[str, Any]],
-        notices: Callable[[dict[str, Any]], list[Notice]] | None = None,
-        *,
-        siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-        siem_events: list[dict[str, Any]] | None = None,
-        suppression_window_s: float = 0.0,
-    ) -> list[dict[str, Any]]:
-        """Store what one scoring pass changed, in one transaction: the processes' states, the new
-        alerts (returned with their ids) and what announces them, as `insert_alerts` does.
-
-        A crash cannot keep a process's state (its fired thresholds) and lose the alert it raised.
+        `notices(alert)`, given each new alert with its id, are queued for webhooks, and with
+        `forward_to_siem` the alert for the SIEM, with `siem_events`; a fold announces nothing.
+        A scoring pass passes its changed `processes` too: a crash cannot keep a process's state
+        (its fired thresholds) and lose the alert it raised.
         """
         ...
 

@@ -451,36 +451,24 @@ class SqliteStore:
         alerts: list[dict[str, Any]],
         notices: Callable[[dict[str, Any]], list[Notice]] | None = None,
         *,
-        siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        processes: list[dict[str, Any]] | None = None,
+        forward_to_siem: bool = False,
         siem_events: list[dict[str, Any]] | None = None,
         suppression_window_s: float = 0.0,
     ) -> list[dict[str, Any]]:
-        return await self.save_scoring_pass(
-            [], alerts, notices, siem_alert=siem_alert, siem_events=siem_events,
-            suppression_window_s=suppression_window_s,
-        )  # fmt: skip
-
-    async def save_scoring_pass(
-        self,
-        processes: list[dict[str, Any]],
-        alerts: list[dict[str, Any]],
-        notices: Callable[[dict[str, Any]], list[Notice]] | None = None,
-        *,
-        siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-        siem_events: list[dict[str, Any]] | None = None,
-        suppression_window_s: float = 0.0,
-    ) -> list[dict[str, Any]]:
-        announce = _Announce(notices, siem_alert, self._agent_groups)
+        announce = _Announce(notices, forward_to_siem, self._agent_groups)
+        processes, siem_events = processes or [], siem_events or []
 
         def save(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             _upsert_processes(conn, processes)
-            _queue_siem(conn, "event", siem_events or [], time.time())
+            _queue_siem(conn, "event", siem_events, time.time())
             return [_insert_alert(conn, alert, announce, suppression_window_s) for alert in alerts]
 
         if not processes and not alerts and not siem_events:
             return []
-        size = len(processes) + len(alerts) + len(siem_events or [])
-        result: list[dict[str, Any]] = await self._write(save, size)
+        result: list[dict[str, Any]] = await self._write(
+            save, len(processes) + len(alerts) + len(siem_events)
+        )
         return result
 
     async def list_alerts(
@@ -1426,7 +1414,7 @@ class _Announce:
     """How new alerts are announced: webhook notices, routed by agent groups, and SIEM rows."""
 
     notices: Callable[[dict[str, Any]], list[Notice]] | None
-    siem_alert: Callable[[dict[str, Any]], dict[str, Any]] | None
+    forward_to_siem: bool  # the stored alert as the API shows it is what the SIEM is told
     agent_groups: Mapping[str, list[str]]
 
 
@@ -1451,8 +1439,8 @@ def _insert_alert(
     now = time.time()
     if announce.notices is not None:
         _enqueue(conn, announce.notices(full), now, announce.agent_groups)
-    if announce.siem_alert is not None:
-        _queue_siem(conn, "alert", [announce.siem_alert(full)], now)
+    if announce.forward_to_siem:
+        _queue_siem(conn, "alert", [full], now)
     return full
 
 

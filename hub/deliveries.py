@@ -135,8 +135,11 @@ class Deliverer:
                 due = await self._store.next_delivery_at(now=time.time())
                 if due is not None:
                     delay = min(delay, max(0.0, due - time.time()))
+        # asyncio.timeout, not wait_for: on 3.11 wait_for returns instead of raising when it is
+        # cancelled just as the event fires, and this loop would then outlive its cancellation.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self._wakeup.wait()
         self._wakeup.clear()
 
     async def _deliver(self, session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:

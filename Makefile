@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format typecheck bench bench-quick bench-dashboards bench-connections soak clean help
+.PHONY: run test lint format typecheck bench bench-quick bench-dashboards bench-connections bench-store soak clean help
 
 help:
 	@echo "make run          hub on https://127.0.0.1:8443 with a demo agent (SQLite, dev certificates)"
@@ -13,6 +13,7 @@ help:
 	@echo "make bench-quick  the same, shorter"
 	@echo "make bench-connections  what 5,000 idle agents over mTLS cost the hub (memory, CPU)"
 	@echo "make bench-dashboards  the overview page in Chromium under live load; fan-out to 200 dashboards"
+	@echo "make bench-store  the SQLite and PostgreSQL stores side by side: events/s, commit wait, bytes per event"
 	@echo "make soak         reliability checks that take minutes (kill -9 the hub while agents stream)"
 	@echo "make typecheck    mypy on hub/ and agent_client/"
 
@@ -50,6 +51,9 @@ bench-dashboards: $(STAMP)
 
 bench-connections: $(STAMP)
 	$(BIN)/python -m bench.connections
+
+bench-store: $(STAMP)
+	$(BIN)/python -m bench.store
 
 # The second run provokes gaps (earlier batches answered "overloaded" while later ones commit)
 # and kills the hub while agents reconnect: RELIABILITY.md.

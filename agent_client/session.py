@@ -51,6 +51,7 @@ _PUMP_CHUNK: Final = 1000
 _SOURCE_BUFFER: Final = 2_000  # events read ahead of the spool; bounds memory at the size caps
 _MAX_RETRY_AFTER_S: Final = 60.0
 _STABLE_SESSION_S: Final = 60.0  # a session this long resets the reconnect backoff
+_MAX_RECONNECT_AFTER_S: Final = 300.0  # the longest a hub's `reconnect` hint may park the agent
 
 
 @dataclass
@@ -122,6 +123,7 @@ class AgentSession:
         self._diagnosing = False
         self._refusal: HubRefusalError | None = None
         self._failure: BaseException | None = None
+        self._reconnect_at: float | None = None  # monotonic time a draining hub said to come back
 
     @property
     def last_hello(self) -> dict[str, Any] | None:
@@ -217,6 +219,7 @@ class AgentSession:
             "hello": self._on_hello,
             "config": self._on_config,
             "revoked": self._on_revoked,
+            "reconnect": self._on_reconnect,
             "command": self._on_command,
         }
         for event, handler in handlers.items():
@@ -240,6 +243,10 @@ class AgentSession:
                 stable = time.monotonic() - connected_at >= _STABLE_SESSION_S
                 short_sessions = 0 if stable else short_sessions + 1
                 delay = self._backoff(short_sessions)
+                if self._reconnect_at is not None:  # the hub chose this agent's moment itself
+                    delay = max(0.0, self._reconnect_at - time.monotonic())
+                    self._reconnect_at = None
+                    client.reconnection = True
                 log.info("the hub ended the session; connecting again in %.1fs", delay)
                 await self._settle(client)
                 await asyncio.sleep(delay)
@@ -307,7 +314,10 @@ class AgentSession:
         self._namespace_up.clear()
         self._cancel_streams()
         if not self._stop_requested.is_set():
-            log.warning("disconnected from %s (%s)", self.hub_url, reason or "no reason given")
+            if self._reconnect_at is not None:  # expected: the hub said it is draining
+                log.info("disconnected from %s, which is draining", self.hub_url)
+            else:
+                log.warning("disconnected from %s (%s)", self.hub_url, reason or "no reason given")
             return
         log.info("disconnecting from %s", self.hub_url)
         if reason != socketio.AsyncClient.reason.CLIENT_DISCONNECT:
@@ -332,6 +342,19 @@ class AgentSession:
         message = str(reason or "no reason given")
         log.error("the hub revoked this agent's certificate: %s", message)
         self._give_up(HubRefusalError("revoked", message))
+
+    async def _on_reconnect(self, data: Any = None) -> None:
+        # A draining hub closes the socket right after this hint. The library would reconnect on
+        # its own schedule; switched off, it lets `_stay_connected` wait for the hub's instead.
+        # The URL stays the same: behind a proxy, the next connection lands on a remaining node.
+        after_ms = data.get("after_ms") if isinstance(data, dict) else None
+        if not isinstance(after_ms, int | float) or isinstance(after_ms, bool) or after_ms < 0:
+            log.error("ignoring a malformed reconnect hint from the hub: %r", data)
+            return
+        delay = min(after_ms / 1000, _MAX_RECONNECT_AFTER_S)
+        log.info("the hub asks to reconnect in %.1fs (%s)", delay, data.get("reason") or "no reason given")
+        self._reconnect_at = time.monotonic() + delay
+        self._require_client().reconnection = False
 
     def _give_up(self, refusal: HubRefusalError) -> None:
         self._refusal = refusal

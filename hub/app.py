@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp_jinja2
 import jinja2
 import orjson
+import socketio
 import swagger_ui_bundle
 from aiohttp import web
 
@@ -34,7 +35,7 @@ from hub.api.ratelimit import (
 from hub.api.signatures import SIGNATURES, SignatureVerifier
 from hub.api.spec import openapi_document
 from hub.audit import AuditLog
-from hub.certificates import CertificateService
+from hub.certificates import CertificateService, Disconnector
 from hub.codec import SocketJson
 from hub.commands import CommandService
 from hub.config import Settings
@@ -73,12 +74,12 @@ from hub.observability import HubMetrics, observe_middleware
 from hub.presence import Presence
 from hub.problems import problem_middleware
 from hub.pulse import beat
-from hub.push import PushBus
+from hub.push import PushBus, push_bus
 from hub.rules import load_rules
 from hub.scoring import RiskEngine, RiskParams, ScoringService
 from hub.sessions import SessionService
 from hub.siem import SiemForwarder
-from hub.store.sqlite import SqliteStore
+from hub.store import create_store
 from hub.tokens import RevokedTokens, TokenVerifier, load_secret
 from hub.transport import NAMESPACE, AgentNamespace, AgentServer
 from hub.users import Users
@@ -87,6 +88,9 @@ from web.signin import routes as signin_routes
 from web.views import routes as page_routes
 
 log = logging.getLogger(__name__)
+# aiohttp waits this long (twice at worst: then it cancels and waits again) for the HTTP
+# requests and dashboards left after the agents' drain; systemd's TimeoutStopSec covers it.
+SHUTDOWN_GRACE_S = 5.0
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 NAMESPACE_KEY = web.AppKey("namespace", AgentNamespace)
 
@@ -110,20 +114,8 @@ def create_app(settings: Settings) -> web.Application:
     client_max_size = max(settings.api_max_body_bytes, settings.max_frame_bytes)
     app = web.Application(middlewares=middlewares, client_max_size=client_max_size)
     metrics = HubMetrics(node_id=settings.node_id)
-    store = SqliteStore(
-        settings.db_path,
-        commit_max_events=settings.commit_max_events,
-        retry_after_ms=settings.retry_after_ms,
-        busy_timeout_s=settings.sqlite_busy_timeout_s,
-        on_commit=metrics.observe_commit,
-        agent_groups=settings.agent_groups,  # webhook routing by agent group, applied as notices are queued
-    )
-    bus = PushBus(
-        max_pending=settings.push_max_pending,
-        max_subscribers=settings.push_max_dashboards,
-        max_per_owner=settings.push_max_dashboards_per_principal,
-        send_timeout_s=settings.push_send_timeout_s,
-    )
+    store = create_store(settings, on_commit=metrics.observe_commit)
+    bus = push_bus(settings)
     engine = RiskEngine(rules, RiskParams.from_settings(settings))
     scoring = ScoringService(
         engine, store, bus.publish, max_backlog=settings.scoring_max_backlog,
@@ -143,6 +135,7 @@ def create_app(settings: Settings) -> web.Application:
         settings, ingestor, presence, commands=commands, trust=trust, ack_latency=metrics.ack_latency
     )
     commands.attach(namespace)
+    bus.follow("command", commands.follow_remote)  # a command sent through another node, for an agent here
     app[COMMANDS] = commands
     deliverer = Deliverer(settings, store, on_outcome=metrics.count_delivery)
     siem = SiemForwarder(settings, store)
@@ -155,7 +148,8 @@ def create_app(settings: Settings) -> web.Application:
     app[DELIVERER] = deliverer
     app[WEBHOOKS] = Webhooks(settings, store, deliverer.wake)
     app[AGENT_TRUST] = trust
-    app[CERTIFICATES] = CertificateService(settings, store, trust, namespace.revoke)
+    disconnect = _certificate_changes(bus, namespace, trust)
+    app[CERTIFICATES] = CertificateService(settings, store, trust, disconnect, bus.publish)
 
     app[SETTINGS], app[STORE], app[BUS], app[SCORING] = settings, store, bus, scoring
     app[INGESTOR], app[PRESENCE], app[NAMESPACE_KEY] = ingestor, presence, namespace
@@ -182,6 +176,7 @@ def create_app(settings: Settings) -> web.Application:
         max_http_buffer_size=settings.max_frame_bytes,
         logger=False,
         engineio_logger=False,
+        client_manager=_client_manager(settings),
     )
     sio.register_namespace(namespace)
     sio.attach(app)
@@ -196,20 +191,69 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_static("/static/swagger-ui/", swagger_ui_bundle.swagger_ui_path)
     app.router.add_static("/static/", WEB_DIR / "static")
     app.cleanup_ctx.append(_metrics_listener)
+    app.cleanup_ctx.append(_nodes)  # before _lifecycle: closed after everything that publishes stopped
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(_command_expiry)  # after _lifecycle: stopped before the store closes
     app.cleanup_ctx.append(_webhook_deliveries)  # likewise
     app.cleanup_ctx.append(_siem_forwarding)  # likewise
     app.cleanup_ctx.append(_anomaly_detection(anomalies))  # likewise
-    app.on_shutdown.append(_disconnect_agents)
+    app.on_shutdown.append(_drain_agents)
     app.on_shutdown.append(_answer_command_waiters)
     return app
 
 
-async def _disconnect_agents(app: web.Application) -> None:
-    # on_shutdown runs before aiohttp waits for open connections: agents learn at once that
-    # the hub is going, instead of timing out; whatever they had in flight they resend.
-    await app[NAMESPACE_KEY].close_all("server_shutdown")
+async def _drain_agents(app: web.Application) -> None:
+    # `serve` drains before aiohttp's cleanup; this catches a hub stopped by its runner alone
+    # (tests, or agents admitted late). It runs before aiohttp waits for the connections left.
+    await app[NAMESPACE_KEY].drain()
+
+
+def _client_manager(settings: Settings) -> socketio.AsyncManager:
+    """python-socketio's manager: in process for one node, over Redis for several."""
+    if settings.redis_url is None:
+        return socketio.AsyncManager()
+    # Since python-socketio 5 the Redis manager serializes with the server's JSON module (orjson
+    # here), never pickle; `json` says so for a write-only manager as well.
+    return socketio.AsyncRedisManager(
+        settings.redis_url.get_secret_value(),
+        channel=f"{settings.redis_prefix}:socketio",
+        json=SocketJson,
+        redis_options={"socket_connect_timeout": 5},
+    )
+
+
+def _certificate_changes(bus: PushBus, namespace: AgentNamespace, trust: AgentTrust) -> Disconnector:
+    """Apply certificate changes made on other nodes here; return how revocations close sockets.
+
+    A revocation closes the sockets using the certificate on every node: here at once,
+    elsewhere over the bus. An uploaded certificate is trusted here by the node that took it,
+    elsewhere once they hear of it.
+    """
+
+    async def revoke(fingerprint: str, reason: str) -> int:
+        change = {"fingerprint": fingerprint, "status": "revoked", "reason": reason}
+        bus.publish("certificate", fingerprint, change)
+        return await namespace.revoke(fingerprint, reason)
+
+    async def follow(change: dict[str, Any]) -> None:
+        if change["status"] == "revoked":
+            await namespace.revoke(change["fingerprint"], change["reason"])
+        elif change["status"] == "uploaded":
+            await trust.load_uploaded()
+
+    bus.follow("certificate", follow)
+    return revoke
+
+
+async def _nodes(app: web.Application) -> AsyncIterator[None]:
+    # The push bus and python-socketio's manager: what reaches the other nodes, if any.
+    await app[BUS].start()
+    yield
+    await app[BUS].close()
+    listener = getattr(app[NAMESPACE_KEY].server.manager, "thread", None)  # a Redis manager's, once used
+    if listener is not None:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
 
 
 async def _answer_command_waiters(app: web.Application) -> None:
@@ -272,7 +316,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[AGENT_TRUST].load_uploaded()  # before the listener takes its first handshake
     await app[CERTIFICATES].write_crl()  # for a proxy in front (README "Behind nginx")
     # No agent is connected to a hub that is just starting, whatever the last run left.
-    await store.mark_all_offline("transport_lost", time.time())
+    await store.mark_node_offline(app[SETTINGS].node_id, "transport_lost", time.time())
     scorer = asyncio.create_task(scoring.run(), name="scoring")
     watcher = asyncio.create_task(presence.watch(app[NAMESPACE_KEY].close), name="presence")
     pulse = asyncio.create_task(
@@ -282,6 +326,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             presence,
             store,
             app[BUS],
+            node_id=app[SETTINGS].node_id,
             interval_s=app[SETTINGS].push_stats_interval_s,
         ),
         name="pulse",
@@ -312,11 +357,20 @@ def listener_ssl(app: web.Application) -> ssl.SSLContext | None:
     return context
 
 
-async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
-    """Run the hub until cancelled (SIGINT/SIGTERM cancel it from the CLI)."""
+async def serve(
+    settings: Settings, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Run the hub until `stop` is set (SIGTERM/SIGINT in the CLI), then stop gracefully.
+
+    The stop, in order: the listeners close (a connect is refused from then on); the agents
+    are drained (`AgentNamespace.drain`, at most `drain_timeout_s`); then aiohttp's cleanup:
+    on_shutdown answers command waiters, the HTTP requests and dashboards left get
+    SHUTDOWN_GRACE_S to end before they are cancelled, and cleanup_ctx stops the background
+    tasks, scores what was stored and closes the store.
+    """
     app = create_app(settings)
     context = listener_ssl(app)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context, backlog=4096)
     await site.start()
@@ -329,10 +383,15 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     if ready is not None:
         ready.set()
     try:
-        await asyncio.Event().wait()
+        await (stop or asyncio.Event()).wait()
+        log.info("agent hub stopping: draining agents for at most %.1fs", settings.drain_timeout_s)
+        # Drained before aiohttp's cleanup, whose first step drops whatever arrives on open
+        # connections (RequestHandler.close): batches sent meanwhile would vanish unanswered.
+        for listener in runner.sites:
+            await listener.stop()
+        await app[NAMESPACE_KEY].drain()
     finally:
-        with contextlib.suppress(Exception):
-            await runner.cleanup()
+        await runner.cleanup()
 
 
 def _tune_garbage_collector() -> None:

@@ -31,6 +31,7 @@ from hub.certs import (
 )
 from hub.config import Settings
 from hub.identity import AgentTrust, IdentityError, certificate_record, check_agent_certificate
+from hub.models import Publisher
 from hub.notices import revocation_notice
 from hub.problems import Conflict, NotFound
 from hub.store import Page, Store
@@ -44,11 +45,19 @@ Disconnector = Callable[[str, str], Awaitable[int]]
 class CertificateService:
     """Every operator action on agent certificates; HTTP handlers call one method each."""
 
-    def __init__(self, settings: Settings, store: Store, trust: AgentTrust, disconnect: Disconnector) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        trust: AgentTrust,
+        disconnect: Disconnector,
+        publish: Publisher,
+    ) -> None:
         self._settings = settings
         self._store = store
         self._trust = trust
         self._disconnect = disconnect
+        self._publish = publish
 
     async def upload(self, agent_id: str, pem: str) -> dict[str, Any]:
         """Trust the PEM certificate `pem` for `agent_id`, by its exact fingerprint, from now on.
@@ -73,6 +82,9 @@ class CertificateService:
             raise Conflict(f"certificate {record['fingerprint']} is revoked; it cannot be trusted again")
         stored = await self._store.save_certificate(record)
         self._trust.trust(stored["pem"])
+        # Other nodes trust it too once they hear of it (they read it from the store).
+        change = {"fingerprint": stored["fingerprint"], "agent_id": agent_id, "status": "uploaded"}
+        self._publish("certificate", stored["fingerprint"], change)
         return _view(stored, now)
 
     async def sign(self, agent_id: str, csr_pem: str) -> dict[str, Any]:
@@ -105,8 +117,8 @@ class CertificateService:
         recorded what it issues, never used yet) is revoked when `pem` is the certificate itself:
         it is recorded first. Without it, an unknown fingerprint is `NotFound`. Revoking again
         keeps the first revocation's time and reason. The agent's HTTP signing secret is withdrawn
-        too; issue a new one if it should post over HTTP again. Sockets are closed on this node
-        only: a hub of several nodes refuses the certificate everywhere at its next connect.
+        too; issue a new one if it should post over HTTP again. Sockets are closed on every node
+        (over Redis for the others); `disconnected` counts this node's.
         """
         known = await self._known(fingerprint) if pem is None else await self._record(fingerprint, pem)
         await self._store.revoke(

@@ -27,7 +27,7 @@ from hub.sessions import ROLES
 
 if TYPE_CHECKING:
     from hub.audit import Action
-    from hub.store.sqlite import SqliteStore
+    from hub.store import Store
     from hub.users import Users
 
 log = logging.getLogger("agenthub")
@@ -69,14 +69,15 @@ def _run_async(main: Coroutine[Any, Any, T]) -> T:
 async def _serve_until_signal(settings: Settings) -> None:
     from hub.app import serve
 
-    task = asyncio.create_task(serve(settings))
+    # SIGTERM (systemd's stop) or SIGINT starts the drain, bounded by drain_timeout_s; a repeat
+    # changes nothing. Cancelling instead would leave aiohttp's cleanup running in a cancelled
+    # task, where its waits end early and the store may stay open.
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await task
-    except asyncio.CancelledError:
-        log.info("agent hub stopped")
+        loop.add_signal_handler(sig, stop.set)
+    await serve(settings, stop=stop)
+    log.info("agent hub stopped")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -277,14 +278,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _open_store(settings: Settings, *, must_exist: bool = False) -> AsyncIterator[SqliteStore]:
-    """Open the hub's database beside a running hub (SQLite WAL lets both write)."""
-    from hub.store.sqlite import SqliteStore
+async def _open_store(settings: Settings, *, must_exist: bool = False) -> AsyncIterator[Store]:
+    """Open the hub's database beside a running hub (SQLite WAL or PostgreSQL let both write)."""
+    from hub.store import create_store
 
-    if must_exist and not settings.db_path.is_file():
+    if must_exist and settings.database_url is None and not settings.db_path.is_file():
         # A wrong folder must not pass for an empty log, or take a revocation the hub never sees.
         raise CliError(f"no hub database at {settings.db_path}: check --data-dir or HUB_DATA_DIR")
-    store = SqliteStore(settings.db_path)
+    store = create_store(settings)
     await store.open()
     try:
         yield store
@@ -306,21 +307,16 @@ def _audit(settings: Settings, action: Action) -> None:
 def cmd_recalculate(args: argparse.Namespace) -> None:
     from hub.rules import load_rules
     from hub.scoring import RiskEngine, RiskParams, recalculate
-    from hub.store.sqlite import SqliteStore
 
     settings = _settings(args)
 
     async def run() -> None:
-        store = SqliteStore(settings.db_path)
-        await store.open()
-        try:
+        async with _open_store(settings) as store:
             count = await recalculate(
                 store,
                 RiskEngine(load_rules(settings.rule_files), RiskParams.from_settings(settings)),
                 progress=lambda n: print(f"\rreplayed {n} events", end="", file=sys.stderr, flush=True),
             )
-        finally:
-            await store.close()
         print(f"\nrecalculated scores from {count} stored events")
 
     _run_async(run())

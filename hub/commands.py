@@ -22,8 +22,13 @@ to dashboards as a `command` message carrying the command's view:
   first request's TTL stands.
 - Commands go only to agents the hub has seen (a 404 otherwise): a typo in an agent id must
   not leave a command waiting for an agent that will never come.
-- The agent's socket must be on this node: delivery goes through `Courier`, the one seam a
-  cross-node transport (python-socketio's Redis manager) fills in later.
+- Delivery happens on the node holding the agent's socket, through `Courier`. With several
+  nodes every change above also reaches the other nodes over the push bus (`follow_remote`):
+  a node seeing `queued` delivers the agent's queued commands if the agent is on it (so a
+  command sent through any node reaches the agent on its own), and a final state wakes the
+  callers waiting on any node. python-socketio's Redis manager could relay the emit and its
+  ack instead, but the sending node could not tell whether the socket had its hello or was
+  gone: the command would be marked delivered and lost rather than kept queued.
 """
 
 from __future__ import annotations
@@ -43,12 +48,11 @@ from pydantic import ConfigDict, StrictBool, TypeAdapter, ValidationError, with_
 from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
 
 from hub.config import Settings
-from hub.models import AGENT_ID_PATTERN
+from hub.models import AGENT_ID_PATTERN, Publisher
 from hub.problems import Conflict, InvalidInput, NotFound
 from hub.store import Page, Store
 
 log = logging.getLogger(__name__)
-Publisher = Callable[[str, str, dict[str, Any]], None]
 AckHandler = Callable[..., Awaitable[None]]
 
 CommandState = Literal["queued", "delivered", "completed", "failed", "expired"]
@@ -218,6 +222,13 @@ class CommandService:
                     self._changed(view)
             except Exception:  # the store failed: expiry must keep being checked
                 log.exception("expiring commands failed; will retry")
+
+    async def follow_remote(self, view: dict[str, Any]) -> None:
+        """Act on another node's change: deliver `queued` if the agent is here; wake waiters at an end."""
+        if view["state"] == "queued":
+            await self.deliver_queued(view["agent_id"])
+        elif view["state"] in FINAL_STATES and (settled := self._settled.get(view["id"])) is not None:
+            settled.set()
 
     def release_waiters(self) -> None:
         """Answer every caller still waiting for an ack at once (the hub is shutting down)."""

@@ -48,6 +48,18 @@ class Settings(BaseSettings):
         None, description="also listen on this unix socket (plain HTTP), for a proxy on the same machine"
     )
 
+    # several nodes (README "Several nodes: Redis")
+    redis_url: SecretStr | None = Field(
+        None,
+        description="redis://[:password@]host:port/db (rediss:// for TLS, unix:///path.sock): the Redis "
+        "that nodes sharing one store use for commands, revocations and dashboard pushes (unset: one node)",
+    )
+    redis_prefix: str = Field(
+        "agenthub",
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="prefix of the Redis channels: the same on every node of a hub, another for another hub",
+    )
+
     # agent certificates
     agent_cert_days: int = Field(365, gt=0, le=3650, description="validity of certificates the API signs")
 
@@ -90,6 +102,15 @@ class Settings(BaseSettings):
     sqlite_busy_timeout_s: float = Field(
         5.0, gt=0, description="how long a write waits for a lock another process holds before `unavailable`"
     )
+    database_url: SecretStr | None = Field(
+        None,
+        description="postgresql://user:password@host:port/db: the PostgreSQL store several nodes share "
+        "(unset: the SQLite file in data_dir)",
+    )
+    database_pool_size: int = Field(10, gt=0, le=1000, description="PostgreSQL connections per node at most")
+    database_timeout_s: float = Field(
+        30.0, gt=0, description="longest a PostgreSQL statement may take before the write is `unavailable`"
+    )
     commit_max_events: int = Field(5_000, gt=0, description="most events in one group commit")
     retry_after_ms: int = Field(1000, gt=0)
     max_batches_in_flight: int = Field(
@@ -105,6 +126,14 @@ class Settings(BaseSettings):
     heartbeat_offline_after: float = Field(3.0, gt=1, description="intervals before 'offline'")
     heartbeat_history_s: float = Field(
         86_400.0, gt=0, description="how long each agent's heartbeats are kept for its charts"
+    )
+
+    # graceful stop (SIGTERM); systemd/agenthub.service's TimeoutStopSec covers the default
+    drain_timeout_s: float = Field(
+        10.0, gt=0, description="longest a stopping hub waits for batches under way to be committed and acked"
+    )
+    drain_reconnect_window_s: float = Field(
+        5.0, ge=0, description="a stopping hub tells each agent to reconnect after a random delay up to this"
     )
 
     # risk model (DESIGN.md)
@@ -312,6 +341,24 @@ class Settings(BaseSettings):
     def _host_and_port(cls, value: str | None) -> str | None:
         if value is not None:
             _split_address(value)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "database_url must be a postgresql:// URL"
+            )  # never echo it: it may hold a password
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("redis_url must be a redis://, rediss:// or unix:// URL")  # never echo it
         return value
 
     @model_validator(mode="after")

@@ -61,6 +61,18 @@ class Ingestor:
             self._last_seq[agent_id] = await self._store.last_seq(agent_id)
         return self._last_seq[agent_id]
 
+    async def resume(self, agent_id: str) -> int:
+        """Start an agent's session: return its last stored seq, and score on from its stored state.
+
+        Both are read from the store again: with several nodes, the agent may have streamed to
+        another one since this node last saw it.
+        """
+        self._scoring.reload(agent_id)
+        stored = await self._store.last_seq(agent_id)
+        # A batch of the agent's previous socket may still be committing here: keep the higher.
+        self._last_seq[agent_id] = max(stored, self._last_seq.get(agent_id, 0))
+        return self._last_seq[agent_id]
+
     async def ingest(self, agent_id: str, payload: Any) -> BatchAck:
         """Store a batch durably and return its ack; raise `HubError` for a bad or untimely one."""
         settings = self._settings

@@ -6,10 +6,14 @@ measurably cheaper than BaseModel instances and the result is the plain dict we 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Required, get_args
 
 from pydantic import ConfigDict, Field, JsonValue, StringConstraints, TypeAdapter, with_config
 from typing_extensions import TypedDict  # pydantic needs this TypedDict on Python 3.11
+
+# A dashboard push: (kind, key, data); the key coalesces a slow dashboard's updates.
+Publisher = Callable[[str, str, dict[str, Any]], None]
 
 EventKind = Literal[
     "process_start",

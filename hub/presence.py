@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from hub.config import Settings
-from hub.models import AgentStatus, ConnectInfo, Heartbeat, PresenceReason
+from hub.models import AgentStatus, ConnectInfo, Heartbeat, PresenceReason, Publisher
 from hub.notices import presence_notices
 from hub.store import Store
 from hub.turns import Turns
 
 log = logging.getLogger(__name__)
-Publisher = Callable[[str, str, dict[str, Any]], None]
 Disconnector = Callable[[str, PresenceReason], Awaitable[None]]
 _IDENTITY = ("hostname", "agent_version", "platform", "node")
 _PRUNE_EVERY_S = 60.0  # heartbeat history is pruned this often: a cheap, indexed delete
@@ -27,6 +26,7 @@ class _Live:
     sid: str
     status: AgentStatus
     last_heartbeat: float
+    connected_at: float  # with the node, what the store knows this connection by
 
 
 class Presence:
@@ -47,9 +47,11 @@ class Presence:
         self._publish = publish
         self._live: dict[str, _Live] = {}
         self._turns = Turns()  # one change of an agent at a time, in the order they came
-        self._unsaved: dict[str, tuple[PresenceReason, float]] = {}  # agent id -> offline to store
+        # agent id -> the offline to store: reason, when, and the connection it ends (its connected_at)
+        self._unsaved: dict[str, tuple[PresenceReason, float, float]] = {}
         self._history_s = settings.heartbeat_history_s
         self._pruned_at = 0.0
+        self._swept_at = 0.0
 
     @property
     def connected(self) -> int:
@@ -74,7 +76,7 @@ class Presence:
                 **info,
             )
             previous = self._live.get(agent_id)
-            self._live[agent_id] = _Live(sid, "online", now)
+            self._live[agent_id] = _Live(sid, "online", now, connected_at=now)
             self._unsaved.pop(agent_id, None)  # an older offline the store missed is out of date
         return previous.sid if previous else None
 
@@ -105,7 +107,7 @@ class Presence:
             if live is None or live.sid != sid:
                 return
             del self._live[agent_id]
-            self._unsaved[agent_id] = (reason, time.time())
+            self._unsaved[agent_id] = (reason, time.time(), live.connected_at)
             await self._save_offline(agent_id)
 
     async def watch(self, disconnect: Disconnector) -> None:
@@ -114,6 +116,7 @@ class Presence:
             await asyncio.sleep(min(1.0, self._interval / 4))
             try:
                 await self._check(disconnect)
+                await self._sweep_orphans()
                 await self._prune_history()
             except Exception:  # the store failed: liveness must keep being watched
                 log.exception("liveness check failed; will retry")
@@ -130,6 +133,28 @@ class Presence:
                 await disconnect(live.sid, "missed_heartbeats")
             elif silent > self._late_after and live.status == "online":
                 await self._restatus(agent_id, live, "late", "missed_heartbeats", now)
+
+    async def _sweep_orphans(self) -> None:
+        """Mark offline the agents of a node that died (kill -9, power loss) and never came back.
+
+        Their heartbeats stopped reaching the store; connected agents' nodes would have marked
+        them within `offline_after`, so twice that leaves each node the first word on its own.
+        """
+        now = time.time()
+        if now - self._swept_at < self._offline_after:
+            return
+        self._swept_at = now
+        reason: PresenceReason = "missed_heartbeats"
+        swept = await self._store.mark_silent_offline(
+            before=now - 2 * self._offline_after,
+            now=now,
+            notices=lambda agent_id: presence_notices(agent_id, "offline", reason, now),
+        )
+        for agent_id in swept:
+            log.warning("agent %s of a node that went away is offline (%s)", agent_id, reason)
+            self._publish(
+                "agent", agent_id, {"agent_id": agent_id, "status": "offline", "reason": reason, "ts": now}
+            )
 
     async def _prune_history(self) -> None:
         now = time.time()
@@ -149,7 +174,7 @@ class Presence:
         """Change the status of the connection `live`, unless another change came first."""
         async with self._turns(agent_id):
             if self._live.get(agent_id) is live and live.status != status:
-                await self._change(agent_id, status, reason, now, **fields)
+                await self._change(agent_id, status, reason, now, if_connected_at=live.connected_at, **fields)
                 live.status = status
 
     async def _save_offline(self, agent_id: str) -> None:
@@ -157,17 +182,25 @@ class Presence:
         unsaved = self._unsaved.get(agent_id)
         if unsaved is None:  # a connection since then stored a newer status
             return
+        reason, now, connected_at = unsaved
         try:
-            await self._change(agent_id, "offline", *unsaved)
+            await self._change(agent_id, "offline", reason, now, if_connected_at=connected_at)
         except Exception as exc:
             log.warning("storing that agent %s is offline failed (%s); will retry", agent_id, exc)
             return
         del self._unsaved[agent_id]
 
     async def _change(
-        self, agent_id: str, status: AgentStatus, reason: PresenceReason, now: float, **fields: Any
+        self,
+        agent_id: str,
+        status: AgentStatus,
+        reason: PresenceReason,
+        now: float,
+        *,
+        if_connected_at: float | None = None,
+        **fields: Any,
     ) -> None:
-        log.info("agent %s is %s (%s)", agent_id, status, reason)
+        """Store and announce a status; with `if_connected_at`, only while that connection is the agent's."""
         record = {
             "status": status,
             "status_reason": reason,
@@ -176,7 +209,14 @@ class Presence:
             **fields,
         }
         # Webhook deliveries are queued in the same transaction as the status they announce.
-        await self._store.save_agent(agent_id, record, presence_notices(agent_id, status, reason, now))
+        # A connection's later changes apply only while it is the stored one: the agent may have
+        # moved to another node since, which now holds its status.
+        connection = None if if_connected_at is None else (self._node, if_connected_at)
+        notices = presence_notices(agent_id, status, reason, now)
+        if not await self._store.save_agent(agent_id, record, notices, connection=connection):
+            log.info("agent %s has connected elsewhere since: its old socket here is %s", agent_id, status)
+            return
+        log.info("agent %s is %s (%s)", agent_id, status, reason)
         # A connect carries who the agent is: a page that never had it in a snapshot learns it here.
         identity = {name: fields[name] for name in _IDENTITY if name in fields}
         change = {"agent_id": agent_id, "status": status, "reason": reason, "ts": now}

@@ -1,7 +1,10 @@
 """The hub's pulse: once a second, dashboards get its rates, agent counts and health (`stats`).
 
 One reading per interval serves every dashboard (the bus encodes it once), instead of each
-page polling `/api/v1/stats` and `/api/v1/health`.
+page polling `/api/v1/stats` and `/api/v1/health`. A reading is this node's (its rates, its
+connected agents, its scoring backlog; the agent counts by status are the store's), so it goes
+to this node's dashboards only and names the node: pushed everywhere, several nodes' readings
+would take turns on every page.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ async def beat(
     store: Store,
     bus: PushBus,
     *,
+    node_id: str,
     interval_s: float = 1.0,
 ) -> None:
     """Publish a `stats` message every `interval_s` until cancelled."""
@@ -35,11 +39,12 @@ async def beat(
         last_count, last_at = ingestor.accepted, now
         if not bus.subscriber_count:  # nobody to tell: spare the store its query
             continue
-        bus.publish(
+        bus.publish_local(
             "stats",
             "hub",
             {
                 "ts": time.time(),
+                "node": node_id,
                 "events_per_s": round(rate, 1),
                 "events_accepted": ingestor.accepted,
                 "agents_connected": presence.connected,

@@ -4,25 +4,41 @@ A message is encoded once per publish and offered to every subscriber. Each subs
 keeps only the latest message per key (one per process, agent or alert), so a slow
 dashboard gets coalesced updates and never slows the publisher; one that falls too far
 behind is re-sent a snapshot instead.
+
+One node fans out in process (`LocalBus`). Several nodes share a Redis (`RedisBus`): a
+message goes to this node's dashboards at once and, as the same encoded bytes, to every
+other node over Redis pub/sub, where it meets that node's dashboards under the same rules.
+Services on other nodes may follow a kind of message (a command's changes, a revocation):
+that is how work reaches the node that holds an agent's socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
+import redis.asyncio as redis
 from aiohttp import WSCloseCode, WSMsgType, web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
+from hub.config import Settings
 from hub.problems import RateLimited
 
 log = logging.getLogger(__name__)
 SnapshotSource = Callable[[], Awaitable[dict[str, Any]]]
+# Called with a message's `data` when another node publishes its kind.
+Follower = Callable[[dict[str, Any]], Awaitable[object]]
+_RETRY_MAX_S = 5.0  # longest pause between attempts to reach Redis
 
 
 @dataclass(slots=True)
@@ -71,8 +87,61 @@ class Subscriber:
         return list(pending.values())
 
 
-class PushBus:
-    """In-process fan-out to every subscribed dashboard."""
+class PushBus(Protocol):
+    """The one seam every publisher uses: in process (`LocalBus`) or across nodes (`RedisBus`)."""
+
+    stats: PushStats
+    send_timeout_s: float
+
+    @property
+    def subscriber_count(self) -> int:
+        """Dashboards subscribed on this node."""
+        ...
+
+    def publish(self, kind: str, key: str, data: dict[str, Any]) -> None:
+        """Offer `data` as a `kind` message to every dashboard of every node, coalesced by `key`."""
+        ...
+
+    def publish_local(self, kind: str, key: str, data: dict[str, Any]) -> None:
+        """Offer `data` to this node's dashboards only (a reading of this node, such as `stats`)."""
+        ...
+
+    def resync_all(self) -> None:
+        """Send every dashboard of every node a fresh snapshot (after all scores changed at once)."""
+        ...
+
+    def follow(self, kind: str, follower: Follower) -> None:
+        """Call `follower` with the data of every `kind` message another node publishes."""
+        ...
+
+    def subscribe(self, owner: str) -> Subscriber:
+        """Add a subscriber for `owner`; raise `RateLimited` past the caps (each costs every publish)."""
+        ...
+
+    def unsubscribe(self, subscriber: Subscriber) -> None: ...
+
+    async def start(self) -> None:
+        """Begin exchanging messages with other nodes, if there are any."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def push_bus(settings: Settings) -> PushBus:
+    """Build the bus the settings ask for: over Redis when `redis_url` is set, else in process."""
+    limits: dict[str, Any] = {
+        "max_pending": settings.push_max_pending,
+        "max_subscribers": settings.push_max_dashboards,
+        "max_per_owner": settings.push_max_dashboards_per_principal,
+        "send_timeout_s": settings.push_send_timeout_s,
+    }
+    if settings.redis_url is None:
+        return LocalBus(**limits)
+    return RedisBus(settings.redis_url.get_secret_value(), channel=f"{settings.redis_prefix}:push", **limits)
+
+
+class LocalBus:
+    """In-process fan-out to every dashboard subscribed on this node."""
 
     def __init__(
         self, *, max_pending: int, max_subscribers: int, max_per_owner: int, send_timeout_s: float
@@ -91,18 +160,19 @@ class PushBus:
 
     def publish(self, kind: str, key: str, data: dict[str, Any]) -> None:
         """Offer `data` as a `kind` message to every subscriber, coalesced by `key`."""
-        if not self._subscribers:
-            return
-        message = orjson.dumps({"type": kind, "data": data})
-        slot = f"{kind}:{key}"
-        for subscriber in self._subscribers:
-            subscriber.offer(slot, message)
-        self.stats.published += 1
+        self.publish_local(kind, key, data)
+
+    def publish_local(self, kind: str, key: str, data: dict[str, Any]) -> None:
+        if self._subscribers:  # nobody listens: spare the encoding
+            self._offer(f"{kind}:{key}", _frame(kind, data))
 
     def resync_all(self) -> None:
         """Send every subscriber a fresh snapshot (after all scores changed at once)."""
         for subscriber in self._subscribers:
             subscriber.resync()
+
+    def follow(self, kind: str, follower: Follower) -> None:
+        """Do nothing: no other node publishes here."""
 
     def subscribe(self, owner: str) -> Subscriber:
         """Add a subscriber for `owner`; raise `RateLimited` past the caps (each costs every publish)."""
@@ -121,6 +191,164 @@ class PushBus:
             self._owners[subscriber.owner] -= 1
             if not self._owners[subscriber.owner]:
                 del self._owners[subscriber.owner]
+
+    async def start(self) -> None:
+        """Do nothing: the bus is ready as built."""
+
+    async def close(self) -> None:
+        """Do nothing: there is no connection to close."""
+
+    def _offer(self, slot: str, message: bytes) -> None:
+        if not self._subscribers:
+            return
+        for subscriber in self._subscribers:
+            subscriber.offer(slot, message)
+        self.stats.published += 1
+
+
+class RedisBus(LocalBus):
+    """This node's dashboards, plus every other node's over one Redis pub/sub channel.
+
+    On the channel a message is a JSON header line `[node, kind, key]`, then the encoded
+    dashboard message itself, which no node decodes again to pass on; `[node, null, null]`
+    asks every other node to resync its dashboards. Publishing never waits for Redis: updates
+    queue, coalesced by key like a subscriber's, and a writer task sends them in pipelines.
+    While Redis is away they wait and go out when it answers; updates of keys beyond
+    `max_unsent` are dropped, made good by a resync of every other node once Redis answers.
+    A node whose subscription broke resyncs its own dashboards when it is back.
+    """
+
+    def __init__(self, url: str, *, channel: str, max_unsent: int = 10_000, **limits: Any) -> None:
+        """Use the Redis at `url`; hold at most `max_unsent` keys' updates while Redis is slow or away."""
+        super().__init__(**limits)
+        # No retries inside redis-py: a subscription it renewed quietly would hide what was missed.
+        # Named for operators (CLIENT LIST): which hub's bus a connection belongs to.
+        self._redis = redis.Redis.from_url(
+            url, socket_connect_timeout=5, client_name=channel, retry=Retry(NoBackoff(), 0)
+        )
+        self._channel = channel
+        self._node = uuid.uuid4().hex  # node ids may repeat (a hostname): this one is unique
+        self._unsent: dict[str, bytes] = {}  # slot -> message with its header, latest per slot
+        self._max_unsent = max_unsent
+        self._lost = False  # something never reached Redis: the other nodes must resync
+        self._wake = asyncio.Event()
+        self._subscribed = asyncio.Event()
+        self._followers: dict[str, list[Follower]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def publish(self, kind: str, key: str, data: dict[str, Any]) -> None:
+        frame = _frame(kind, data)  # encoded once: for this node's dashboards and every other node
+        slot = f"{kind}:{key}"
+        self._offer(slot, frame)
+        self._send(slot, orjson.dumps([self._node, kind, key]) + b"\n" + frame)
+
+    def resync_all(self) -> None:
+        super().resync_all()
+        self._send("", orjson.dumps([self._node, None, None]) + b"\n")
+
+    def follow(self, kind: str, follower: Follower) -> None:
+        self._followers.setdefault(kind, []).append(follower)
+
+    async def start(self) -> None:
+        """Start the reader and writer; wait a little for the subscription, so nothing early is missed."""
+        self._spawn(self._read(), "push-bus-reader")
+        self._spawn(self._write(), "push-bus-writer")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):  # not wait_for: it can swallow a cancellation on 3.11
+                await self._subscribed.wait()
+        if not self._subscribed.is_set():
+            log.warning("Redis is not answering: other nodes' dashboard updates arrive once it does")
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._redis.aclose()
+
+    def _send(self, slot: str, message: bytes) -> None:
+        if slot not in self._unsent and len(self._unsent) >= self._max_unsent:
+            self._lost = True
+            return
+        self._unsent[slot] = message
+        self._wake.set()
+
+    async def _write(self) -> None:
+        pause = 0.1
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._unsent = self._unsent, {}
+            if self._lost:
+                self._lost = False
+                batch[""] = orjson.dumps([self._node, None, None]) + b"\n"
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for message in batch.values():
+                        pipe.publish(self._channel, message)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("cannot publish dashboard updates to Redis (%s); retrying in %.1f s", exc, pause)
+                # Sent again, unless newer updates of the same keys came meanwhile: a message may
+                # then arrive twice, which changes nothing (each is the latest state of its key).
+                self._unsent = batch | self._unsent
+                self._wake.set()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_MAX_S)
+            else:
+                pause = 0.1
+
+    async def _read(self) -> None:
+        pause, broke = 0.1, False
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    if broke:  # what other nodes published meanwhile is lost: start afresh
+                        super().resync_all()
+                    self._subscribed.set()
+                    pause = 0.1
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self._receive(message["data"])
+            except (RedisError, OSError) as exc:
+                log.warning("lost the Redis subscription for dashboards (%s); retrying in %.1f s", exc, pause)
+                broke = True
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_MAX_S)
+
+    def _receive(self, raw: bytes) -> None:
+        head, _, frame = raw.partition(b"\n")
+        try:
+            node, kind, key = orjson.loads(head)
+        except (ValueError, TypeError):  # not from a hub node: someone else shares the channel
+            log.warning("ignored a message on %s that no hub node sent", self._channel)
+            return
+        if node == self._node:  # this node's dashboards had it when it was published
+            return
+        if kind is None:
+            super().resync_all()
+            return
+        self._offer(f"{kind}:{key}", frame)
+        for follower in self._followers.get(kind, ()):
+            self._spawn(_follow(follower, kind, orjson.loads(frame)["data"]), f"follow-{kind}")
+
+    def _spawn(self, work: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _follow(follower: Follower, kind: str, data: dict[str, Any]) -> None:
+    try:
+        await follower(data)
+    except Exception:  # one failed follower must not stop the bus
+        log.exception("following a %s message from another node failed", kind)
+
+
+def _frame(kind: str, data: dict[str, Any]) -> bytes:
+    return orjson.dumps({"type": kind, "data": data})
 
 
 @dataclass(frozen=True, slots=True)

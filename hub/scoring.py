@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from hub.config import Settings
-from hub.models import SEVERITY_ORDER, Contribution, Event, ScoreView, score_view
+from hub.models import SEVERITY_ORDER, Contribution, Event, Publisher, ScoreView, score_view
 from hub.notices import alert_notices, siem_event
 from hub.rules import ProcessContext, Rule, RuleSet
 from hub.store import Store
@@ -143,8 +143,14 @@ class RiskEngine:
         return agent_id in self._live
 
     def restore(self, agent_id: str, records: Iterable[dict[str, Any]]) -> None:
-        """Load an agent's live processes from their stored records."""
+        """Load an agent's live processes from their stored records.
+
+        What the store holds replaces what was kept here (another node may have scored or ended
+        it since); riskless processes, which are never stored, stay as this node knew them.
+        """
         table = self._live.setdefault(agent_id, {})
+        for pid in [pid for pid, process in table.items() if process.stored]:
+            del table[pid]
         for record in records:
             process = ProcessRisk.from_record(record)
             process.stored = True
@@ -372,7 +378,6 @@ def _evict_one(table: dict[int, ProcessRisk]) -> None:
     del table[victim]
 
 
-Publisher = Callable[[str, str, dict[str, Any]], None]
 # Events scored per pass: a pass runs on the event loop, so a bound keeps acks flowing.
 PASS_EVENTS = 2000
 _RETRY_S = 1.0
@@ -404,10 +409,16 @@ class ScoringService:
         self._room = asyncio.Event()
         self._room.set()
         self._flushing: asyncio.Task[None] | None = None
+        self._reload: set[str] = set()  # agents whose state is read from the store before their next events
         self._stopping = False
         self._pass = asyncio.Lock()  # one scoring pass at a time; drain() waits for it
         self.backlog = 0  # events handed over and not yet scored
         self.scored = 0
+
+    def reload(self, agent_id: str) -> None:
+        """Read the agent's state from the store before scoring its next events (another node may
+        have scored it since)."""
+        self._reload.add(agent_id)
 
     def submit(self, agent_id: str, events: list[Event]) -> None:
         """Hand over newly stored events (never blocks: they are already committed)."""
@@ -462,8 +473,7 @@ class ScoringService:
             work.append(self._queue.popleft())
             taken += len(work[-1][1])
         try:
-            for agent_id in {agent_id for agent_id, _, _ in work if not self.engine.knows(agent_id)}:
-                self.engine.restore(agent_id, await self._store.load_processes(agent_id))
+            await self._restore({agent_id for agent_id, _, _ in work})
         except Exception:
             self._queue.extendleft(reversed(work))  # nothing was scored: try the same work again
             raise
@@ -489,6 +499,16 @@ class ScoringService:
         if self._flushing is not None:
             await self._flushing
         self._flushing = asyncio.create_task(self._flush(records, alerts, forwarded))
+
+    async def _restore(self, agent_ids: set[str]) -> None:
+        stale = {
+            agent_id for agent_id in agent_ids if agent_id in self._reload or not self.engine.knows(agent_id)
+        }
+        if stale and self._flushing is not None:
+            await self._flushing  # what this node scored is stored before it is read back
+        for agent_id in stale:
+            self.engine.restore(agent_id, await self._store.load_processes(agent_id))
+            self._reload.discard(agent_id)
 
     def _siem_events(self, matches: list[tuple[str, Event, list[Rule]]] | None) -> list[dict[str, Any]]:
         least = self._siem_min_severity

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Mapping
 from typing import Any
@@ -22,7 +23,7 @@ from hub.ingest import Ingestor
 from hub.models import CONNECT_INFO_ADAPTER, HEARTBEAT_ADAPTER, ConnectInfo, PresenceReason
 from hub.observability import log_context
 from hub.presence import Presence
-from hub.problems import HubError, InternalError, InvalidInput, Overloaded, error_ack
+from hub.problems import HubError, InternalError, InvalidInput, Overloaded, Unavailable, error_ack
 
 log = logging.getLogger(__name__)
 NAMESPACE = "/agent"
@@ -61,6 +62,10 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         self._agents: dict[str, str] = {}  # sid -> agent id
         self._closing: dict[str, PresenceReason] = {}  # sid -> why the hub closed it
         self._in_flight: dict[str, int] = {}  # sid -> batches not yet answered
+        self._batches = 0  # batches not yet answered, on all sockets
+        self._answered = asyncio.Event()  # set while no batch awaits its answer
+        self._answered.set()
+        self._draining = False  # the hub is stopping: no new agent or batch is taken
         self._trust = trust
         self._certs: dict[str, str] = {}  # sid -> fingerprint of the certificate it connected with
         self._revoked: dict[str, str] = {}  # fingerprint -> reason, for revocations while this hub runs
@@ -68,6 +73,8 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         # Every attempt gets an answer: an exception other than ConnectionRefusedError would
         # leave the client waiting for a CONNECT that never comes.
+        if self._draining:  # its TCP connection was accepted just before the listener closed
+            raise _refusal("unavailable", "The hub is stopping; connect again (to another node).")
         try:
             identity = await self._identify(environ, auth)
             info = CONNECT_INFO_ADAPTER.validate_python(auth if isinstance(auth, dict) else {})
@@ -97,7 +104,7 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
     async def _admit(self, sid: str, identity: AgentIdentity, info: ConnectInfo) -> None:
         agent_id = identity.agent_id
         with log_context(agent_id=agent_id):
-            last_seq = await self._ingestor.last_seq(agent_id)
+            last_seq = await self._ingestor.resume(agent_id)
             # Presence is recorded last, once nothing else can fail: a refused socket leaves no trace.
             previous = await self._presence.connect(agent_id, sid, info, identity.fingerprint)
             self._agents[sid] = agent_id
@@ -109,6 +116,9 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             self.server.start_background_task(self._hello, sid, agent_id, last_seq)
 
     async def _hello(self, sid: str, agent_id: str, last_seq: int) -> None:
+        if self._draining:  # admitted while `drain` was sending agents away: this one goes too
+            await self._send_away(sid)
+            return
         if self._presence.sid_of(agent_id) != sid:  # superseded before its CONNECT, when `close` could not
             await self.close(sid, "superseded")
             return
@@ -148,6 +158,12 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         return await super().trigger_event(event, *args)
 
     async def on_events(self, sid: str, payload: Any = None) -> dict[str, Any]:
+        # Checked first: a batch read before its socket was sent away may run after it left `_agents`.
+        if self._draining:  # the agent keeps the batch and sends it again after reconnecting
+            return error_ack(
+                Unavailable("the hub is stopping; send this batch again after reconnecting",
+                            retry_after_ms=self._settings.retry_after_ms)
+            )  # fmt: skip
         agent_id = self._agents.get(sid)
         if agent_id is None:
             return error_ack(InvalidInput("this socket is not connected as an agent"))
@@ -161,6 +177,8 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
                 )
             )
         self._in_flight[sid] = self._in_flight.get(sid, 0) + 1
+        self._batches += 1
+        self._answered.clear()
         ingest = self._ingestor.ingest(agent_id, payload)
         try:
             return await _answer(
@@ -168,7 +186,16 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
                 f"events from {agent_id}", "the hub failed to process this batch; retry it",
             )  # fmt: skip
         finally:
+            self._batch_answered(sid)
+
+    def _batch_answered(self, sid: str) -> None:
+        if sid in self._in_flight:  # gone if the socket closed while its batch was committing
             self._in_flight[sid] -= 1
+        self._batches -= 1
+        if not self._batches:
+            # python-socketio queues the ack packet in the same step as this handler returns (no
+            # await between them suspends), so whoever this wakes finds every answer queued.
+            self._answered.set()
 
     async def on_heartbeat(self, sid: str, payload: Any = None) -> dict[str, Any]:
         agent_id = self._agents.get(sid)
@@ -198,9 +225,38 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         self._closing[sid] = reason
         await self.disconnect(sid)
 
-    async def close_all(self, reason: PresenceReason) -> None:
-        """Disconnect every agent (shutdown)."""
-        await asyncio.gather(*(self.close(sid, reason) for sid in list(self._agents)))
+    async def drain(self) -> None:
+        """Take no new agent or batch, answer the batches under way, then send every agent away.
+
+        Bounded by `drain_timeout_s`: a batch still unanswered then is cut off with its socket
+        and resent by its agent (the hub dedupes it if it was stored after all).
+        """
+        self._draining = True
+        if self._batches:
+            log.info("waiting for %d batches under way to be committed and acked", self._batches)
+        try:
+            async with asyncio.timeout(self._settings.drain_timeout_s):
+                await self._answered.wait()
+        except TimeoutError:
+            log.warning(
+                "%d batches unanswered after drain_timeout_s; their agents resend them", self._batches
+            )
+        if self._agents:
+            log.info(
+                "sending %d agents away: each reconnects within %.1fs",
+                len(self._agents), self._settings.drain_reconnect_window_s,
+            )  # fmt: skip
+        await asyncio.gather(*(self._send_away(sid) for sid in list(self._agents)))
+
+    async def _send_away(self, sid: str) -> None:
+        # Each agent gets its own delay, so they do not all land on the remaining nodes at once.
+        delay_s = random.uniform(0, self._settings.drain_reconnect_window_s)
+        hint = {"reason": "draining", "after_ms": round(delay_s * 1000)}
+        await self.emit("reconnect", hint, to=sid, ignore_queue=True)  # for this node's socket only
+        eio_sid = self.server.manager.eio_sid_from_sid(sid, NAMESPACE)
+        if eio_sid is not None:
+            self._closing[sid] = "server_shutdown"
+            await self.server.eio.drop(eio_sid)
 
     async def revoke(self, fingerprint: str, reason: str) -> int:
         """Send `revoked` to every socket using certificate `fingerprint` and close it; return how many."""
@@ -277,6 +333,24 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]  # engineio shi
         self.sockets.pop(sid, None)
         # After CLOSE, the end of the queue: the WebSocket writer then closes the connection
         # rather than waiting for the client to, which a hostile one never does.
+        socket.queue.put_nowait(None)
+
+    async def drop(self, sid: str) -> None:
+        """Close the connection of socket `sid` as a lost network would: without a CLOSE packet.
+
+        Stock Socket.IO clients then reconnect by themselves. python-socketio's client does
+        not after the server's Socket.IO DISCONNECT or its Engine.IO CLOSE packet: it answers
+        both with its own `disconnect()`, which leaves the Engine.IO state `disconnecting`, and
+        it reconnects only from `connected`. The JavaScript client does not after a DISCONNECT
+        either ("io server disconnect").
+        """
+        # Out of `sockets` first: an answer produced while the disconnect handlers run (they
+        # await the store) is not sent; its agent resends the batch after reconnecting.
+        socket = self.sockets.pop(sid, None)
+        if socket is None:
+            return
+        await socket.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
+        # The writer sends what is queued (acks, then the reconnect hint), then closes the WebSocket.
         socket.queue.put_nowait(None)
 
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import secrets
 import shutil
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
+import asyncpg
 import pytest
 import socketio
 from aiohttp import web
@@ -22,8 +25,13 @@ from hub.app import create_app
 from hub.certs import create_ca, init_pki, issue_agent
 from hub.config import Settings
 from hub.keys import INGESTOR, SCORING, STORE
-from hub.store.sqlite import SqliteStore
+from hub.store import Store, create_store
 from hub.tokens import create_token
+
+# The machine's PostgreSQL; each test gets a schema of its own there.
+POSTGRES_URL = os.environ.get("HUB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+# `HUB_TEST_STORE=postgresql make test` runs every hub the tests start on PostgreSQL.
+STORE_BACKEND = os.environ.get("HUB_TEST_STORE", "sqlite")
 
 
 def free_port() -> int:
@@ -42,6 +50,38 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI but is not installed; .ci/run should install it")
         pytest.skip(f"{name} is not installed on this machine")
     return path
+
+
+def require_service(name: str, error: BaseException) -> NoReturn:
+    """Skip a test whose service is down here, fail it in CI (.ci/run starts the services)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is required in CI but does not answer: {error}")
+    pytest.skip(f"{name} does not answer on this machine: {error}")
+
+
+def run_sql(statement: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(POSTGRES_URL, timeout=5)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    # In a thread of its own: the test's event loop may be running in this one.
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, run()).result()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A `database_url` for a fresh PostgreSQL schema of this test's own, dropped afterwards."""
+    schema = "agenthub_test_" + secrets.token_hex(6)
+    try:
+        run_sql(f'CREATE SCHEMA "{schema}"')
+    except (OSError, asyncpg.PostgresError) as exc:
+        require_service("PostgreSQL", exc)
+    yield f"{POSTGRES_URL}?search_path={schema}"
+    run_sql(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 @pytest.fixture(scope="session")
@@ -66,10 +106,11 @@ def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, pki: Path) -> Settings:
+def settings(tmp_path: Path, pki: Path, request: pytest.FixtureRequest) -> Settings:
     # Each hub gets its own copy of the PKI: a test may rotate the CA (the API allows it).
     certs = tmp_path / "certs"
     shutil.copytree(pki, certs)
+    database_url = request.getfixturevalue("postgres_url") if STORE_BACKEND == "postgresql" else None
     return Settings(
         host="127.0.0.1",
         port=0,
@@ -77,6 +118,7 @@ def settings(tmp_path: Path, pki: Path) -> Settings:
         certs_dir=certs,
         jwt_secret="test-secret-" + "x" * 40,
         heartbeat_interval_s=30.0,
+        database_url=database_url,
     )
 
 
@@ -120,10 +162,17 @@ async def start_hub(settings: Settings) -> tuple[web.AppRunner, RunningHub]:
 HubStarter = Callable[[dict[str, Any]], Awaitable[RunningHub]]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings naming a database of this test's own, on each backend: a SQLite file, a PostgreSQL schema."""
+    database_url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    return Settings(data_dir=tmp_path / "data", database_url=database_url)
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    """A real SQLite store of its own, opened under `tmp_path` (no hub around it)."""
-    opened = SqliteStore(tmp_path / "data" / "hub.db")
+async def store(store_settings: Settings) -> AsyncIterator[Store]:
+    """A real store of its own (no hub around it), on each backend."""
+    opened = create_store(store_settings)
     await opened.open()
     yield opened
     await opened.close()

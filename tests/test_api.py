@@ -9,6 +9,7 @@ import aiohttp
 import jwt
 import pytest
 
+from hub.store.sqlite import SqliteConn
 from tests.conftest import ConnectAgent, RunningHub
 from tests.test_scoring import attack
 
@@ -150,9 +151,10 @@ async def test_health_is_503_when_the_database_does_not_answer(
     hub: RunningHub, http: aiohttp.ClientSession
 ) -> None:
     store = hub.store
-    reader = store._reader_conn  # the connection health reads with: break it, as a lost disk would
-    store._reader_conn = sqlite3.connect(":memory:")
-    store._reader_conn.close()
+    reader = store._reader  # the connection health reads with: break it, as a lost disk would
+    broken = sqlite3.connect(":memory:")
+    broken.close()
+    store._reader = SqliteConn(broken)
     try:
         async with http.get("/api/v1/health") as response:
             assert response.status == 503
@@ -161,4 +163,4 @@ async def test_health_is_503_when_the_database_does_not_answer(
         assert body["status"] == 503
         assert "database unreachable" in body["detail"]
     finally:
-        store._reader_conn = reader
+        store._reader = reader

@@ -12,6 +12,8 @@ import aiohttp
 import pytest
 
 from hub.audit import GENESIS, Action, AuditLog, cli_action, entry_hash
+from hub.config import Settings
+from hub.store import Store, create_store
 from hub.store.sqlite import SqliteStore
 from hub.tokens import issue_token
 from tests.conftest import RunningHub
@@ -58,7 +60,7 @@ async def _verify(data_dir: Path) -> Any:
 # the chain ---------------------------------------------------------------------------------
 
 
-async def test_each_entry_hashes_its_fields_chained_to_the_one_before(store: SqliteStore) -> None:
+async def test_each_entry_hashes_its_fields_chained_to_the_one_before(store: Store) -> None:
     log = AuditLog(store)
     first = await log.append(_action(1))
     second = await log.append(_action(2))
@@ -72,14 +74,14 @@ async def test_each_entry_hashes_its_fields_chained_to_the_one_before(store: Sql
     assert (report.intact, report.count, report.head) == (True, 2, second["hash"])
 
 
-async def test_an_empty_log_is_intact(store: SqliteStore) -> None:
+async def test_an_empty_log_is_intact(store: Store) -> None:
     report = await AuditLog(store).verify()
     assert (report.intact, report.count, report.head) == (True, 0, GENESIS)
 
 
-async def test_concurrent_appenders_keep_one_chain(tmp_path: Path, store: SqliteStore) -> None:
-    # A second store on the same file stands for the CLI writing while the hub runs.
-    other = SqliteStore(tmp_path / "data" / "hub.db")
+async def test_concurrent_appenders_keep_one_chain(store_settings: Settings, store: Store) -> None:
+    # A second store on the same database stands for the CLI, or another node, writing while the hub runs.
+    other = create_store(store_settings)
     await other.open()
     try:
         await asyncio.gather(

@@ -18,7 +18,8 @@ import pytest
 from aiohttp import web
 
 from hub.config import Settings
-from hub.store.sqlite import SqliteStore, _migrations
+from hub.store.sql import migrations
+from hub.store.sqlite import SqliteStore
 from tests.conftest import HubStarter, RunningHub, call, client_ssl, make_events, open_agent, start_hub
 from tests.test_scoring import attack
 
@@ -456,7 +457,7 @@ async def test_the_migration_converts_the_old_event_types(settings: Settings) ->
     settings.data_dir.mkdir(parents=True)
     conn = sqlite3.connect(settings.db_path)
     conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    for version, script in _migrations():
+    for version, script in migrations("sqlite"):
         if version <= 11:
             conn.executescript(script)
             conn.execute("INSERT INTO schema_version VALUES (?)", (version,))

@@ -61,7 +61,7 @@ def _nginx_conf(prefix: Path, include: Path) -> str:
     return f"events {{}}\nhttp {{\n    access_log off;\n{temps}\n    include {include};\n}}\n"
 
 
-async def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+async def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
     for _ in range(200):
         if process.poll() is not None:
             raise AssertionError(f"nginx exited: {_read(log)}")
@@ -91,7 +91,7 @@ async def nginx(nginx_binary: str, hub_with: HubStarter, tmp_path: Path) -> Asyn
     hub_port = urllib.parse.urlsplit(hub.url).port
     agent_port, operator_port = free_port(), free_port()
     prefix = tmp_path / "nginx"
-    process = _start_nginx(
+    process = start_nginx(
         nginx_binary,
         prefix,
         {
@@ -103,8 +103,8 @@ async def nginx(nginx_binary: str, hub_with: HubStarter, tmp_path: Path) -> Asyn
     )
     log = prefix / "error.log"
     try:
-        await _wait_for_port(agent_port, process, log)
-        await _wait_for_port(operator_port, process, log)
+        await wait_for_port(agent_port, process, log)
+        await wait_for_port(operator_port, process, log)
         yield Nginx(
             hub, f"https://127.0.0.1:{agent_port}", f"https://127.0.0.1:{operator_port}", prefix, process
         )
@@ -113,7 +113,7 @@ async def nginx(nginx_binary: str, hub_with: HubStarter, tmp_path: Path) -> Asyn
         process.wait(10)
 
 
-def _start_nginx(binary: str, prefix: Path, values: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_nginx(binary: str, prefix: Path, values: dict[str, str]) -> subprocess.Popen[bytes]:
     """Run nginx in the foreground under `prefix`, with nginx/agenthub.conf filled in with `values`."""
     prefix.mkdir()
     include = prefix / "agenthub.conf"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from hub.app import NAMESPACE_KEY
 from hub.config import Settings
+from hub.keys import PRESENCE
 from hub.problems import Unavailable
 from tests.conftest import ConnectAgent, HubStarter, RunningHub, make_events, open_agent, start_hub
 
@@ -76,12 +78,12 @@ def _refuse_first_write(monkeypatch: pytest.MonkeyPatch, hub: RunningHub, *statu
     real = hub.store.save_agent
     refused: list[str] = []
 
-    async def save_agent(agent_id: str, fields: dict[str, Any], notices: Any = None) -> None:
+    async def save_agent(agent_id: str, fields: dict[str, Any], notices: Any = None, **options: Any) -> bool:
         status = fields.get("status")
         if status in statuses and status not in refused:
             refused.append(status)
             raise Unavailable("storage unavailable: disk I/O error", retry_after_ms=100)
-        await real(agent_id, fields, notices)
+        return await real(agent_id, fields, notices, **options)
 
     monkeypatch.setattr(hub.store, "save_agent", save_agent)
     return refused
@@ -114,6 +116,18 @@ async def test_late_and_back_online_are_stored_though_the_store_refused_them_onc
     assert refused == ["late", "online"]
 
 
+async def test_agents_a_vanished_node_left_online_are_marked_offline(
+    hub: RunningHub,
+) -> None:
+    # Rows as a node killed without a word leaves them: one silent long, one just seen.
+    for agent_id, silent_s in (("agent-2", 60.0), ("agent-3", 0.0)):
+        await hub.store.save_agent(agent_id, {"status": "online", "node": "node-gone",
+                                              "last_seen": time.time() - silent_s})  # fmt: skip
+    orphan = await _status_becomes(hub, "agent-2", "offline")
+    assert orphan["status_reason"] == "missed_heartbeats"
+    assert (await hub.store.get_agent("agent-3"))["status"] == "online"  # still within its window
+
+
 async def test_restart_keeps_acked_events_and_marks_agents_offline(settings: Settings) -> None:
     runner, first = await start_hub(settings)
     agent = await open_agent(first, "agent-1")
@@ -144,3 +158,22 @@ async def test_the_database_is_readable_by_its_owner_only(settings: Settings) ->
         assert settings.data_dir.stat().st_mode & 0o077 == 0
     finally:
         await runner.cleanup()
+
+
+async def test_a_socket_left_on_a_node_the_agent_moved_from_changes_nothing(hub_with: HubStarter) -> None:
+    # Two nodes on one database; the agent's old socket on A lingers after it connected to B.
+    node_a, node_b = await hub_with({"node_id": "node-a"}), await hub_with({"node_id": "node-b"})
+    old = await open_agent(node_a, "agent-1")
+    new = await open_agent(node_b, "agent-1")
+    try:
+        await old.close()
+        for _ in range(200):
+            if node_a.app[PRESENCE].sid_of("agent-1") is None:
+                break
+            await asyncio.sleep(0.01)
+        async with node_a.app[PRESENCE]._turns("agent-1"):  # A's offline write, if any, is done
+            pass
+        agent = await node_b.store.get_agent("agent-1")
+        assert (agent["status"], agent["node"]) == ("online", "node-b")
+    finally:
+        await new.close()

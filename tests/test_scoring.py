@@ -11,7 +11,7 @@ import aiohttp
 from hub.config import Settings
 from hub.rules import RuleSet, load_rules, parse_rules
 from hub.scoring import RiskEngine, RiskParams, recalculate
-from tests.conftest import ConnectAgent, RunningHub, client_ssl, open_agent, start_hub
+from tests.conftest import ConnectAgent, HubStarter, RunningHub, client_ssl, open_agent, start_hub
 
 T0 = 1_700_000_000.0
 
@@ -252,3 +252,30 @@ async def test_tracked_processes_per_agent_are_bounded(settings: Settings) -> No
     live = {p.pid: p.risk_score for p in engine.processes()}
     assert len(live) == 3
     assert live[200] > 80
+
+
+async def test_an_agent_moving_between_nodes_scores_on_from_its_stored_state(
+    settings: Settings, hub_with: HubStarter
+) -> None:
+    # Two nodes on one database (the same data folder): the agent goes A -> B -> A.
+    nodes = [await hub_with({"node_id": "node-a"}), await hub_with({"node_id": "node-b"})]
+    events = [*attack(), {"seq": 5, "ts": T0 + 30, "kind": "file_open", "pid": 200, "path": "/etc/shadow"}]
+    for node, batch in zip(
+        [nodes[0], nodes[1], nodes[0]], [events[:2], events[2:4], events[4:]], strict=True
+    ):
+        agent = await open_agent(node, "agent-1")
+        try:
+            assert (await agent.send({"events": batch}))["accepted"] == len(batch)
+            await node.settle()
+        finally:
+            await agent.close()
+
+    # The same events scored by one engine that saw them all.
+    engine = RiskEngine(load_rules(settings.rule_files), RiskParams.from_settings(settings))
+    changed: dict[str, Any] = {}
+    for event in events:
+        engine.apply("agent-1", event, changed)  # type: ignore[arg-type]  # test events are valid Events
+    expected = {key: engine.record(process)["risk_score"] for key, process in changed.items()}
+    for node in nodes:
+        stored = {key: (await node.store.get_process(key))["risk_score"] for key in expected}
+        assert stored == expected

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from hub.store.sqlite import SqliteStore
+from hub.store import Store
 
 
 def _user(name: str, role: str = "operator") -> dict[str, Any]:
@@ -20,7 +20,7 @@ def _session(id_hash: str, user_name: str, *, expires_at: float = 1000.0) -> dic
             "last_seen_at": 100.0, "expires_at": expires_at, "address": "127.0.0.1"}  # fmt: skip
 
 
-async def test_a_user_is_stored_once_with_defaults(store: SqliteStore) -> None:
+async def test_a_user_is_stored_once_with_defaults(store: Store) -> None:
     assert await store.insert_user(_user("alice")) is True
     assert await store.insert_user(_user("alice", "admin")) is False
     assert await store.get_user("alice") == {
@@ -32,15 +32,15 @@ async def test_a_user_is_stored_once_with_defaults(store: SqliteStore) -> None:
     assert await store.get_user("nobody") is None
 
 
-async def test_an_unknown_role_or_column_is_refused(store: SqliteStore) -> None:
-    with pytest.raises(Exception, match="CHECK constraint"):
+async def test_an_unknown_role_or_column_is_refused(store: Store) -> None:
+    with pytest.raises(Exception, match=r"(?i)check constraint"):
         await store.insert_user(_user("mallory", "root"))
     with pytest.raises(ValueError, match="unknown user columns"):
         await store.insert_user({**_user("mallory"), "is_admin": 1})
     assert await store.get_user("mallory") is None
 
 
-async def test_users_are_listed_by_name_without_password_hashes(store: SqliteStore) -> None:
+async def test_users_are_listed_by_name_without_password_hashes(store: Store) -> None:
     for name in ("carol", "alice", "bob"):
         await store.insert_user(_user(name))
     users = await store.list_users()
@@ -50,7 +50,7 @@ async def test_users_are_listed_by_name_without_password_hashes(store: SqliteSto
                              "locked_until", "last_signin_at"}  # fmt: skip
 
 
-async def test_only_changeable_columns_are_updated(store: SqliteStore) -> None:
+async def test_only_changeable_columns_are_updated(store: Store) -> None:
     await store.insert_user(_user("alice"))
     change = {"role": "admin", "password_hash": "new", "password_changed_at": 200.0, "failed_signins": 0,
               "locked_until": 300.0, "last_signin_at": 250.0}  # fmt: skip
@@ -63,7 +63,7 @@ async def test_only_changeable_columns_are_updated(store: SqliteStore) -> None:
     assert (await store.get_user("alice") or {})["name"] == "alice"
 
 
-async def test_signin_failures_count_up_atomically(store: SqliteStore) -> None:
+async def test_signin_failures_count_up_atomically(store: Store) -> None:
     await store.insert_user(_user("alice"))
     counts = await asyncio.gather(*(store.add_signin_failure("alice") for _ in range(5)))
     assert sorted(c for c in counts if c is not None) == [1, 2, 3, 4, 5]
@@ -71,7 +71,7 @@ async def test_signin_failures_count_up_atomically(store: SqliteStore) -> None:
     assert await store.add_signin_failure("nobody") is None
 
 
-async def test_a_session_carries_its_users_current_role(store: SqliteStore) -> None:
+async def test_a_session_carries_its_users_current_role(store: Store) -> None:
     await store.insert_user(_user("alice", "viewer"))
     await store.insert_session(_session("h1", "alice"))
     assert await store.get_session("h1") == {**_session("h1", "alice"), "role": "viewer"}
@@ -80,12 +80,12 @@ async def test_a_session_carries_its_users_current_role(store: SqliteStore) -> N
     assert await store.get_session("nope") is None
 
 
-async def test_a_session_whose_user_is_gone_is_not_returned(store: SqliteStore) -> None:
+async def test_a_session_whose_user_is_gone_is_not_returned(store: Store) -> None:
     await store.insert_session(_session("orphan", "ghost"))
     assert await store.get_session("orphan") is None
 
 
-async def test_touching_a_session_moves_its_expiry(store: SqliteStore) -> None:
+async def test_touching_a_session_moves_its_expiry(store: Store) -> None:
     await store.insert_user(_user("alice"))
     await store.insert_session(_session("h1", "alice"))
     await store.touch_session("h1", last_seen_at=150.0, expires_at=2000.0)
@@ -93,7 +93,7 @@ async def test_touching_a_session_moves_its_expiry(store: SqliteStore) -> None:
     assert (session["last_seen_at"], session["expires_at"], session["created_at"]) == (150.0, 2000.0, 100.0)
 
 
-async def test_sessions_are_deleted_one_by_user_and_when_expired(store: SqliteStore) -> None:
+async def test_sessions_are_deleted_one_by_user_and_when_expired(store: Store) -> None:
     for name in ("alice", "bob"):
         await store.insert_user(_user(name))
     await store.insert_session(_session("a1", "alice"))
@@ -110,7 +110,7 @@ async def test_sessions_are_deleted_one_by_user_and_when_expired(store: SqliteSt
     assert await store.get_session("b2") is not None
 
 
-async def test_deleting_a_user_deletes_their_sessions(store: SqliteStore) -> None:
+async def test_deleting_a_user_deletes_their_sessions(store: Store) -> None:
     for name in ("alice", "bob"):
         await store.insert_user(_user(name))
     await store.insert_session(_session("a1", "alice"))

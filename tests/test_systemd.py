@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from hub.app import SHUTDOWN_GRACE_S
+from hub.config import Settings
 from tests.conftest import require_tool
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
@@ -67,3 +69,15 @@ def test_unit_is_confined_to_its_own_state(unit: str) -> None:
     writable = re.findall(r"^ReadWritePaths=(.+)$", text, re.MULTILINE)
     assert writable == [f"/var/lib/{unit.removesuffix('.service')}"]
     assert re.search(r"^CapabilityBoundingSet=", text, re.MULTILINE)
+
+
+def test_the_hub_unit_waits_for_the_drain() -> None:
+    text = (UNITS / "agenthub.service").read_text()
+    stop = re.search(r"^TimeoutStopSec=([0-9]+)$", text, re.MULTILINE)
+    drain = re.search(r"^Environment=HUB_DRAIN_TIMEOUT_S=([0-9.]+)$", text, re.MULTILINE)
+    assert stop
+    assert drain
+    assert float(drain.group(1)) == Settings.model_fields["drain_timeout_s"].default
+    # The agents' drain, aiohttp's wait for the requests left (twice at worst), closing the store.
+    assert float(stop.group(1)) >= float(drain.group(1)) + 2 * SHUTDOWN_GRACE_S + 5
+    assert re.search(r"^KillSignal=SIGTERM$", text, re.MULTILINE)

@@ -12,7 +12,7 @@ import socketio
 
 from hub.app import NAMESPACE_KEY
 from hub.config import Settings
-from hub.keys import INGESTOR, PRESENCE
+from hub.keys import PRESENCE
 from hub.problems import Unavailable
 from tests.conftest import (
     AgentConn,
@@ -308,7 +308,7 @@ async def test_a_refused_connection_leaves_the_agents_socket_in_place(
     async def failing(*args: object) -> None:
         raise _disk_error()
 
-    monkeypatch.setattr(hub.app[INGESTOR] if call == "last_seq" else hub.store, call, failing)
+    monkeypatch.setattr(hub.store, call, failing)
     refusal = await try_connect(hub, hub.certs / "agent-1.pem", hub.certs / "agent-1.key")
     assert refusal is not None
     assert refusal["data"]["code"] == "unavailable"

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hub.models import Event
+
+if TYPE_CHECKING:
+    from hub.config import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +98,18 @@ class Store(Protocol):
         ...
 
     async def save_agent(
-        self, agent_id: str, fields: dict[str, Any], notices: list[Notice] | None = None
-    ) -> None:
+        self,
+        agent_id: str,
+        fields: dict[str, Any],
+        notices: list[Notice] | None = None,
+        *,
+        connection: tuple[str, float] | None = None,
+    ) -> bool:
         """Upsert an agent's `fields`; a `heartbeat` among them also joins its history at `last_seen`.
 
-        `notices` are queued for webhooks in the same transaction.
+        `notices` are queued for webhooks in the same transaction. With `connection` (node,
+        connected_at), an existing agent is changed only while that is its stored connection;
+        say whether it was saved.
         """
         ...
 
@@ -115,7 +125,17 @@ class Store(Protocol):
         """How many agents are in each status (online, late, offline)."""
         ...
 
-    async def mark_all_offline(self, reason: str, now: float) -> None: ...
+    async def mark_node_offline(self, node: str, reason: str, now: float) -> None:
+        """Mark offline every agent `node` (or no node) last held: that node is just starting."""
+
+    async def mark_silent_offline(
+        self, *, before: float, now: float, notices: Callable[[str], list[Notice]]
+    ) -> list[str]:
+        """Mark offline every agent still online or late last seen before `before`; return them.
+
+        `notices` announce each. Such an agent's node stopped without saying so; any node may find it.
+        """
+
     async def list_heartbeats(
         self, agent_id: str, *, since: float | None, until: float | None, after: list[Any] | None, limit: int
     ) -> Page:
@@ -472,3 +492,27 @@ class Store(Protocol):
     async def delete_throttle(self, agent_id: str) -> bool:
         """Lift an agent's throttle; say whether there was one."""
         ...
+
+
+def create_store(settings: Settings, *, on_commit: Callable[[int, float], None] | None = None) -> Store:
+    """The backend `settings` choose: PostgreSQL when `database_url` is set, else the SQLite file."""
+    from hub.store.sql import StoreOptions
+
+    options = StoreOptions(
+        commit_max_events=settings.commit_max_events,
+        retry_after_ms=settings.retry_after_ms,
+        on_commit=on_commit,
+        agent_groups=settings.agent_groups,  # webhook routing by agent group, applied as notices are queued
+    )
+    if settings.database_url is not None:
+        from hub.store.postgres import PostgresStore  # asyncpg only where it is used
+
+        return PostgresStore(
+            settings.database_url.get_secret_value(),
+            pool_size=settings.database_pool_size,
+            command_timeout_s=settings.database_timeout_s,
+            **options,
+        )
+    from hub.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.db_path, busy_timeout_s=settings.sqlite_busy_timeout_s, **options)

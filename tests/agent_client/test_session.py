@@ -251,6 +251,22 @@ async def test_reconnects_when_the_hub_ends_the_session(hub: RunningHub, start_a
     assert "clean_disconnect" in str(await hub.store.get_agent("agent-1"))
 
 
+async def test_a_draining_hub_is_rejoined_when_it_says(hub: RunningHub, start_agent: StartAgent) -> None:
+    agent = await start_agent()
+    await until(lambda: agent.session.connected)
+    namespace = hub.app[NAMESPACE_KEY]
+    sid = _sid(hub)
+    # What `drain` does, with a delay of our choosing: the hint, then the transport closes.
+    await namespace.emit("reconnect", {"reason": "draining", "after_ms": 2500}, to=sid)
+    await namespace.server.eio.drop(namespace.server.manager.eio_sid_from_sid(sid, "/agent"))
+    await until(lambda: not agent.session.connected)
+    # The library's own reconnection (0.2 s in these tests) would have brought it back by now.
+    await asyncio.sleep(1.5)
+    assert not agent.session.connected
+    await until(lambda: agent.session.connected)
+    assert hub.app[PRESENCE].sid_of("agent-1") not in (None, sid)
+
+
 async def test_a_revoked_message_stops_the_agent_for_good(hub: RunningHub, start_agent: StartAgent) -> None:
     agent = await start_agent()
     await until(lambda: agent.session.connected)

@@ -1,0 +1,151 @@
+"""PostgreSQL backend, for several hub nodes sharing one database: asyncpg, group commit per node.
+
+The store's SQL is written with `?` placeholders; they become `$1, $2...` here. Each node has
+one writer, as on SQLite: it commits every waiting job in one transaction. Writes that read
+what they then change (an audit chain, a lease, a count against a limit) are `exclusive`: their
+transaction first takes one advisory lock, so nodes run them one at a time, as SQLite's write
+lock does. Event and heartbeat writes are plain upserts and take no lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import urllib.parse
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar, Unpack
+
+import asyncpg
+
+from hub.store.sql import Conn, SqlStore, StoreOptions, WriteJob, migrations
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Advisory lock keys (any fixed numbers, the same on every node): one for exclusive writes,
+# one for migrations, so nodes starting together apply each migration once.
+_EXCLUSIVE_WRITE_LOCK = 0x4147_4E54_0001
+_MIGRATION_LOCK = 0x4147_4E54_0002
+_DEADLOCK_RETRIES = 2
+
+
+@functools.lru_cache(maxsize=512)
+def numbered(sql: str) -> str:
+    """`sql` with its `?` placeholders as PostgreSQL's `$1, $2...` (quoted text left alone)."""
+    out: list[str] = []
+    count, quoted = 0, False
+    for char in sql:
+        if char == "'":
+            quoted = not quoted
+        if char == "?" and not quoted:
+            count += 1
+            out.append(f"${count}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _changed(status: str) -> int:
+    # asyncpg answers a command's tag: "UPDATE 3", "DELETE 0", "INSERT 0 1".
+    count = status.rsplit(" ", 1)[-1]
+    return int(count) if count.isdigit() else 0
+
+
+class PostgresConn:
+    """`Conn` over one asyncpg connection."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: asyncpg.Connection) -> None:
+        self._db = db
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return list(await self._db.fetch(numbered(sql), *params))
+
+    async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return await self._db.fetchrow(numbered(sql), *params)
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return _changed(await self._db.execute(numbered(sql), *params))
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._db.executemany(numbered(sql), list(rows))
+
+    async def begin(self, *, exclusive: bool) -> None:
+        await self._db.execute("BEGIN")
+        if exclusive:  # released by COMMIT or ROLLBACK
+            await self._db.execute("SELECT pg_advisory_xact_lock($1)", _EXCLUSIVE_WRITE_LOCK)
+
+    async def rollback(self) -> None:
+        if not self._db.is_closed() and self._db.is_in_transaction():
+            await self._db.execute("ROLLBACK")
+
+
+class PostgresStore(SqlStore):
+    """The shared store of several hub nodes."""
+
+    # The database down or restarting, a connection lost, a statement past its timeout.
+    storage_errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 10,
+        command_timeout_s: float = 30.0,
+        **options: Unpack[StoreOptions],
+    ):
+        super().__init__(**options)
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self._command_timeout_s = command_timeout_s
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                command_timeout=self._command_timeout_s,
+                server_settings={"application_name": "agenthub"},
+            )
+        except (*self.storage_errors, ValueError) as exc:
+            where = urllib.parse.urlsplit(self._dsn)  # named without its password
+            raise ConnectionError(f"PostgreSQL at {where.hostname}:{where.port or 5432}{where.path} "
+                                  f"(database_url) does not answer: {exc}") from None  # fmt: skip
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            for version, script in migrations("postgresql"):
+                if version > current:
+                    log.info("applying migration %04d", version)
+                    await conn.execute(script)
+                    await conn.execute("INSERT INTO schema_version VALUES ($1)", version)
+        self._start_writer()
+
+    async def close(self) -> None:
+        await self._stop_writer()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _read(self, run: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
+        assert self._pool is not None
+        async with self._pool.acquire() as conn:
+            return await run(PostgresConn(conn))
+
+    async def _commit(self, group: list[WriteJob]) -> list[tuple[bool, Any]]:
+        assert self._pool is not None
+        retries = _DEADLOCK_RETRIES
+        while True:
+            try:
+                async with self._pool.acquire() as conn:
+                    return await self.run_group(PostgresConn(conn), group)
+            except asyncpg.DeadlockDetectedError:
+                # Another node's group took the same rows in another order and won; this whole
+                # group rolled back, so it can run again as it is.
+                if retries == 0:
+                    raise
+                retries -= 1
+                log.info("group commit of %d jobs met a deadlock; running it again", len(group))

@@ -199,6 +199,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_anomaly_detection(anomalies))  # likewise
     app.on_shutdown.append(_drain_agents)
     app.on_shutdown.append(_answer_command_waiters)
+    app.on_shutdown.append(_send_dashboards_away)
     return app
 
 
@@ -254,6 +255,11 @@ async def _nodes(app: web.Application) -> AsyncIterator[None]:
     if listener is not None:
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
+
+
+async def _send_dashboards_away(app: web.Application) -> None:
+    # Before aiohttp waits for open connections: a dashboard would hold the stop for the whole grace.
+    app[BUS].send_away()
 
 
 async def _answer_command_waiters(app: web.Application) -> None:

@@ -62,6 +62,7 @@ class Subscriber:
         self.ready = asyncio.Event()
         self.ready.set()  # the first thing to send is a snapshot
         self.needs_snapshot = True
+        self.going_away = asyncio.Event()  # the node is stopping: close, the dashboard reconnects
 
     def offer(self, key: str, message: bytes) -> None:
         if self.needs_snapshot:
@@ -119,6 +120,10 @@ class PushBus(Protocol):
         ...
 
     def unsubscribe(self, subscriber: Subscriber) -> None: ...
+
+    def send_away(self) -> None:
+        """Close this node's dashboards (it is stopping); they reconnect, behind nginx to another node."""
+        ...
 
     async def start(self) -> None:
         """Begin exchanging messages with other nodes, if there are any."""
@@ -191,6 +196,10 @@ class LocalBus:
             self._owners[subscriber.owner] -= 1
             if not self._owners[subscriber.owner]:
                 del self._owners[subscriber.owner]
+
+    def send_away(self) -> None:
+        for subscriber in self._subscribers:
+            subscriber.going_away.set()
 
     async def start(self) -> None:
         """Do nothing: the bus is ready as built."""
@@ -375,6 +384,7 @@ async def serve_dashboard(
         tasks = [
             asyncio.create_task(_send_updates(request, ws, subscriber, snapshot, bus)),
             asyncio.create_task(_end_with_access(ws, access)),
+            asyncio.create_task(_end_when_going_away(ws, subscriber)),
         ]
         try:
             async for message in ws:  # dashboards only listen; reading detects the close
@@ -387,6 +397,11 @@ async def serve_dashboard(
     finally:
         bus.unsubscribe(subscriber)
     return ws
+
+
+async def _end_when_going_away(ws: web.WebSocketResponse, subscriber: Subscriber) -> None:
+    await subscriber.going_away.wait()
+    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the hub node is stopping")
 
 
 async def _end_with_access(ws: web.WebSocketResponse, access: Access) -> None:

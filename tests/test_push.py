@@ -183,3 +183,15 @@ async def test_a_dashboard_that_stops_reading_is_cut_off_and_counted(settings: S
         if writer is not None:
             writer.close()
         await runner.cleanup()
+
+
+async def test_a_stopping_hub_sends_its_dashboards_away_at_once(settings: Settings) -> None:
+    runner, hub = await start_hub(settings)
+    context = client_ssl(hub.certs / "ca.pem")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        ws = await _dashboard(hub, session)
+        stopping = asyncio.create_task(runner.cleanup())
+        closed = await ws.receive(timeout=3)  # long before the shutdown grace would end it
+        assert (closed.type, ws.close_code) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY)
+        await ws.close()
+        await stopping

@@ -440,9 +440,11 @@ def test_redis_url_must_name_redis_and_its_refusal_does_not_repeat_it(settings: 
     assert "hunter2" not in message
 
 
-async def test_behind_nginx_a_killed_node_hands_its_agents_over_and_nothing_acked_is_lost(
-    start_node: NodeStarter, settings: Settings, postgres_url: str, tmp_path: Path
+@pytest.mark.parametrize("stop", ["kill", "terminate"])
+async def test_behind_nginx_a_stopped_node_hands_its_agents_over_and_nothing_acked_is_lost(
+    start_node: NodeStarter, settings: Settings, postgres_url: str, tmp_path: Path, stop: str
 ) -> None:
+    """kill: a lost machine (no drain, no goodbye); terminate: SIGTERM, a drain with reconnect hints."""
     nginx_binary = require_tool("nginx")
     fleet = [f"fleet-{n:02d}" for n in range(12)]
     for agent_id in fleet:
@@ -457,7 +459,7 @@ async def test_behind_nginx_a_killed_node_hands_its_agents_over_and_nothing_acke
     })  # fmt: skip
     store = create_store(Settings(database_url=postgres_url))
     await store.open()
-    stop = asyncio.Event()
+    sources_done = asyncio.Event()
     certs = settings.certs_dir
     sessions = [
         RecordingSession(Tally(agent_id), f"https://127.0.0.1:{agent_port}", certs / f"{agent_id}.pem",
@@ -465,7 +467,7 @@ async def test_behind_nginx_a_killed_node_hands_its_agents_over_and_nothing_acke
                          reconnection_delay=0.2, reconnection_delay_max=1.0)
         for agent_id in fleet
     ]  # fmt: skip
-    runs = [asyncio.create_task(s.run(paced_events(s.tally, 50, stop))) for s in sessions]
+    runs = [asyncio.create_task(s.run(paced_events(s.tally, 50, sources_done))) for s in sessions]
     try:
         await wait_for_port(agent_port, proxy, tmp_path / "nginx" / "error.log")
         placed = await _nodes_of(store, fleet, lambda nodes: len(nodes) == len(fleet))
@@ -473,12 +475,12 @@ async def test_behind_nginx_a_killed_node_hands_its_agents_over_and_nothing_acke
         assert on_a, f"nginx pinned every agent to node-b: {placed}"
         assert len(on_a) < len(fleet), f"nginx pinned every agent to node-a: {placed}"
 
-        a.process.kill()  # no drain, no goodbye: a lost machine
+        getattr(a.process, stop)()
         killed_at = time.monotonic()
         moved = await _nodes_of(store, fleet, lambda nodes: set(nodes.values()) == {"node-b"})
         assert time.monotonic() - killed_at < 10, f"agents took too long to move: {moved}"
         await asyncio.sleep(1)  # streaming on node B alone
-        stop.set()
+        sources_done.set()
         async with asyncio.timeout(60):
             await asyncio.gather(*(s.wait_drained() for s in sessions))
         for session in sessions:

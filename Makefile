@@ -14,7 +14,7 @@ help:
 	@echo "make bench-connections  what 5,000 idle agents over mTLS cost the hub (memory, CPU)"
 	@echo "make bench-dashboards  the overview page in Chromium under live load; fan-out to 200 dashboards"
 	@echo "make bench-store  the SQLite and PostgreSQL stores side by side: events/s, commit wait, bytes per event"
-	@echo "make soak         reliability checks that take minutes (kill -9 the hub while agents stream)"
+	@echo "make soak         reliability checks that take minutes (kill -9 the hub, the store away 30 s, agents streaming)"
 	@echo "make typecheck    mypy on hub/ and agent_client/"
 
 $(STAMP): pyproject.toml
@@ -61,6 +61,8 @@ soak: $(STAMP)
 	$(BIN)/python -m bench.reliability.kill9
 	$(BIN)/python -m bench.reliability.kill9 --agents 20 --kills 20 --min-up 0.05 --max-up 1.5 \
 		--hub-setting MAX_BATCH_EVENTS=10 --hub-setting MAX_BATCHES_IN_FLIGHT=1
+	$(BIN)/python -m bench.reliability.outage --store sqlite
+	$(BIN)/python -m bench.reliability.outage --store postgresql
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -30,7 +30,8 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,8 @@ class Tally:
     acks: int = 0
     duplicates: int = 0  # events acked as already stored: resends the hub deduped
     rejected: int = 0
+    refusals: Counter[str] = field(default_factory=Counter)  # error answers to batches, by code
+    timeouts: int = 0  # batches the hub did not answer in time
 
     def record(self, events: list[Event], ack: dict[str, Any]) -> None:
         """Count an ack without error for the batch `events`."""
@@ -95,9 +98,13 @@ class Tally:
         self.duplicates += int(ack.get("duplicates") or 0)
         self.acks += 1
 
+    def refuse(self, error: Any) -> None:
+        """Count an error answer to a batch (the session keeps the batch and retries it)."""
+        self.refusals[str(error.get("code") if isinstance(error, dict) else error)] += 1
+
 
 class RecordingSession(AgentSession):
-    """An `AgentSession` that reports every events ack to its tally.
+    """An `AgentSession` that reports every answer to a batch to its tally.
 
     The session exposes only `acked_seq`, the acked prefix. Per-batch acks pass through
     `_call`, the one place where an ack meets the batch it answers; this is the seam.
@@ -108,8 +115,16 @@ class RecordingSession(AgentSession):
         self.tally = tally
 
     async def _call(self, event: str, data: Any, wait_s: float | None = None) -> Any:
-        ack = await super()._call(event, data, wait_s)
-        if event == "events" and isinstance(ack, dict) and not ack.get("error") and isinstance(data, dict):
+        if event != "events" or not isinstance(data, dict):
+            return await super()._call(event, data, wait_s)
+        try:
+            ack = await super()._call(event, data, wait_s)
+        except TimeoutError:
+            self.tally.timeouts += 1
+            raise
+        if isinstance(ack, dict) and ack.get("error"):
+            self.tally.refuse(ack["error"])
+        elif isinstance(ack, dict):
             self.tally.record(data["events"], ack)
         return ack
 
@@ -141,7 +156,7 @@ def _agenthub() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "hub.cli"]
 
 
-def _hub_env(workdir: Path, port: int, settings: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+def hub_env(workdir: Path, port: int, settings: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
     # A developer's own HUB_* settings must not leak into the run.
     env = {key: value for key, value in os.environ.items() if not key.startswith("HUB_")}
     env.update(
@@ -319,8 +334,13 @@ def check_store(db_path: Path, snapshots: list[Snapshot], *, final: bool) -> Sto
         check.integrity = "; ".join(verdict[:_SAMPLE])
         if verdict != ["ok"]:
             check.problems.append(f"integrity_check: {check.integrity}")
+        column = "body" if final else "NULL"
         for snap in snapshots:
-            _check_agent(conn, snap, check, final=final)
+            rows = conn.execute(
+                f"SELECT seq, {column} FROM events WHERE agent_id = ? ORDER BY seq",  # noqa: S608 - a column name from code
+                (snap.agent_id,),
+            ).fetchall()
+            check_agent(rows, snap, check, final=final)
         total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
         if total != check.rows:
             check.problems.append(f"{total - check.rows} stored events belong to no soak agent")
@@ -329,12 +349,13 @@ def check_store(db_path: Path, snapshots: list[Snapshot], *, final: bool) -> Sto
     return check
 
 
-def _check_agent(conn: sqlite3.Connection, snap: Snapshot, check: StoreCheck, *, final: bool) -> None:
-    column = "body" if final else "NULL"
-    rows = conn.execute(
-        f"SELECT seq, {column} FROM events WHERE agent_id = ? ORDER BY seq",  # noqa: S608 - a column name from code
-        (snap.agent_id,),
-    ).fetchall()
+def check_agent(
+    rows: Sequence[tuple[int, bytes | None]], snap: Snapshot, check: StoreCheck, *, final: bool
+) -> None:
+    """Check one agent's stored (seq, body) rows against its snapshot; add to `check`.
+
+    `final` needs the bodies (the content is compared); otherwise they may be None.
+    """
     stored = {seq for seq, _ in rows}
     check.rows += len(rows)
     check.acked += len(snap.acked)
@@ -412,17 +433,20 @@ class Report:
         )
 
 
-class _Agents:
+class Agents:
     """The soak's agents: sessions, their tallies and their tasks."""
 
-    def __init__(self, config: Config, workdir: Path, url: str, rng: random.Random) -> None:
+    def __init__(
+        self, count: int, rate: float, workdir: Path, url: str, rng: random.Random,
+        tally: Callable[[str], Tally] = Tally,
+    ) -> None:  # fmt: skip
         certs = workdir / "certs"
         (workdir / "spools").mkdir(exist_ok=True)
-        self.config = config
+        self.rate = rate  # events/s each agent produces
         self.stop_sources = asyncio.Event()
         self.sessions = [
             RecordingSession(
-                Tally(agent_id),
+                tally(agent_id),
                 url,
                 certs / f"{agent_id}.pem",
                 certs / f"{agent_id}.key",
@@ -433,7 +457,7 @@ class _Agents:
                 reconnection_delay_max=2.0,
                 randomization_factor=0.5,
             )
-            for agent_id in agent_ids(config.agents)
+            for agent_id in agent_ids(count)
         ]
         self._offsets = [rng.uniform(0, _TICK_S) for _ in self.sessions]  # spread the bursts
         self.tasks: list[asyncio.Task[None]] = []
@@ -448,7 +472,7 @@ class _Agents:
     async def _run(self, session: RecordingSession, offset: float) -> None:
         _AGENT.set(session.tally.agent_id)  # this task and every task it starts log as this agent
         await asyncio.sleep(offset)
-        await session.run(paced_events(session.tally, self.config.rate, self.stop_sources))
+        await session.run(paced_events(session.tally, self.rate, self.stop_sources))
 
     def snapshots(self) -> list[Snapshot]:
         """Copy what every agent produced and was acked, now."""
@@ -464,11 +488,10 @@ class _Agents:
         self._acks_seen = counts
         return streaming
 
-    async def drain(self) -> list[str]:
-        """Stop the sources and wait until every spool is empty; describe the agents that did not."""
+    async def drain(self, limit: float) -> list[str]:
+        """Stop the sources and wait up to `limit` s for every spool to empty; name the agents left."""
         self.stop_sources.set()
         waits = [asyncio.create_task(s.wait_drained()) for s in self.sessions]
-        limit = self.config.drain_limit_s
         _, pending = await asyncio.wait(waits, timeout=limit)
         for task in pending:
             task.cancel()
@@ -547,12 +570,12 @@ async def soak(config: Config, out: Callable[[str], None] = print) -> Report:
     )
     began = time.monotonic()
     port = free_port()
-    env = _hub_env(workdir, port, config.hub_settings)
+    env = hub_env(workdir, port, config.hub_settings)
     await make_pki(workdir, agent_ids(config.agents), env)
     run = _Soak(
         config, Report(config, workdir, setup_s=time.monotonic() - began), HubProcess(workdir, port, env), out
     )
-    with _agent_logs(workdir / "agents.log"):
+    with agent_logs(workdir / "agents.log"):
         await run.run()
     run.report.elapsed_s = time.monotonic() - began
     if run.report.passed and not config.keep and config.workdir is None:
@@ -570,7 +593,9 @@ class _Soak:
         self.out = out
         self.rng = random.Random(config.seed)
         self.db_path = report.workdir / "data" / "hub.db"
-        self.agents = _Agents(config, report.workdir, f"https://{HOST}:{hub.port}", self.rng)
+        self.agents = Agents(
+            config.agents, config.rate, report.workdir, f"https://{HOST}:{hub.port}", self.rng
+        )
         self.lag = _LoopLag()
         self._seen: set[str] = set()
 
@@ -583,7 +608,7 @@ class _Soak:
                 await self._kill(number)
             await asyncio.sleep(self.config.tail_s)
             await self.lag.stop()  # the sources stop here
-            self.report.problems += await self.agents.drain()
+            self.report.problems += await self.agents.drain(self.config.drain_limit_s)
         finally:
             self.report.problems += await self.agents.stop()
             await self.lag.stop()
@@ -665,7 +690,7 @@ def _tag_agent(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _agent_logs(path: Path) -> Iterator[None]:
+def agent_logs(path: Path) -> Iterator[None]:
     """Send the agents' logs (a reconnect story per kill) to a file instead of the terminal."""
     logger = logging.getLogger("agent_client")
     handler = logging.FileHandler(path)
@@ -704,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = Config(
         agents=args.agents, kills=args.kills, rate=args.rate, min_up_s=args.min_up, max_up_s=args.max_up,
-        workdir=args.workdir, keep=args.keep, hub_settings=tuple(_setting(text) for text in args.hub_setting),
+        workdir=args.workdir, keep=args.keep, hub_settings=tuple(map(parse_setting, args.hub_setting)),
         **({"seed": args.seed} if args.seed is not None else {}),
     )  # fmt: skip
     try:
@@ -722,7 +747,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(0 if report.passed else 1)
 
 
-def _setting(text: str) -> tuple[str, str]:
+def parse_setting(text: str) -> tuple[str, str]:
+    """Parse a `--hub-setting NAME=VALUE` into (NAME without HUB_, VALUE)."""
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise SystemExit(f"--hub-setting takes NAME=VALUE, not {text!r}")

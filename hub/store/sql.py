@@ -31,6 +31,7 @@ from hub.store import EventBatch, EventFilter, Notice, Page
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_FAILURE_LOG_EVERY_S = 10.0
 
 
 class Conn(Protocol):
@@ -97,6 +98,8 @@ class SqlStore:
         self._retry_after_ms = options.get("retry_after_ms", 1000)
         self._jobs: asyncio.Queue[WriteJob] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        self._failures = 0  # group commits failed since the last report
+        self._failure_logged_at = 0.0
         # Group -> agent id globs: webhook subscriptions filtered by group receive their agents' notices.
         self._agent_groups: Mapping[str, list[str]] = dict(options.get("agent_groups") or {})
 
@@ -156,8 +159,10 @@ class SqlStore:
                 if self._on_commit is not None:
                     self._on_commit(size, time.perf_counter() - started)
             except self.storage_errors as exc:  # the commit itself failed: so did every job in it
-                log.error("group commit of %d jobs failed: %s", len(group), exc)
+                self._log_failure(exc)
                 outcomes = [(False, exc)] * len(group)
+            else:
+                self._recovered()
             for job, (ok, value) in zip(group, outcomes, strict=True):
                 if not job.future.done():
                     if ok:
@@ -169,6 +174,19 @@ class SqlStore:
                     else:
                         job.future.set_exception(value)
                 self._jobs.task_done()
+
+    def _log_failure(self, exc: BaseException) -> None:
+        # An outage fails a commit every second or faster: say so once, then every 10 s.
+        self._failures += 1
+        now = time.monotonic()
+        if now - self._failure_logged_at >= _FAILURE_LOG_EVERY_S:
+            log.error("group commits failing (%d since the last report): %s", self._failures, exc)
+            self._failure_logged_at, self._failures = now, 0
+
+    def _recovered(self) -> None:
+        if self._failure_logged_at:
+            log.warning("group commits succeed again (%d more failed before)", self._failures)
+            self._failure_logged_at, self._failures = 0.0, 0
 
     @staticmethod
     async def run_group(conn: Conn, group: list[WriteJob]) -> list[tuple[bool, Any]]:

@@ -63,6 +63,7 @@ soak: $(STAMP)
 		--hub-setting MAX_BATCH_EVENTS=10 --hub-setting MAX_BATCHES_IN_FLIGHT=1
 	$(BIN)/python -m bench.reliability.outage --store sqlite
 	$(BIN)/python -m bench.reliability.outage --store postgresql
+	$(BIN)/python -m bench.reliability.slow_dashboard
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

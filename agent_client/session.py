@@ -338,10 +338,11 @@ class AgentSession:
         await asyncio.sleep(0)
 
     async def _on_revoked(self, data: Any = None) -> None:
+        # Not the verdict itself: the hub closes the socket next, and the reconnect that follows
+        # is refused `cert_revoked`, which ends the agent. A `revoked` message alone (one forged
+        # by whoever can write to the hubs' Redis, say) must not silence it for good.
         reason = data.get("reason") if isinstance(data, dict) else None
-        message = str(reason or "no reason given")
-        log.error("the hub revoked this agent's certificate: %s", message)
-        self._give_up(HubRefusalError("revoked", message))
+        log.error("the hub says this agent's certificate is revoked (%s); the next connect will tell", reason)
 
     async def _on_reconnect(self, data: Any = None) -> None:
         # A draining hub closes the socket right after this hint. The library would reconnect on

@@ -7,7 +7,7 @@ import gc
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from hub.api.ratelimit import (
 from hub.api.signatures import SIGNATURES, SignatureVerifier
 from hub.api.spec import openapi_document
 from hub.audit import AuditLog
-from hub.certificates import CertificateService, Disconnector
+from hub.certificates import CertificateService, Disconnector, RevocationWatch
 from hub.codec import SocketJson
 from hub.commands import CommandService
 from hub.config import Settings
@@ -135,7 +135,6 @@ def create_app(settings: Settings) -> web.Application:
         settings, ingestor, presence, commands=commands, trust=trust, ack_latency=metrics.ack_latency
     )
     commands.attach(namespace)
-    bus.follow("command", commands.follow_remote)  # a command sent through another node, for an agent here
     app[COMMANDS] = commands
     deliverer = Deliverer(settings, store, on_outcome=metrics.count_delivery)
     siem = SiemForwarder(settings, store)
@@ -148,7 +147,8 @@ def create_app(settings: Settings) -> web.Application:
     app[DELIVERER] = deliverer
     app[WEBHOOKS] = Webhooks(settings, store, deliverer.wake)
     app[AGENT_TRUST] = trust
-    disconnect = _certificate_changes(bus, namespace, trust)
+    revocations = RevocationWatch(store, namespace.revoke)
+    disconnect = _follow_other_nodes(bus, namespace, trust, revocations, commands)
     app[CERTIFICATES] = CertificateService(settings, store, trust, disconnect, bus.publish)
 
     app[SETTINGS], app[STORE], app[BUS], app[SCORING] = settings, store, bus, scoring
@@ -193,7 +193,10 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_metrics_listener)
     app.cleanup_ctx.append(_nodes)  # before _lifecycle: closed after everything that publishes stopped
     app.cleanup_ctx.append(_lifecycle)
-    app.cleanup_ctx.append(_command_expiry)  # after _lifecycle: stopped before the store closes
+    app.cleanup_ctx.append(
+        _background("command-expiry", commands.expire_loop)
+    )  # after _lifecycle: stopped before the store closes
+    app.cleanup_ctx.append(_background("revocation-watch", revocations.run))  # likewise
     app.cleanup_ctx.append(_webhook_deliveries)  # likewise
     app.cleanup_ctx.append(_siem_forwarding)  # likewise
     app.cleanup_ctx.append(_anomaly_detection(anomalies))  # likewise
@@ -223,12 +226,19 @@ def _client_manager(settings: Settings) -> socketio.AsyncManager:
     )
 
 
-def _certificate_changes(bus: PushBus, namespace: AgentNamespace, trust: AgentTrust) -> Disconnector:
-    """Apply certificate changes made on other nodes here; return how revocations close sockets.
+def _follow_other_nodes(
+    bus: PushBus,
+    namespace: AgentNamespace,
+    trust: AgentTrust,
+    revocations: RevocationWatch,
+    commands: CommandService,
+) -> Disconnector:
+    """Apply here what other nodes did; return how a revocation closes sockets on every node.
 
-    A revocation closes the sockets using the certificate on every node: here at once,
-    elsewhere over the bus. An uploaded certificate is trusted here by the node that took it,
-    elsewhere once they hear of it.
+    A revocation closes the sockets using the certificate here at once, and elsewhere when
+    the others hear of it; an upload is trusted here at once, elsewhere likewise. What another
+    node says is only a hint: each node reads the store for what it does. Should messages have
+    been lost (Redis away), each node catches up the same way.
     """
 
     async def revoke(fingerprint: str, reason: str) -> int:
@@ -237,12 +247,20 @@ def _certificate_changes(bus: PushBus, namespace: AgentNamespace, trust: AgentTr
         return await namespace.revoke(fingerprint, reason)
 
     async def follow(change: dict[str, Any]) -> None:
-        if change["status"] == "revoked":
-            await namespace.revoke(change["fingerprint"], change["reason"])
-        elif change["status"] == "uploaded":
+        if change.get("status") == "revoked":
+            await revocations.check()
+        elif change.get("status") == "uploaded":
             await trust.load_uploaded()
 
+    async def catch_up() -> None:
+        await revocations.check()
+        await trust.load_uploaded()
+        for agent_id in namespace.agent_ids():  # a command queued elsewhere meanwhile
+            await commands.deliver_queued(agent_id)
+
     bus.follow("certificate", follow)
+    bus.follow("command", commands.follow_remote)  # a command sent through another node, for an agent here
+    bus.on_missed(catch_up)
     return revoke
 
 
@@ -267,11 +285,18 @@ async def _answer_command_waiters(app: web.Application) -> None:
     app[COMMANDS].release_waiters()
 
 
-async def _command_expiry(app: web.Application) -> AsyncIterator[None]:
-    expirer = asyncio.create_task(app[COMMANDS].expire_loop(), name="command-expiry")
-    yield
-    expirer.cancel()
-    await asyncio.gather(expirer, return_exceptions=True)
+def _background(
+    name: str, run: Callable[[], Coroutine[Any, Any, None]]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup_ctx step that runs `run()` as a task while the app runs, cancelled at cleanup."""
+
+    async def step(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(run(), name=name)
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    return step
 
 
 async def _webhook_deliveries(app: web.Application) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ it by sending the certificate itself.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -37,9 +38,41 @@ from hub.problems import Conflict, NotFound
 from hub.store import Page, Store
 
 log = logging.getLogger(__name__)
+# How far back each check looks again: another node's clock may be this much behind.
+_CLOCK_SLACK_S = 60.0
 CertificateStatus = Literal["valid", "expired", "revoked"]
 # Close every live socket using a certificate: (fingerprint, reason) -> how many were closed.
 Disconnector = Callable[[str, str], Awaitable[int]]
+
+
+class RevocationWatch:
+    """Close this node's sockets of certificates revoked on any node, as the store records them.
+
+    `check` runs when another node says it revoked something (the message is only a hint:
+    whoever can write to Redis cannot revoke by it), and every `interval_s`, so a hint lost
+    while Redis was away delays the disconnect by that much at most.
+    """
+
+    def __init__(self, store: Store, disconnect_here: Disconnector, *, interval_s: float = 5.0) -> None:
+        self._store = store
+        self._disconnect_here = disconnect_here
+        self._interval_s = interval_s
+        self._seen_until = time.time()
+
+    async def check(self) -> None:
+        """Apply the revocations recorded since the last check (and a clock slack before it)."""
+        for record in await self._store.revocations_since(self._seen_until - _CLOCK_SLACK_S):
+            await self._disconnect_here(record["fingerprint"], record["reason"] or "revoked")
+            self._seen_until = max(self._seen_until, record["revoked_at"])
+
+    async def run(self) -> None:
+        """Check every `interval_s` until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.check()
+            except Exception as exc:  # the store failed: the next check looks as far back
+                log.warning("checking for revocations made on other nodes failed (%s); will retry", exc)
 
 
 class CertificateService:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SnapshotSource = Callable[[], Awaitable[dict[str, Any]]]
 # Called with a message's `data` when another node publishes its kind.
 Follower = Callable[[dict[str, Any]], Awaitable[object]]
+CatchUp = Callable[[], Awaitable[object]]
 _RETRY_MAX_S = 5.0  # longest pause between attempts to reach Redis
 
 
@@ -115,6 +116,10 @@ class PushBus(Protocol):
         """Call `follower` with the data of every `kind` message another node publishes."""
         ...
 
+    def on_missed(self, catch_up: CatchUp) -> None:
+        """Call `catch_up` whenever messages from other nodes may have been lost (Redis was away)."""
+        ...
+
     def subscribe(self, owner: str) -> Subscriber:
         """Add a subscriber for `owner`; raise `RateLimited` past the caps (each costs every publish)."""
         ...
@@ -178,6 +183,9 @@ class LocalBus:
 
     def follow(self, kind: str, follower: Follower) -> None:
         """Do nothing: no other node publishes here."""
+
+    def on_missed(self, catch_up: CatchUp) -> None:
+        """Do nothing: nothing from another node can be missed."""
 
     def subscribe(self, owner: str) -> Subscriber:
         """Add a subscriber for `owner`; raise `RateLimited` past the caps (each costs every publish)."""
@@ -243,6 +251,7 @@ class RedisBus(LocalBus):
         self._wake = asyncio.Event()
         self._subscribed = asyncio.Event()
         self._followers: dict[str, list[Follower]] = {}
+        self._missed_handlers: list[CatchUp] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def publish(self, kind: str, key: str, data: dict[str, Any]) -> None:
@@ -257,6 +266,9 @@ class RedisBus(LocalBus):
 
     def follow(self, kind: str, follower: Follower) -> None:
         self._followers.setdefault(kind, []).append(follower)
+
+    def on_missed(self, catch_up: CatchUp) -> None:
+        self._missed_handlers.append(catch_up)
 
     async def start(self) -> None:
         """Start the reader and writer; wait a little for the subscription, so nothing early is missed."""
@@ -315,6 +327,7 @@ class RedisBus(LocalBus):
                     await pubsub.subscribe(self._channel)
                     if broke:  # what other nodes published meanwhile is lost: start afresh
                         super().resync_all()
+                        self._missed()
                     self._subscribed.set()
                     pause = 0.1
                     async for message in pubsub.listen():
@@ -327,26 +340,47 @@ class RedisBus(LocalBus):
                 pause = min(pause * 2, _RETRY_MAX_S)
 
     def _receive(self, raw: bytes) -> None:
+        # Whatever arrives is checked: one malformed message must not end the reader, and
+        # followers only take it as a hint to read the store (README: Redis and trust).
         head, _, frame = raw.partition(b"\n")
         try:
             node, kind, key = orjson.loads(head)
-        except (ValueError, TypeError):  # not from a hub node: someone else shares the channel
-            log.warning("ignored a message on %s that no hub node sent", self._channel)
+            if not all(part is None or isinstance(part, str) for part in (node, kind, key)):
+                raise TypeError("a header of strings")
+            if node == self._node:  # this node's dashboards had it when it was published
+                return
+            message = None if kind is None else orjson.loads(frame)
+            if message is not None and (
+                message.get("type") != kind or not isinstance(message.get("data"), dict)
+            ):
+                raise TypeError("a dashboard message")
+        except (ValueError, TypeError, AttributeError) as exc:  # not from a hub node
+            log.warning("ignored a message on %s that no hub node sent (expected %s)", self._channel, exc)
             return
-        if node == self._node:  # this node's dashboards had it when it was published
-            return
-        if kind is None:
+        if message is None:  # a node lost updates: start afresh
             super().resync_all()
+            self._missed()
             return
         self._offer(f"{kind}:{key}", frame)
         for follower in self._followers.get(kind, ()):
-            self._spawn(_follow(follower, kind, orjson.loads(frame)["data"]), f"follow-{kind}")
+            self._spawn(_follow(follower, kind, message["data"]), f"follow-{kind}")
+
+    def _missed(self) -> None:
+        for handler in self._missed_handlers:
+            self._spawn(_catch_up(handler), "bus-catch-up")
 
     def _spawn(self, work: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(work)
         task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+async def _catch_up(catch_up: CatchUp) -> None:
+    try:
+        await catch_up()
+    except Exception:  # the periodic checks make it good later
+        log.exception("catching up with what other nodes did failed")
 
 
 async def _follow(follower: Follower, kind: str, data: dict[str, Any]) -> None:

@@ -258,6 +258,10 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             self._closing[sid] = "server_shutdown"
             await self.server.eio.drop(eio_sid)
 
+    def agent_ids(self) -> list[str]:
+        """The agents connected to this node now."""
+        return list(set(self._agents.values()))
+
     async def revoke(self, fingerprint: str, reason: str) -> int:
         """Send `revoked` to every socket using certificate `fingerprint` and close it; return how many."""
         # A socket cannot be closed before its CONNECT packet is sent; `_hello` runs after that

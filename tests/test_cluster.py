@@ -50,6 +50,7 @@ class Node:
     settings: Settings
     process: asyncio.subprocess.Process
     log: Path
+    redis_prefix: str
 
     def token(self, *scopes: str) -> str:
         return create_token(self.settings, scopes=list(scopes or ["hub:read"]), subject="tester")
@@ -112,7 +113,8 @@ async def start_node(
                 cwd=tmp_path, stdout=output, stderr=output,
             )  # fmt: skip
         scheme = "http" if env.get("HUB_LISTEN_TLS") == "false" else "https"
-        node = Node(name, f"{scheme}://127.0.0.1:{port}", settings.certs_dir, settings, process, log)
+        node = Node(name, f"{scheme}://127.0.0.1:{port}", settings.certs_dir, settings, process, log,
+                    common["HUB_REDIS_PREFIX"])  # fmt: skip
         nodes.append(node)
         await _listening(node, port)
         return node
@@ -306,6 +308,56 @@ async def test_revoking_on_b_disconnects_the_agent_on_a_within_one_second(
     refusal = await try_connect(a, a.certs / "agent-2.pem", a.certs / "agent-2.key")
     assert refusal is not None
     assert refusal["data"]["code"] == "cert_revoked"
+
+
+async def test_what_comes_over_redis_is_a_hint_and_garbage_harms_nothing(
+    nodes: tuple[Node, Node], agents: AgentOpener, redis_url: str
+) -> None:
+    a, b = nodes
+    agent = await agents(a, "agent-2")
+    cert = x509.load_pem_x509_certificate((a.certs / "agent-2.pem").read_bytes())
+    client = redis.Redis.from_url(redis_url)
+    try:
+        channel = f"{a.redis_prefix}:push"
+        # Whoever can write to Redis: garbage, then a revocation the store never recorded.
+        for raw in (b'["evil","certificate","k"]\nnot json', b"[1,2,3]\n{}", b'{"a": 1}', b"\xff\n\xff"):
+            await client.publish(channel, raw)
+        forged = {
+            "type": "certificate",
+            "data": {"fingerprint": fingerprint(cert), "status": "revoked", "reason": "x"},
+        }
+        await client.publish(
+            channel, orjson.dumps(["forger", "certificate", fingerprint(cert)]) + b"\n" + orjson.dumps(forged)
+        )
+        await asyncio.sleep(0.5)
+        assert agent.sio.connected
+        # The reader survived: a real revocation on B still reaches the agent on A at once.
+        async with b.operator() as http:
+            status, _ = await call(
+                http, b, "POST", f"/api/v1/certificates/{fingerprint(cert)}:revoke", {"reason": "leak"}
+            )
+            assert status == 200
+        assert await _within(1.0, lambda: not agent.sio.connected)
+    finally:
+        await client.aclose()
+
+
+async def test_a_revocation_no_node_announced_closes_the_socket_within_seconds(
+    nodes: tuple[Node, Node], agents: AgentOpener, postgres_url: str
+) -> None:
+    a, _ = nodes
+    agent = await agents(a, "agent-2")
+    cert = x509.load_pem_x509_certificate((a.certs / "agent-2.pem").read_bytes())
+    # Straight into the store, as when Redis lost the message: each node's periodic check finds it.
+    store = create_store(Settings(database_url=postgres_url))
+    await store.open()
+    try:
+        await store.revoke(
+            fingerprint(cert), serial=format(cert.serial_number, "x"), agent_id="agent-2", reason="leak"
+        )
+    finally:
+        await store.close()
+    assert await _within(8.0, lambda: not agent.sio.connected)
 
 
 async def test_a_certificate_uploaded_on_b_lets_its_agent_connect_to_a(

@@ -225,6 +225,10 @@ class Store(Protocol):
     ) -> None: ...
 
     async def is_revoked(self, fingerprint: str) -> bool: ...
+    async def revocations_since(self, after: float) -> list[dict[str, Any]]:
+        """Revocations made after `after` (epoch s), oldest first: fingerprint, reason, revoked_at."""
+        ...
+
     async def revoke(
         self,
         fingerprint: str,

@@ -1054,6 +1054,12 @@ class SqlStore:
 
     # revocation --------------------------------------------------------------------------
 
+    async def revocations_since(self, after: float) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT fingerprint, reason, revoked_at FROM revocations WHERE revoked_at > ? ORDER BY revoked_at"
+        )
+        return await self._read(lambda c: _rows(c, sql, [after]))
+
     async def is_revoked(self, fingerprint: str) -> bool:
         row = await self._read(
             lambda c: c.fetchrow("SELECT 1 FROM revocations WHERE fingerprint = ?", (fingerprint,))

@@ -21,7 +21,7 @@ from agent_client.tls import CertificateError
 from agent_client.wire import HubRefusalError
 from hub.app import NAMESPACE_KEY, create_app, listener_ssl
 from hub.config import Settings
-from hub.keys import INGESTOR, PRESENCE, STORE
+from hub.keys import CERTIFICATES, INGESTOR, PRESENCE, STORE
 from hub.problems import BatchTooLarge
 from tests.agent_client.conftest import QueueSource, StartAgent, generate, until
 from tests.conftest import RunningHub
@@ -267,14 +267,27 @@ async def test_a_draining_hub_is_rejoined_when_it_says(hub: RunningHub, start_ag
     assert hub.app[PRESENCE].sid_of("agent-1") not in (None, sid)
 
 
-async def test_a_revoked_message_stops_the_agent_for_good(hub: RunningHub, start_agent: StartAgent) -> None:
+async def test_a_revocation_stops_the_agent_for_good(hub: RunningHub, start_agent: StartAgent) -> None:
     agent = await start_agent()
     await until(lambda: agent.session.connected)
-    await hub.app[NAMESPACE_KEY].emit("revoked", {"reason": "key leaked"}, to=_sid(hub))
-    with pytest.raises(HubRefusalError) as refused:
+    cert = x509.load_pem_x509_certificate((hub.certs / "agent-1.pem").read_bytes())
+    await hub.app[CERTIFICATES].revoke(
+        hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest(), "key leaked"
+    )
+    with pytest.raises(HubRefusalError) as refused:  # told `revoked`, then refused at its reconnect
         await asyncio.wait_for(agent.task, 10)
-    assert refused.value.code == "revoked"
-    assert refused.value.message == "key leaked"
+    assert refused.value.code == "cert_revoked"
+
+
+async def test_a_revoked_message_alone_does_not_silence_the_agent(
+    hub: RunningHub, start_agent: StartAgent
+) -> None:
+    agent = await start_agent()
+    await until(lambda: agent.session.connected)
+    await hub.app[NAMESPACE_KEY].emit("revoked", {"reason": "forged"}, to=_sid(hub))
+    await asyncio.sleep(0.5)
+    assert agent.session.connected
+    assert not agent.task.done()
 
 
 async def test_a_revoked_certificate_is_not_retried(hub: RunningHub, start_agent: StartAgent) -> None:

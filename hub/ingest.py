@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from hub.problems import Overloaded, Unavailable
 from hub.scoring import ScoringService
 from hub.store import EventBatch, Store
 
+log = logging.getLogger(__name__)
 _CLOSE_WAIT_S = 10.0  # longest shutdown waits for batches under way
 
 
@@ -60,6 +62,13 @@ class Ingestor:
         if agent_id not in self._last_seq:
             self._last_seq[agent_id] = await self._store.last_seq(agent_id)
         return self._last_seq[agent_id]
+
+    async def scored(self) -> None:
+        """Wait until every event taken in is scored and its scores stored (never raises)."""
+        try:
+            await self._scoring.drain()
+        except Exception as exc:  # the store failed: the node the agents move to scores on without it
+            log.warning("scoring what was taken in failed before the agents left: %s", exc)
 
     async def resume(self, agent_id: str) -> int:
         """Start an agent's session: return its last stored seq, and score on from its stored state.

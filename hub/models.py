@@ -115,6 +115,7 @@ PresenceReason = Literal[
     "revoked",
     "superseded",
     "server_shutdown",
+    "restored",  # online again: marked offline while its node could not reach the store
 ]
 Severity = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
 SEVERITY_ORDER: dict[str, int] = {"LOW": 1, "MEDIUM": 2, "HIGH": 3, "CRITICAL": 4}

@@ -65,7 +65,7 @@ def alert_notices(alert: dict[str, Any]) -> list[Notice]:
 
 def presence_notices(agent_id: str, status: str, reason: str, now: float) -> list[Notice]:
     """Announce an agent connecting or going offline; `late`, and back from late, are not announced."""
-    if status != "offline" and reason != "connected":
+    if status != "offline" and reason not in ("connected", "restored"):
         return []
     kind = f"agent_{status}"
     return [Notice(kind, {"event_type": kind, "timestamp": now, **_NO_PROCESS, "agent_id": agent_id,

@@ -87,12 +87,17 @@ class Presence:
         if live is not None and live.sid == sid:
             live.last_heartbeat = now
             if live.status == "online":
-                await self._store.save_agent(agent_id, {"last_seen": now, "heartbeat": dict(beat)})
-                self._publish(
-                    "agent",
-                    agent_id,
-                    {"agent_id": agent_id, "status": "online", "heartbeat": dict(beat), "ts": now},
-                )
+                notices = presence_notices(agent_id, "online", "restored", now)
+                connection = (self._node, live.connected_at)
+                change = {"agent_id": agent_id, "status": "online", "heartbeat": dict(beat), "ts": now}
+                if await self._store.save_heartbeat(
+                    agent_id, dict(beat), now=now, connection=connection, notices=notices
+                ):
+                    log.warning(
+                        "agent %s is online again (restored): it was marked offline meanwhile", agent_id
+                    )
+                    change["reason"] = "restored"
+                self._publish("agent", agent_id, change)
             else:  # if the store fails, the agent's next heartbeat tries again
                 await self._restatus(agent_id, live, "online", "heartbeat", now, heartbeat=dict(beat))
         return {"server_time": now, "next_in_s": self._interval}

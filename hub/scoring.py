@@ -534,6 +534,13 @@ class ScoringService:
                 )  # fmt: skip
                 break
             except Exception:
+                if self._stopping:  # a stop must not wait for a store that does not answer
+                    log.exception(
+                        "persisting the scores of %d processes failed while stopping; they are lost "
+                        "(the events are stored: `agenthub recalculate` scores them again)",
+                        len(records),
+                    )
+                    return
                 log.exception("persisting scores failed; retrying in %.0f s", _RETRY_S)
                 await asyncio.sleep(_RETRY_S)
         for record in records:

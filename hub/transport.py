@@ -237,6 +237,8 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         try:
             async with asyncio.timeout(self._settings.drain_timeout_s):
                 await self._answered.wait()
+                # Scored and stored before the agents go: the node they move to reads that state.
+                await self._ingestor.scored()
         except TimeoutError:
             log.warning(
                 "%d batches unanswered after drain_timeout_s; their agents resend them", self._batches

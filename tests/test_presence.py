@@ -177,3 +177,20 @@ async def test_a_socket_left_on_a_node_the_agent_moved_from_changes_nothing(hub_
         assert (agent["status"], agent["node"]) == ("online", "node-b")
     finally:
         await new.close()
+
+
+async def test_an_agent_swept_offline_while_connected_is_restored_by_its_next_heartbeat(
+    hub_with: HubStarter,
+) -> None:
+    hub = await hub_with({"heartbeat_interval_s": 30.0})
+    agent = await open_agent(hub, "agent-1")
+    try:
+        # What another node's sweep leaves when this node could not reach the store for a while.
+        await hub.store.save_agent("agent-1", {"status": "offline", "status_reason": "missed_heartbeats"})
+        await agent.send(BEAT, event="heartbeat")
+        restored = await hub.store.get_agent("agent-1")
+        assert (restored["status"], restored["status_reason"]) == ("online", "restored")
+        await agent.send(BEAT, event="heartbeat")  # an ordinary heartbeat changes no reason
+        assert (await hub.store.get_agent("agent-1"))["status_reason"] == "restored"
+    finally:
+        await agent.close()

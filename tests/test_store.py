@@ -288,3 +288,10 @@ async def test_writes_are_unavailable_while_postgresql_does_not_answer(postgres_
     finally:
         await store.close()
         run_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')  # for the fixture to drop
+
+
+async def test_text_with_a_nul_character_is_stored_on_both_backends(store: Store) -> None:
+    await store.save_agent("agent-1", {"status": "online", "hostname": "web\x00one", "last_seen": NOW})
+    agent = await store.get_agent("agent-1")
+    assert agent is not None
+    assert agent["hostname"] in ("web\x00one", "web\ufffdone")  # PostgreSQL text cannot hold NUL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import aiohttp_jinja2
@@ -15,6 +16,7 @@ from hub.jobs import JobView
 from hub.keys import BUS, INGESTOR, JOBS, OPENAPI, PRESENCE, SCORING, STARTED_AT, STORE
 from hub.problems import NotFound, Unavailable
 
+log = logging.getLogger(__name__)
 api = ApiRoutes("system")
 
 
@@ -24,7 +26,8 @@ async def health(request: web.Request) -> Health:
     try:
         await request.app[STORE].ping()
     except Exception as exc:
-        raise Unavailable(f"database unreachable: {exc}", retry_after_ms=5000) from exc
+        log.warning("health check: the database does not answer: %s", exc)  # not told to callers
+        raise Unavailable("database unreachable", retry_after_ms=5000) from exc
     return Health(
         status="ok",
         version=__version__,

@@ -128,6 +128,22 @@ class Store(Protocol):
     async def mark_node_offline(self, node: str, reason: str, now: float) -> None:
         """Mark offline every agent `node` (or no node) last held: that node is just starting."""
 
+    async def save_heartbeat(
+        self,
+        agent_id: str,
+        beat: dict[str, Any],
+        *,
+        now: float,
+        connection: tuple[str, float],
+        notices: list[Notice],
+    ) -> bool:
+        """Store a heartbeat of `connection` (node, connected_at), with its history row.
+
+        An agent stored offline meanwhile (its node could not reach the store, and another
+        node swept it) is online again, with `notices` queued: say whether it was. Nothing is
+        stored when another connection holds the agent now.
+        """
+
     async def mark_silent_offline(
         self, *, before: float, now: float, notices: Callable[[str], list[Notice]]
     ) -> list[str]:

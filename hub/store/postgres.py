@@ -25,7 +25,6 @@ T = TypeVar("T")
 # one for migrations, so nodes starting together apply each migration once.
 _EXCLUSIVE_WRITE_LOCK = 0x4147_4E54_0001
 _MIGRATION_LOCK = 0x4147_4E54_0002
-_DEADLOCK_RETRIES = 2
 
 
 @functools.lru_cache(maxsize=512)
@@ -44,6 +43,14 @@ def numbered(sql: str) -> str:
     return "".join(out)
 
 
+def _storable(params: Sequence[Any]) -> Sequence[Any]:
+    # PostgreSQL text cannot hold NUL (SQLite can): such a character, which only hostile or
+    # broken input carries (a hostname, a request path), is stored as U+FFFD instead.
+    if any(isinstance(value, str) and "\x00" in value for value in params):
+        return [value.replace("\x00", "\ufffd") if isinstance(value, str) else value for value in params]
+    return params
+
+
 def _changed(status: str) -> int:
     # asyncpg answers a command's tag: "UPDATE 3", "DELETE 0", "INSERT 0 1".
     count = status.rsplit(" ", 1)[-1]
@@ -59,16 +66,16 @@ class PostgresConn:
         self._db = db
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return list(await self._db.fetch(numbered(sql), *params))
+        return list(await self._db.fetch(numbered(sql), *_storable(params)))
 
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return await self._db.fetchrow(numbered(sql), *params)
+        return await self._db.fetchrow(numbered(sql), *_storable(params))
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        return _changed(await self._db.execute(numbered(sql), *params))
+        return _changed(await self._db.execute(numbered(sql), *_storable(params)))
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        await self._db.executemany(numbered(sql), list(rows))
+        await self._db.executemany(numbered(sql), [_storable(row) for row in rows])
 
     async def begin(self, *, exclusive: bool) -> None:
         await self._db.execute("BEGIN")
@@ -76,8 +83,11 @@ class PostgresConn:
             await self._db.execute("SELECT pg_advisory_xact_lock($1)", _EXCLUSIVE_WRITE_LOCK)
 
     async def rollback(self) -> None:
-        if not self._db.is_closed() and self._db.is_in_transaction():
-            await self._db.execute("ROLLBACK")
+        try:
+            if self._db.is_in_transaction():
+                await self._db.execute("ROLLBACK")
+        except asyncpg.InterfaceError:  # the connection is gone, and the transaction with it
+            pass
 
 
 class PostgresStore(SqlStore):
@@ -98,22 +108,15 @@ class PostgresStore(SqlStore):
         self._dsn = dsn
         self._pool_size = pool_size
         self._command_timeout_s = command_timeout_s
-        self._pool: asyncpg.Pool | None = None
+        self._readers: asyncpg.Pool | None = None
+        self._writer: asyncpg.Pool | None = None
 
     async def open(self) -> None:
-        try:
-            self._pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=1,
-                max_size=self._pool_size,
-                command_timeout=self._command_timeout_s,
-                server_settings={"application_name": "agenthub"},
-            )
-        except (*self.storage_errors, ValueError) as exc:
-            where = urllib.parse.urlsplit(self._dsn)  # named without its password
-            raise ConnectionError(f"PostgreSQL at {where.hostname}:{where.port or 5432}{where.path} "
-                                  f"(database_url) does not answer: {exc}") from None  # fmt: skip
-        async with self._pool.acquire() as conn, conn.transaction():
+        # The writer has a connection of its own: reads however slow or many never hold up
+        # the commits that acks wait for.
+        self._writer = await self._pool(1)
+        self._readers = await self._pool(self._pool_size)
+        async with self._writer.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
@@ -124,28 +127,46 @@ class PostgresStore(SqlStore):
                     await conn.execute("INSERT INTO schema_version VALUES ($1)", version)
         self._start_writer()
 
+    async def _pool(self, size: int) -> asyncpg.Pool:
+        try:
+            return await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=size,
+                command_timeout=self._command_timeout_s,
+                server_settings={"application_name": "agenthub"},
+            )
+        except (*self.storage_errors, ValueError) as exc:
+            where = urllib.parse.urlsplit(self._dsn)  # named without its password
+            raise ConnectionError(f"PostgreSQL at {where.hostname}:{where.port or 5432}{where.path} "
+                                  f"(database_url) does not answer: {exc}") from None  # fmt: skip
+
     async def close(self) -> None:
         await self._stop_writer()
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        for pool in (self._readers, self._writer):
+            if pool is not None:
+                await pool.close()
+        self._readers = self._writer = None
 
     async def _read(self, run: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
-        assert self._pool is not None
-        async with self._pool.acquire() as conn:
+        assert self._readers is not None
+        async with self._readers.acquire() as conn:
             return await run(PostgresConn(conn))
 
     async def _commit(self, group: list[WriteJob]) -> list[tuple[bool, Any]]:
-        assert self._pool is not None
-        retries = _DEADLOCK_RETRIES
-        while True:
-            try:
-                async with self._pool.acquire() as conn:
-                    return await self.run_group(PostgresConn(conn), group)
-            except asyncpg.DeadlockDetectedError:
-                # Another node's group took the same rows in another order and won; this whole
-                # group rolled back, so it can run again as it is.
-                if retries == 0:
-                    raise
-                retries -= 1
-                log.info("group commit of %d jobs met a deadlock; running it again", len(group))
+        # Exclusive jobs commit in a transaction of their own, after the rest: the lock they
+        # take must not make every other node's event batches wait behind this group.
+        plain = [job for job in group if not job.exclusive]
+        exclusive = [job for job in group if job.exclusive]
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        assert self._writer is not None
+        async with self._writer.acquire() as conn:
+            for part in (plain, exclusive):
+                if not part:
+                    continue
+                try:
+                    results = await self.run_group(PostgresConn(conn), part)
+                except self.storage_errors as exc:  # this part failed, not what committed before it
+                    results = [(False, exc)] * len(part)
+                outcomes.update((id(job), outcome) for job, outcome in zip(part, results, strict=True))
+        return [outcomes[id(job)] for job in group]

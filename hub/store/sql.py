@@ -158,19 +158,24 @@ class SqlStore:
                 outcomes = await self._commit(group)
                 if self._on_commit is not None:
                     self._on_commit(size, time.perf_counter() - started)
-            except self.storage_errors as exc:  # the commit itself failed: so did every job in it
-                self._log_failure(exc)
+            except Exception as exc:  # the commit itself failed: so did every job in it
                 outcomes = [(False, exc)] * len(group)
-            else:
+            failed = next(
+                (value for ok, value in outcomes if not ok and isinstance(value, self.storage_errors)), None
+            )
+            if failed is None:
                 self._recovered()
+            else:
+                self._log_failure(failed)
             for job, (ok, value) in zip(group, outcomes, strict=True):
                 if not job.future.done():
                     if ok:
                         job.future.set_result(value)
                     elif isinstance(value, self.storage_errors):  # disk full, I/O error: retryable
-                        job.future.set_exception(
-                            Unavailable(f"storage unavailable: {value}", retry_after_ms=self._retry_after_ms)
-                        )
+                        # The cause stays in the logs: agents and API callers are told no more.
+                        error = Unavailable("storage unavailable", retry_after_ms=self._retry_after_ms)
+                        error.__cause__ = value
+                        job.future.set_exception(error)
                     else:
                         job.future.set_exception(value)
                 self._jobs.task_done()
@@ -180,12 +185,12 @@ class SqlStore:
         self._failures += 1
         now = time.monotonic()
         if now - self._failure_logged_at >= _FAILURE_LOG_EVERY_S:
-            log.error("group commits failing (%d since the last report): %s", self._failures, exc)
+            log.error("writes failing (%d groups since the last report): %s", self._failures, exc)
             self._failure_logged_at, self._failures = now, 0
 
     def _recovered(self) -> None:
         if self._failure_logged_at:
-            log.warning("group commits succeed again (%d more failed before)", self._failures)
+            log.warning("writes succeed again (%d more groups failed before)", self._failures)
             self._failure_logged_at, self._failures = 0.0, 0
 
     @staticmethod
@@ -357,6 +362,40 @@ class SqlStore:
                 (reason, now, node),
             )
         )
+
+    async def save_heartbeat(
+        self,
+        agent_id: str,
+        beat: dict[str, Any],
+        *,
+        now: float,
+        connection: tuple[str, float],
+        notices: list[Notice],
+    ) -> bool:
+        # SET reads the row as it was: only a status that was not online changes, and then
+        # status_changed_at becomes `now`, which is how the caller learns it came back.
+        sql = (
+            "UPDATE agents SET last_seen = ?, heartbeat = ?, status = 'online', "
+            "status_reason = CASE WHEN status = 'online' THEN status_reason ELSE 'restored' END, "
+            "status_changed_at = CASE WHEN status = 'online' THEN status_changed_at ELSE ? END "
+            "WHERE agent_id = ? AND node = ? AND connected_at = ? RETURNING status_changed_at"
+        )
+        params = [now, orjson.dumps(beat).decode(), now, agent_id, *connection]
+
+        async def save(conn: Conn) -> bool:
+            rows = await conn.fetch(sql, params)
+            if not rows:
+                return False
+            await conn.execute(
+                _INSERT_HEARTBEAT_SQL, [agent_id, now, *(beat.get(name) for name in _HEARTBEAT_COLUMNS)]
+            )
+            restored: bool = rows[0][0] == now
+            if restored:
+                await _enqueue(conn, notices, now, self._agent_groups)
+            return restored
+
+        restored: bool = await self._write(save)
+        return restored
 
     async def mark_silent_offline(
         self, *, before: float, now: float, notices: Callable[[str], list[Notice]]

@@ -784,14 +784,9 @@ class SqlStore:
     async def list_commands(
         self, agent_id: str, *, state: str | None, after: list[Any] | None, limit: int
     ) -> Page:
-        sql = "SELECT * FROM commands WHERE agent_id = ? AND seq < ?"
-        params: list[Any] = [agent_id, int(after[0]) if after else 2**62]
-        if state:
-            sql += " AND state = ?"
-            params.append(state)
-        rows = await self._read(lambda c: _rows(c, sql + " ORDER BY seq DESC LIMIT ?", [*params, limit + 1]))
-        page = _page(rows, limit, lambda row: [row["seq"]])
-        return Page([_command_view(row) for row in page.items], page.next_key)
+        return await self._newest_first(
+            "SELECT * FROM commands WHERE agent_id = ?", agent_id, state, after, limit, _command_view
+        )
 
     async def queued_commands(self, agent_id: str, now: float) -> list[dict[str, Any]]:
         rows = await self._read(
@@ -949,14 +944,28 @@ class SqlStore:
     async def list_deliveries(
         self, webhook_id: str, *, state: str | None, after: list[Any] | None, limit: int
     ) -> Page:
-        sql = _DELIVERIES_SQL + " WHERE webhook_id = ? AND seq < ?"
-        params: list[Any] = [webhook_id, int(after[0]) if after else 2**62]
+        return await self._newest_first(
+            _DELIVERIES_SQL + " WHERE webhook_id = ?", webhook_id, state, after, limit, _delivery_view
+        )
+
+    async def _newest_first(
+        self,
+        select: str,
+        owner: str,
+        state: str | None,
+        after: list[Any] | None,
+        limit: int,
+        view: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> Page:
+        """A page of `select`'s rows (its one `?` is `owner`), newest `seq` first, in `state` if given."""
+        sql = select + " AND seq < ?"
+        params: list[Any] = [owner, int(after[0]) if after else 2**62]
         if state:
             sql += " AND state = ?"
             params.append(state)
         rows = await self._read(lambda c: _rows(c, sql + " ORDER BY seq DESC LIMIT ?", [*params, limit + 1]))
         page = _page(rows, limit, lambda row: [row["seq"]])
-        return Page([_delivery_view(row) for row in page.items], page.next_key)
+        return Page([view(row) for row in page.items], page.next_key)
 
     async def redeliver(
         self, webhook_id: str, delivery_id: str, now: float

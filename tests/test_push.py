@@ -195,3 +195,21 @@ async def test_a_stopping_hub_sends_its_dashboards_away_at_once(settings: Settin
         assert (closed.type, ws.close_code) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY)
         await ws.close()
         await stopping
+
+
+async def test_batch_frames_carry_every_pending_message_as_one_array(hub: RunningHub) -> None:
+    context = client_ssl(hub.certs / "ca.pem")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        ws = await session.ws_connect(f"{hub.url}/ws/live?batch=1&access_token={hub.token()}")
+        [snapshot] = await ws.receive_json(timeout=5)  # every frame is an array, the first one too
+        assert snapshot["type"] == "snapshot"
+        bus = hub.app[BUS]
+        for pid in range(5):  # published at once: pending together, sent together
+            bus.publish("score", f"a:{pid}:0", {"process_key": f"a:{pid}:0", "risk_score": 50.0})
+        received: list[dict[str, object]] = []
+        while len(received) < 5:
+            frame = await ws.receive_json(timeout=5)
+            assert isinstance(frame, list)
+            received += frame
+        assert [message["data"]["process_key"] for message in received] == [f"a:{pid}:0" for pid in range(5)]  # type: ignore[index]
+        await ws.close()

@@ -43,7 +43,9 @@ async def live(request: web.Request) -> web.WebSocketResponse:
         still_valid=_still_valid(request),
         recheck_s=app[SETTINGS].token_revocation_cache_s,
     )
-    return await serve_dashboard(request, app[BUS], snapshot, access)
+    # `?batch=1`: frames are arrays of messages (the pages ask for it; PROTOCOL.md clients do not).
+    batched = request.query.get("batch") == "1"
+    return await serve_dashboard(request, app[BUS], snapshot, access, batched=batched)
 
 
 def _still_valid(request: web.Request) -> Callable[[], Awaitable[bool]]:

@@ -121,14 +121,17 @@ export class Live {
 
   start() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const ws = new WebSocket(`${scheme}://${location.host}/ws/live`);
+    // batch=1: each frame is an array of the messages pending when it was sent.
+    const ws = new WebSocket(`${scheme}://${location.host}/ws/live?batch=1`);
     let opened = false;
     ws.onopen = () => {
       opened = true;
       this.delay = 500;
       this.setBadge(true);
     };
-    ws.onmessage = (event) => this.push(JSON.parse(event.data));
+    ws.onmessage = (event) => {
+      for (const message of JSON.parse(event.data)) this.push(message);
+    };
     ws.onclose = (event) => {
       this.setBadge(false);
       if (event.code === 4401 || event.code === 4403) {

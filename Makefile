@@ -4,17 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format typecheck bench bench-quick bench-dashboards bench-connections bench-store soak clean help
+.PHONY: run test lint format typecheck bench bench-quick bench-dashboards bench-connections bench-store soak soak-reconnect clean help
 
 help:
 	@echo "make run          hub on https://127.0.0.1:8443 with a demo agent (SQLite, dev certificates)"
 	@echo "make test         ruff, mypy, then the whole test suite"
-	@echo "make bench        ingest benchmark: the hub against a bare python-socketio server"
+	@echo "make bench        ingest benchmark: the hub against a bare python-socketio server, and plots"
 	@echo "make bench-quick  the same, shorter"
 	@echo "make bench-connections  what 5,000 idle agents over mTLS cost the hub (memory, CPU)"
 	@echo "make bench-dashboards  the overview page in Chromium under live load; fan-out to 200 dashboards"
 	@echo "make bench-store  the SQLite and PostgreSQL stores side by side: events/s, commit wait, bytes per event"
 	@echo "make soak         reliability checks that take minutes (kill -9 the hub, the store away 30 s, agents streaming)"
+	@echo "make soak-reconnect  1,000 agents reconnecting for 10 minutes: the hub's RSS and open files level off"
 	@echo "make typecheck    mypy on hub/ and agent_client/"
 
 $(STAMP): pyproject.toml
@@ -40,11 +41,14 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/python -m pytest -q
 
+# The ingest matrix (10/100/1,000 agents x batches of 1/100 x JSON/msgpack), then its PNGs in docs/bench/.
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.plots
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.ingest --quick
+	$(BIN)/python -m bench.plots
 
 bench-dashboards: $(STAMP)
 	$(BIN)/python -m bench.dashboards
@@ -64,6 +68,9 @@ soak: $(STAMP)
 	$(BIN)/python -m bench.reliability.outage --store sqlite
 	$(BIN)/python -m bench.reliability.outage --store postgresql
 	$(BIN)/python -m bench.reliability.slow_dashboard
+
+soak-reconnect: $(STAMP)
+	$(BIN)/python -m bench.reliability.reconnect
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

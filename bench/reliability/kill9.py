@@ -31,11 +31,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import msgpack
 import psutil
@@ -732,17 +732,22 @@ def main(argv: list[str] | None = None) -> None:
         workdir=args.workdir, keep=args.keep, hub_settings=tuple(map(parse_setting, args.hub_setting)),
         **({"seed": args.seed} if args.seed is not None else {}),
     )  # fmt: skip
+    run_and_report("kill9", soak(config), kept="hub.log, agents.log, data/, spools/")
+
+
+def run_and_report(script: str, run: Coroutine[Any, Any, Any], *, kept: str) -> NoReturn:
+    """Run a reliability script's coroutine, print its problems and PASS/FAIL line, exit 0 or 1."""
     try:
-        report = asyncio.run(soak(config))
+        report = asyncio.run(run)
     except SoakError as exc:
-        print(f"FAIL kill9: {exc}", flush=True)
+        print(f"FAIL {script}: {exc}", flush=True)
         sys.exit(1)
     for problem in report.problems[:_SHOWN_PROBLEMS]:
         print(f"  problem: {problem}")
     if len(report.problems) > _SHOWN_PROBLEMS:
         print(f"  ... and {len(report.problems) - _SHOWN_PROBLEMS} more problems")
     if not report.passed:
-        print(f"  files kept in {report.workdir} (hub.log, agents.log, data/, spools/)")
+        print(f"  files kept in {report.workdir} ({kept})")
     print(report.summary(), flush=True)
     sys.exit(0 if report.passed else 1)
 

@@ -74,6 +74,7 @@ from bench.reliability.kill9 import (
     hub_env,
     make_pki,
     parse_setting,
+    run_and_report,
 )
 from hub.config import Settings
 
@@ -736,19 +737,9 @@ def main(argv: list[str] | None = None) -> None:
         workdir=args.workdir, keep=args.keep, hub_settings=tuple(map(parse_setting, args.hub_setting)),
         **({"seed": args.seed} if args.seed is not None else {}),
     )  # fmt: skip
-    try:
-        report = asyncio.run(outage(config))
-    except SoakError as exc:
-        print(f"FAIL outage ({config.store}): {exc}", flush=True)
-        sys.exit(1)
-    for problem in report.problems[:_SHOWN_PROBLEMS]:
-        print(f"  problem: {problem}")
-    if len(report.problems) > _SHOWN_PROBLEMS:
-        print(f"  ... and {len(report.problems) - _SHOWN_PROBLEMS} more problems")
-    if not report.passed:
-        print(f"  files kept in {report.workdir} (hub.log, agents.log, helpers.log, data/, spools/)")
-    print(report.summary(), flush=True)
-    sys.exit(0 if report.passed else 1)
+    run_and_report(
+        f"outage ({config.store})", outage(config), kept="hub.log, agents.log, helpers.log, data/, spools/"
+    )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """PostgreSQL backend, for several hub nodes sharing one database: asyncpg, group commit per node.
 
 The store's SQL is written with `?` placeholders; they become `$1, $2...` here. Each node has
-one writer, as on SQLite: it commits every waiting job in one transaction. Writes that read
-what they then change (an audit chain, a lease, a count against a limit) are `exclusive`: their
-transaction first takes one advisory lock, so nodes run them one at a time, as SQLite's write
-lock does. Event and heartbeat writes are plain upserts and take no lock.
+one writer, on a connection of its own, as on SQLite: it commits every waiting job together.
+Writes that read what they then change (an audit chain, a lease, a count against a limit) are
+`exclusive`: they commit in a transaction of their own that first takes one advisory lock, so
+nodes run them one at a time, as SQLite's write lock does. Event and heartbeat writes are
+plain upserts, committed apart from them, and never wait for that lock.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _EXCLUSIVE_WRITE_LOCK = 0x4147_4E54_0001
 _MIGRATION_LOCK = 0x4147_4E54_0002
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=128)  # event inserts vary by batch size; each is tens of KiB
 def numbered(sql: str) -> str:
     """`sql` with its `?` placeholders as PostgreSQL's `$1, $2...` (quoted text left alone)."""
     out: list[str] = []

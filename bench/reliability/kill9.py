@@ -719,13 +719,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=defaults.rate, help="events/s per agent")
     parser.add_argument("--min-up", type=float, default=defaults.min_up_s, help="shortest hub life (s)")
     parser.add_argument("--max-up", type=float, default=defaults.max_up_s, help="longest hub life (s)")
-    parser.add_argument("--seed", type=int, help="repeat a run's kill moments (random when left out)")
-    parser.add_argument("--workdir", type=Path, help="folder for certificates, data, spools and logs")
-    parser.add_argument("--keep", action="store_true", help="keep the folder after a pass")
-    parser.add_argument(
-        "--hub-setting", action="append", default=[], metavar="NAME=VALUE",
-        help="pass HUB_NAME=VALUE to the hub, e.g. MAX_BATCHES_IN_FLIGHT=1 (repeatable)",
-    )  # fmt: skip
+    add_run_options(
+        parser, repeats="kill moments", folder="certificates, data, spools and logs", keep="folder"
+    )
     args = parser.parse_args(argv)
     config = Config(
         agents=args.agents, kills=args.kills, rate=args.rate, min_up_s=args.min_up, max_up_s=args.max_up,
@@ -733,6 +729,17 @@ def main(argv: list[str] | None = None) -> None:
         **({"seed": args.seed} if args.seed is not None else {}),
     )  # fmt: skip
     run_and_report("kill9", soak(config), kept="hub.log, agents.log, data/, spools/")
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, repeats: str, folder: str, keep: str) -> None:
+    """Add the options every reliability script takes: --seed, --workdir, --keep, --hub-setting."""
+    parser.add_argument("--seed", type=int, help=f"repeat a run's {repeats} (random when left out)")
+    parser.add_argument("--workdir", type=Path, help=f"folder for {folder}")
+    parser.add_argument("--keep", action="store_true", help=f"keep the {keep} after a pass")
+    parser.add_argument(
+        "--hub-setting", action="append", default=[], metavar="NAME=VALUE",
+        help="pass HUB_NAME=VALUE to the hub, e.g. MAX_BATCHES_IN_FLIGHT=1 (repeatable)",
+    )  # fmt: skip
 
 
 def run_and_report(script: str, run: Coroutine[Any, Any, Any], *, kept: str) -> NoReturn:

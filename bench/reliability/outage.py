@@ -67,6 +67,7 @@ from bench.reliability.kill9 import (
     SoakError,
     StoreCheck,
     Tally,
+    add_run_options,
     agent_ids,
     agent_logs,
     check_agent,
@@ -711,13 +712,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--postgres-url", default=defaults.postgres_url, help="the server (a schema is made there)"
     )
-    parser.add_argument("--seed", type=int, help="repeat a run's agent offsets")
-    parser.add_argument("--workdir", type=Path, help="folder for certificates, data, spools and logs")
-    parser.add_argument("--keep", action="store_true", help="keep the folder and schema after a pass")
-    parser.add_argument(
-        "--hub-setting", action="append", default=[], metavar="NAME=VALUE",
-        help="pass HUB_NAME=VALUE to the hub, e.g. SQLITE_BUSY_TIMEOUT_S=1 (repeatable)",
-    )  # fmt: skip
+    add_run_options(
+        parser,
+        repeats="agent offsets",
+        folder="certificates, data, spools and logs",
+        keep="folder and schema",
+    )
     # The helpers this script starts: this module again, in another process.
     parser.add_argument("--hold-lock", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--committed", type=Path, help=argparse.SUPPRESS)

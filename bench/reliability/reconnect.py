@@ -61,7 +61,7 @@ import psutil
 import socketio
 
 from bench.harness import free_port, percentile, pin_load_generator
-from bench.reliability.kill9 import HOST, HubProcess, SoakError, hub_env, parse_setting
+from bench.reliability.kill9 import HOST, HubProcess, SoakError, add_run_options, hub_env, parse_setting
 from hub.certs import init_pki, issue_agent
 
 NAMESPACE = "/agent"
@@ -896,18 +896,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-rss-mib-per-min", type=float, default=defaults.max_rss_mib_per_min)
     parser.add_argument("--max-fd-per-min", type=float, default=defaults.max_fd_per_min)
     parser.add_argument("--fd-slack", type=int, default=defaults.fd_slack)
-    parser.add_argument("--seed", type=int, help="repeat a run's hold times (random when left out)")
-    parser.add_argument("--workdir", type=Path, help="folder for certificates (reused), data and logs")
-    parser.add_argument("--keep", action="store_true", help="keep the folder after a pass")
+    add_run_options(
+        parser, repeats="hold times", folder="certificates (reused), data and logs", keep="folder"
+    )
     parser.add_argument("--probe", action="store_true", help="census the hub's heap by type at every sample")
     parser.add_argument("--trace", action="store_true", help="--probe with tracemalloc (much slower hub)")
     parser.add_argument(
         "--collect-s", type=float, help="with --probe: a full gc.collect() in the hub this often"
     )
-    parser.add_argument(
-        "--hub-setting", action="append", default=[], metavar="NAME=VALUE",
-        help="pass HUB_NAME=VALUE to the hub (repeatable)",
-    )  # fmt: skip
     args = parser.parse_args(argv)
     config = Config(
         agents=args.agents, minutes=args.minutes, churn_per_s=args.churn_per_s, generators=args.generators,

@@ -18,7 +18,7 @@ from hub.anomaly import AnomalyDetector, Throttles
 from hub.codec import decode_batch, nested_deeper_than
 from hub.config import Settings
 from hub.limits import TokenBuckets
-from hub.models import EVENT_ADAPTER, EVENT_LIST_ADAPTER, BatchAck, Event, Rejection
+from hub.models import EVENT_ADAPTER, EVENT_BATCH_ADAPTER, BatchAck, Event, Rejection
 from hub.problems import Overloaded, Unavailable
 from hub.scoring import ScoringService
 from hub.store import EventBatch, Store
@@ -136,7 +136,7 @@ class Ingestor:
         new_seqs = await self._store.commit_events(
             EventBatch(agent_id, events, bodies, received_at=time.time())
         )
-        new_events = [event for event in events if event["seq"] in new_seqs]
+        new_events = events if len(new_seqs) == len(events) else [e for e in events if e["seq"] in new_seqs]
         self._scoring.submit(agent_id, new_events)
         if new_events:
             self._anomalies.record(agent_id, Counter(event["kind"] for event in new_events))
@@ -162,10 +162,15 @@ class Ingestor:
 
     def _validate(self, raw: list[Any]) -> tuple[list[Event], list[bytes], list[Rejection]]:
         try:
-            candidates: list[tuple[int, Event]] = list(enumerate(EVENT_LIST_ADAPTER.validate_python(raw)))
-            rejected: list[Rejection] = []
+            checked: list[Event] = list(EVENT_BATCH_ADAPTER.validate_python(raw))
         except ValidationError:
             candidates, rejected = self._validate_each(raw)
+        else:
+            # Unknown fields were dropped, not refused: an event that had any is shorter now.
+            if sum(map(len, checked)) == sum(map(len, raw)):
+                candidates, rejected = list(enumerate(checked)), []
+            else:
+                candidates, rejected = self._validate_each(raw)
         events: list[Event] = []
         bodies: list[bytes] = []
         limit = self._settings.max_event_bytes

@@ -12,6 +12,7 @@ Pure: no I/O beyond reading the rule files, no transport imports.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import math
 import operator
@@ -198,11 +199,28 @@ def _listed(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
+_PATH_GATE_CACHE = 8192  # paths remembered per event kind
+_PATH_GATE_CACHED_LEN = 256  # longer paths are matched every time
+
+
 def _gate(whens: list[Mapping[str, Any]]) -> Callable[[Event], bool] | None:
     if all("path" in when for when in whens):
         globs = [glob for when in whens for glob in _listed(when["path"])]
         union = re.compile("|".join(f"(?:{fnmatch.translate(glob)})" for glob in globs)).match
-        return lambda event: (path := event.get("path")) is not None and union(path) is not None
+
+        # Hosts open the same files over and over: a remembered answer costs a tenth of the
+        # regex. Only short paths are kept, so the cache stays small whatever agents send.
+        @functools.lru_cache(maxsize=_PATH_GATE_CACHE)
+        def may_match_path(path: str) -> bool:
+            return union(path) is not None
+
+        def gate(event: Event) -> bool:
+            path = event.get("path")
+            if path is None:
+                return False
+            return may_match_path(path) if len(path) <= _PATH_GATE_CACHED_LEN else union(path) is not None
+
+        return gate
     for name in ("dst_port", "syscall"):
         if all(name in when for when in whens):
             allowed = frozenset(value for when in whens for value in _listed(when[name]))

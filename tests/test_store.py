@@ -186,6 +186,27 @@ async def test_two_nodes_claiming_at_once_never_share_a_delivery(
     assert len(ids) == len(set(ids)) == 20
 
 
+async def test_two_nodes_storing_one_batch_at_once_store_it_once(
+    store_settings: Settings, store: Store
+) -> None:
+    # An agent's batch resent through another node while the first still commits it.
+    other = create_store(store_settings)
+    await other.open()
+    try:
+        for first in range(1, 2_001, 100):
+            batch = _batch("agent-1", range(first, first + 100))
+            outcomes = await asyncio.gather(
+                store.commit_events(batch), other.commit_events(batch), return_exceptions=True
+            )
+            new = [outcome for outcome in outcomes if isinstance(outcome, set)]
+            # Stored once; each node counts as new only what it stored, or is told to resend.
+            assert sorted(len(seqs) for seqs in new) in ([0, 100], [100])
+            assert all(isinstance(outcome, set | Unavailable) for outcome in outcomes)
+    finally:
+        await other.close()
+    assert await store.count_events("agent-1") == 2_000
+
+
 async def test_the_siem_queue_leases_alerts_first_and_trims_events(store: Store) -> None:
     process = _process("agent-1", 5, 90.0)
     events = [{"n": n} for n in range(5)]

@@ -126,6 +126,18 @@ async def test_bad_events_are_rejected_one_by_one(hub: RunningHub, connect_agent
     assert await hub.store.count_events("agent-1") == 2
 
 
+async def test_an_unknown_field_alone_is_rejected_by_name(hub: RunningHub, connect_agent: ConnectAgent) -> None:
+    # Otherwise valid: the batch passes the lenient validation and is caught by its length.
+    agent = await connect_agent("agent-1")
+    events = make_events(1, 3)
+    events[2]["colour"] = "red"
+    ack = await agent.send({"events": events})
+    assert ack["accepted"] == 2
+    assert [(r["index"], r["seq"]) for r in ack["rejected"]] == [(2, 3)]
+    assert "colour" in ack["rejected"][0]["error"]
+    assert await hub.store.count_events("agent-1") == 2
+
+
 async def test_msgpack_batches_are_accepted(hub: RunningHub, connect_agent: ConnectAgent) -> None:
     agent = await connect_agent("agent-3")
     ack = await agent.send(msgpack.packb({"events": make_events(1, 50)}))

@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make run          hub on https://127.0.0.1:8443 with a demo agent (SQLite, dev certificates)"
 	@echo "make test         ruff, mypy, then the whole test suite"
-	@echo "make bench        ingest benchmark: the hub against a bare python-socketio server, and plots"
-	@echo "make bench-quick  the same, shorter"
+	@echo "make bench        every benchmark (ingest beside a bare server and HTTP, connections, fan-out), about 10 min"
+	@echo "make bench-quick  the same, shorter (about 2 min)"
 	@echo "make bench-connections  what 5,000 idle agents over mTLS cost the hub (memory, CPU)"
 	@echo "make bench-dashboards  the overview page in Chromium under live load; fan-out to 200 dashboards"
 	@echo "make bench-store  the SQLite and PostgreSQL stores side by side: events/s, commit wait, bytes per event"
@@ -41,14 +41,13 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/python -m pytest -q
 
-# The ingest matrix (10/100/1,000 agents x batches of 1/100 x JSON/msgpack), then its PNGs in docs/bench/.
+# Ingest (the matrix: 10/100/1,000 agents x batches of 1/100 x JSON/msgpack, plots in docs/bench/),
+# 5,000 connections and fan-out to 200 dashboards, then every figure beside its target.
 bench: $(STAMP)
-	$(BIN)/python -m bench.ingest
-	$(BIN)/python -m bench.plots
+	$(BIN)/python -m bench
 
 bench-quick: $(STAMP)
-	$(BIN)/python -m bench.ingest --quick
-	$(BIN)/python -m bench.plots
+	$(BIN)/python -m bench --quick
 
 bench-dashboards: $(STAMP)
 	$(BIN)/python -m bench.dashboards

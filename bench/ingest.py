@@ -489,11 +489,13 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--encodings", nargs="+", choices=["json", "msgpack"], default=["json", "msgpack"])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per row (default 5)")
     parser.add_argument(
-        "--quick", action="store_true", help="10 and 100 agents, JSON only, 3 measured seconds a row"
+        "--quick",
+        action="store_true",
+        help="the reference cell only (100 agents, JSON batches of 100), 3 s a row",
     )
     args = parser.parse_args()
     if args.quick:
-        args.agents, args.encodings, args.seconds = [10, 100], ["json"], 3.0
+        args.agents, args.batches, args.encodings, args.seconds = [100], [100], ["json"], 3.0
     return args
 
 

@@ -187,8 +187,10 @@ class Batches:
     """One agent's batches, built once and renumbered in place: the load generator's core is
     better spent sending them than building 100 dicts a batch."""
 
-    def __init__(self, agent: int, size: int) -> None:
-        self._batch_no = agent * 10_000_000
+    def __init__(self, agent: int, size: int, hits: int = 1) -> None:
+        """`size` events a batch, the last `hits` of them rule hits, each in a fresh process."""
+        self._pid = 100_000 + agent * 10_000_000
+        self._hits = hits
         self._events: list[dict[str, Any]] = [
             {
                 "seq": 0,
@@ -198,9 +200,9 @@ class Batches:
                 "path": f"/var/lib/app/{i}.dat",
                 "uid": 1000,
             }
-            for i in range(size - 1)
+            for i in range(size - hits)
         ]
-        # One MEDIUM rule hit per batch (SSH key read by a fresh process): a score push, no alert.
+        # A MEDIUM rule hit (SSH key read by a fresh process): one score push each, no alert.
         hit = {
             "seq": 0,
             "ts": 0.0,
@@ -209,16 +211,17 @@ class Batches:
             "path": "/home/app/.ssh/id_ed25519",
             "exe": "/usr/bin/python3",
         }
-        self._events.append(hit)
+        self._events += [dict(hit) for _ in range(hits)]
 
     def next(self, seq: int) -> list[dict[str, Any]]:
-        """The next batch, its events numbered from `seq`, its rule hit in a fresh process."""
+        """The next batch, its events numbered from `seq`, its rule hits in fresh processes."""
         now = time.time()
         for i, event in enumerate(self._events, seq):
             event["seq"] = i
             event["ts"] = now
-        self._batch_no += 1
-        self._events[-1]["pid"] = 100_000 + self._batch_no
+        for event in self._events[len(self._events) - self._hits :]:
+            self._pid += 1
+            event["pid"] = self._pid
         return self._events
 
 

@@ -177,10 +177,11 @@ class Ingestor:
         pack = self._packer.pack
         seen: set[int] = set()
         for index, event in candidates:
-            problem = self._check(event)
-            if event["seq"] in seen:
-                problem = f"seq {event['seq']} appears twice in this batch"
-            seen.add(event["seq"])
+            seq = event["seq"]
+            problem = self._check_metadata(event["metadata"]) if "metadata" in event else None
+            if seq in seen:
+                problem = f"seq {seq} appears twice in this batch"
+            seen.add(seq)
             body = b""
             if problem is None:
                 try:
@@ -194,7 +195,7 @@ class Ingestor:
                 events.append(event)
                 bodies.append(body)
             else:
-                rejected.append(Rejection(index=index, seq=event["seq"], error=problem))
+                rejected.append(Rejection(index=index, seq=seq, error=problem))
         rejected.sort(key=lambda r: r["index"])
         return events, bodies, rejected
 
@@ -208,9 +209,8 @@ class Ingestor:
                 rejected.append(Rejection(index=index, seq=_raw_seq(item), error=_describe(exc)))
         return valid, rejected
 
-    def _check(self, event: Event) -> str | None:
-        metadata = event.get("metadata")
-        if metadata and nested_deeper_than(metadata, self._settings.max_metadata_depth):
+    def _check_metadata(self, metadata: dict[str, Any]) -> str | None:
+        if nested_deeper_than(metadata, self._settings.max_metadata_depth):
             return f"metadata is nested deeper than {self._settings.max_metadata_depth} levels"
         return None
 

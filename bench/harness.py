@@ -62,10 +62,15 @@ def hub_env(data_dir: Path, certs: Path, **settings: str) -> dict[str, str]:
     }
 
 
-def start_server(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    """Start a server pinned to core 0 and wait until it listens on `port`."""
+def start_server(
+    command: list[str], env: dict[str, str], port: int, *, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a server pinned to core 0 and wait until it listens on `port`.
+
+    `cwd`: where it runs; `python -m` imports its package from there first.
+    """
     pinned = ["taskset", "-c", "0", *command] if shutil.which("taskset") else command
-    proc = subprocess.Popen(pinned, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(pinned, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:

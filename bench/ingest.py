@@ -450,8 +450,16 @@ async def _drive(run: Run, token: str | None, server: psutil.Process) -> None:
 
 
 def _run_target(
-    target: str, cell: Cell, seconds: float, certs: Path, workdir: Path, rate: float | None = None
+    target: str,
+    cell: Cell,
+    seconds: float,
+    certs: Path,
+    workdir: Path,
+    rate: float | None = None,
+    *,
+    source: Path | None = None,
 ) -> Result:
+    """Run one target; `source`: the tree whose `hub` package the hub runs (this one by default)."""
     load = f"paced at {round(rate)} events/s" if rate else "saturated"
     what = f"{target} ({cell.encoding}, {cell.agents} agents, batches of {cell.batch}), {load}"
     print(f"running {what} for {seconds:g} s...", file=sys.stderr, flush=True)
@@ -465,7 +473,7 @@ def _run_target(
         token = create_token(
             Settings(data_dir=workdir, jwt_secret=SECRET), scopes=["hub:admin"], subject="bench"
         )
-    proc = start_server(command, hub_env(data_dir, certs), port)
+    proc = start_server(command, hub_env(data_dir, certs), port, cwd=source)
     result = Result(target, cell, rate)
     run = Run(f"https://127.0.0.1:{port}", certs, result, seconds, DASHBOARDS if token else 0)
     try:
@@ -477,10 +485,15 @@ def _run_target(
     return result
 
 
-def _run_cell(cell: Cell, seconds: float, certs: Path, workdir: Path) -> dict[str, Result]:
+def _run_cell(
+    cell: Cell, seconds: float, certs: Path, workdir: Path, before: Path | None
+) -> dict[str, Result]:
     """The targets of one cell, saturated: the HTTP ingest takes JSON only."""
     targets = ("bare", "hub", "http") if cell.encoding == "json" else ("bare", "hub")
-    return {target: _run_target(target, cell, seconds, certs, workdir) for target in targets}
+    results = {target: _run_target(target, cell, seconds, certs, workdir) for target in targets}
+    if before is not None:  # the same hub socket load against an earlier version's hub
+        results["hub@before"] = _run_target("hub@before", cell, seconds, certs, workdir, source=before)
+    return results
 
 
 def _arguments() -> argparse.Namespace:
@@ -495,6 +508,12 @@ def _arguments() -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="the reference cell only (100 agents, JSON batches of 100), 3 s a row",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="TREE",
+        help="also run the hub of this checkout (e.g. `git worktree add /tmp/before REV`) in every cell",
     )
     args = parser.parse_args()
     if args.quick:
@@ -514,7 +533,7 @@ def main() -> None:
         init_pki(certs, ["127.0.0.1", "localhost"])
         for i in range(max(args.agents)):
             issue_agent(certs, f"bench-{i}")
-        peaks = {cell: _run_cell(cell, args.seconds, certs, workdir) for cell in cells}
+        peaks = {cell: _run_cell(cell, args.seconds, certs, workdir, args.before) for cell in cells}
         # Latency means something at a load the hub sustains: half its peak.
         half = round(peaks[reference]["hub"].events_per_s / 2)
         paced = _run_target("hub", reference, args.seconds, certs, workdir, rate=half)

@@ -328,6 +328,10 @@ class AgentServer(socketio.AsyncServer):  # type: ignore[misc]  # socketio ships
 class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]  # engineio ships no types
     """python-engineio's server, closing a socket without waiting for its client."""
 
+    def create_queue(self, *args: Any, **kwargs: Any) -> PacketQueue:
+        # Each socket's outgoing packets (engineio's hook; its sockets are the only callers).
+        return PacketQueue()
+
     async def disconnect(self, sid: str | None = None) -> None:
         socket = self.sockets.get(sid) if sid is not None else None
         if socket is None:
@@ -358,6 +362,90 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]  # engineio shi
         await socket.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
         # The writer sends what is queued (acks, then the reconnect hint), then closes the WebSocket.
         socket.queue.put_nowait(None)
+
+
+class PacketQueue:
+    """An unbounded FIFO of one socket's outgoing packets: the part of asyncio.Queue engineio uses.
+
+    asyncio.Queue allocates four deques up front (items, getters, putters, and its join
+    Event's waiters): about 3 KB on every idle agent socket. Here the items are a list read
+    from `_head` on, and waiters exist only while someone waits.
+    """
+
+    __slots__ = ("_getters", "_head", "_items", "_joiners", "_unfinished")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []  # never holds an item while a getter waits
+        self._head = 0  # items before it were taken; the list is emptied once all are
+        self._unfinished = 0  # items put and not yet marked done (`task_done`)
+        self._getters: list[asyncio.Future[Any]] | None = None
+        self._joiners: list[asyncio.Future[Any]] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) - self._head
+
+    def empty(self) -> bool:
+        return not self.qsize()
+
+    def put_nowait(self, item: Any) -> None:
+        self._unfinished += 1
+        getter, self._getters = _first_waiting(self._getters)
+        if getter is not None:  # handed over: a getter that timed out or was cancelled is skipped
+            getter.set_result(item)
+        else:
+            self._items.append(item)
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        if not self.qsize():
+            raise asyncio.QueueEmpty
+        item = self._items[self._head]
+        self._head += 1
+        if self._head == len(self._items):
+            self._items, self._head = [], 0  # frees what a burst grew
+        return item
+
+    def get(self) -> asyncio.Future[Any]:
+        """Return a future of the next item.
+
+        A future rather than a coroutine: engineio awaits it under `asyncio.wait_for`, which
+        would wrap a coroutine in a task of its own for every socket. If that wait times out,
+        the future is cancelled and a later item goes to the next getter or into the list.
+        """
+        future = asyncio.get_running_loop().create_future()
+        if self.qsize():
+            future.set_result(self.get_nowait())
+        else:
+            self._getters = [*(self._getters or ()), future]
+        return future
+
+    def task_done(self) -> None:
+        if self._unfinished <= 0:
+            raise ValueError("task_done() called too many times")
+        self._unfinished -= 1
+        while not self._unfinished and self._joiners:
+            joiner, self._joiners = _first_waiting(self._joiners)
+            if joiner is not None:
+                joiner.set_result(None)
+
+    async def join(self) -> None:
+        if self._unfinished:
+            joiner = asyncio.get_running_loop().create_future()
+            self._joiners = [*(self._joiners or ()), joiner]
+            await joiner
+
+
+def _first_waiting(
+    waiters: list[asyncio.Future[Any]] | None,
+) -> tuple[asyncio.Future[Any] | None, list[asyncio.Future[Any]] | None]:
+    """Take the first of `waiters` not cancelled yet; return it and those left (None for none)."""
+    while waiters:
+        waiter = waiters.pop(0)
+        if not waiter.done():
+            return waiter, waiters or None
+    return None, None
 
 
 def _check_attachment(pending: Any, data: str | bytes, limit: int) -> None:

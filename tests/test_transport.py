@@ -14,6 +14,7 @@ from hub.app import NAMESPACE_KEY
 from hub.config import Settings
 from hub.keys import PRESENCE
 from hub.problems import Unavailable
+from hub.transport import PacketQueue
 from tests.conftest import (
     AgentConn,
     ConnectAgent,
@@ -126,7 +127,9 @@ async def test_bad_events_are_rejected_one_by_one(hub: RunningHub, connect_agent
     assert await hub.store.count_events("agent-1") == 2
 
 
-async def test_an_unknown_field_alone_is_rejected_by_name(hub: RunningHub, connect_agent: ConnectAgent) -> None:
+async def test_an_unknown_field_alone_is_rejected_by_name(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
     # Otherwise valid: the batch passes the lenient validation and is caught by its length.
     agent = await connect_agent("agent-1")
     events = make_events(1, 3)
@@ -423,3 +426,37 @@ async def test_a_store_locked_by_another_process_answers_unavailable_and_loses_n
         assert await hub.store.count_events("agent-1") == 20
     finally:
         await agent.close()
+
+
+async def test_a_sockets_packet_queue_keeps_order_and_loses_nothing_to_a_timed_out_read() -> None:
+    queue = PacketQueue()
+    with pytest.raises(asyncio.QueueEmpty):
+        queue.get_nowait()
+    # Engine.IO's writer waits with a timeout: a read that times out must not take the next packet.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(queue.get(), 0.01)
+    waiting = queue.get()
+    queue.put_nowait("a")  # handed to the waiting read
+    await queue.put("b")
+    queue.put_nowait("c")
+    assert await waiting == "a"
+    assert (queue.qsize(), queue.empty()) == (2, False)
+    assert [queue.get_nowait(), await queue.get()] == ["b", "c"]
+    assert queue.empty()
+
+
+async def test_a_sockets_packet_queue_joins_once_every_packet_is_done() -> None:
+    queue = PacketQueue()
+    await queue.join()  # nothing put: returns at once
+    for packet in ("a", "b"):
+        queue.put_nowait(packet)
+    joined = asyncio.ensure_future(queue.join())
+    queue.get_nowait()
+    queue.task_done()
+    await asyncio.sleep(0)
+    assert not joined.done()
+    queue.get_nowait()
+    queue.task_done()
+    await asyncio.wait_for(joined, 1)
+    with pytest.raises(ValueError, match="too many times"):
+        queue.task_done()

@@ -516,6 +516,8 @@ def _arguments() -> argparse.Namespace:
         help="also run the hub of this checkout (e.g. `git worktree add /tmp/before REV`) in every cell",
     )
     args = parser.parse_args()
+    if args.before is not None and not (args.before / "hub" / "cli.py").is_file():
+        parser.error(f"--before {args.before}: no hub/cli.py there (python would run this tree's hub)")
     if args.quick:
         args.agents, args.batches, args.encodings, args.seconds = [100], [100], ["json"], 3.0
     return args

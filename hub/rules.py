@@ -199,7 +199,7 @@ def _listed(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-_PATH_GATE_CACHE = 8192  # paths remembered per event kind
+_PATH_GATE_CACHE = 4096  # paths remembered per event kind: a few MB at most
 _PATH_GATE_CACHED_LEN = 256  # longer paths are matched every time
 
 

@@ -413,6 +413,8 @@ class PacketQueue:
         A future rather than a coroutine: engineio awaits it under `asyncio.wait_for`, which
         would wrap a coroutine in a task of its own for every socket. If that wait times out,
         the future is cancelled and a later item goes to the next getter or into the list.
+        An item handed over as the timeout fires is still returned by Python 3.11's `wait_for`;
+        3.12's, built on `asyncio.timeout`, would drop it (engineio then closes the socket).
         """
         future = asyncio.get_running_loop().create_future()
         if self.qsize():

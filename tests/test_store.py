@@ -69,6 +69,17 @@ async def test_events_are_stored_once_and_read_back_in_order(store: Store) -> No
                                                                     ("agent-2", 3)]  # fmt: skip
 
 
+async def test_a_batch_of_scattered_seqs_is_deduplicated_by_its_own_seqs(store: Store) -> None:
+    await store.commit_events(_batch("agent-1", range(1, 101)))
+    scattered = EventBatch("agent-1", [], [], NOW)
+    for seq in (7, 2**62, 150, 99):
+        event: Event = {"seq": seq, "ts": NOW, "kind": "login", "pid": 1}
+        scattered.events.append(event)
+        scattered.bodies.append(msgpack.packb(event))
+    assert await store.commit_events(scattered) == {2**62, 150}
+    assert await store.count_events("agent-1") == 102
+
+
 async def test_a_batch_larger_than_one_statement_is_stored_whole(store: Store) -> None:
     assert len(await store.commit_events(_batch("agent-1", range(1, 9_001)))) == 9_000
     assert await store.last_seq("agent-1") == 9_000

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class EventBatch:
-    """Validated events of one agent, each already encoded for storage (msgpack)."""
+    """Validated events of one agent, each already encoded for storage (msgpack); no seq twice."""
 
     agent_id: str
     events: list[Event]
@@ -87,7 +87,11 @@ class Store(Protocol):
     async def ping(self) -> None: ...
 
     async def commit_events(self, batch: EventBatch) -> set[int]:
-        """Store `batch` durably; return the seqs that were new (the rest were duplicates)."""
+        """Store `batch` durably; return the seqs that were new (the rest were duplicates).
+
+        Raise `Unavailable` when another node stores some of the same events at the same moment
+        (the agent resends the batch, and then they are duplicates).
+        """
         ...
 
     async def last_seq(self, agent_id: str) -> int: ...

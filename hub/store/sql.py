@@ -218,12 +218,7 @@ class SqlStore:
 
     async def commit_events(self, batch: EventBatch) -> set[int]:
         async def insert(conn: Conn) -> set[int]:
-            seqs = [event["seq"] for event in batch.events]
-            # The batch's seqs already stored: one range read of the primary key, nearly always
-            # empty. Cheaper than INSERT ... RETURNING, which costs SQLite a microsecond a row.
-            stored = {
-                row[0] for row in await conn.fetch(_STORED_SEQS_SQL, (batch.agent_id, min(seqs), max(seqs)))
-            }
+            stored = await _stored_seqs(conn, batch.agent_id, [event["seq"] for event in batch.events])
             new = [(event, body) for event, body in zip(batch.events, batch.bodies, strict=True)
                    if event["seq"] not in stored]  # fmt: skip
             inserted = 0
@@ -1259,9 +1254,31 @@ _REPLACE_THROTTLE_SQL = _KEEP_THROTTLE_SQL.removesuffix("NOTHING") + (
     "throttled_at = excluded.throttled_at, throttled_by = excluded.throttled_by"
 )
 _ROWS_PER_INSERT = 4000  # 7 parameters a row; SQLite allows 32,766 per statement, PostgreSQL 32,767
+_SEQS_PER_LOOKUP = 1000  # seqs looked up by one statement
 
 
-_STORED_SEQS_SQL = "SELECT seq FROM events WHERE agent_id = ? AND seq BETWEEN ? AND ?"
+_STORED_SEQS_IN_SPAN_SQL = "SELECT seq FROM events WHERE agent_id = ? AND seq BETWEEN ? AND ?"
+
+
+async def _stored_seqs(conn: Conn, agent_id: str, seqs: list[int]) -> set[int]:
+    """Which of `seqs` are stored already: usually none. Cheaper than INSERT ... RETURNING,
+    which costs SQLite a microsecond a row."""
+    low, high = min(seqs), max(seqs)
+    if high - low < 2 * len(seqs):  # a batch's seqs are nearly always a run: one range read
+        rows = await conn.fetch(_STORED_SEQS_IN_SPAN_SQL, (agent_id, low, high))
+        return {row[0] for row in rows}
+    # Scattered seqs: look each up, or a batch such as [1, 10**12] would read the agent's history.
+    stored: set[int] = set()
+    for start in range(0, len(seqs), _SEQS_PER_LOOKUP):
+        chunk = seqs[start : start + _SEQS_PER_LOOKUP]
+        rows = await conn.fetch(_stored_seqs_sql(len(chunk)), [agent_id, *chunk])
+        stored.update(row[0] for row in rows)
+    return stored
+
+
+@functools.lru_cache(maxsize=64)
+def _stored_seqs_sql(count: int) -> str:
+    return f"SELECT seq FROM events WHERE agent_id = ? AND seq IN ({_marks(range(count))})"  # noqa: S608 - placeholders only
 
 
 @functools.lru_cache(maxsize=64)

@@ -250,14 +250,14 @@ class WireSocket:
             if text.startswith('2/agent,["hello",'):
                 return socket, orjson.loads(text[len("2/agent,") :])[1]
 
-    async def call(self, payload: dict[str, Any] | bytes) -> dict[str, Any]:
-        """Emit `events` with `payload` (bytes go as a binary attachment); return the ack."""
+    async def call(self, payload: dict[str, Any] | bytes, event: str = "events") -> dict[str, Any]:
+        """Emit `event` with `payload` (bytes go as a binary attachment); return the ack."""
         self._ids += 1  # Frames out: "4" (Engine.IO MESSAGE), then the Socket.IO packet.
         if isinstance(payload, bytes):
-            await self._ws.send_str(f'451-/agent,{self._ids}["events",{{"_placeholder":true,"num":0}}]')
+            await self._ws.send_str(f'451-/agent,{self._ids}["{event}",{{"_placeholder":true,"num":0}}]')
             await self._ws.send_bytes(payload)
         else:
-            await self._ws.send_str(f"42/agent,{self._ids}" + orjson.dumps(["events", payload]).decode())
+            await self._ws.send_str(f"42/agent,{self._ids}" + orjson.dumps([event, payload]).decode())
         ack = f"3/agent,{self._ids}"
         while True:
             text = await self._receive()

@@ -65,6 +65,7 @@ class Subscriber:
         self.ready.set()  # the first thing to send is a snapshot
         self.needs_snapshot = True
         self.going_away = asyncio.Event()  # the node is stopping: close, the dashboard reconnects
+        self.sending_since: float | None = None  # loop time the frame being sent was handed over
 
     def offer(self, key: str, message: bytes) -> None:
         if self.needs_snapshot:
@@ -418,7 +419,8 @@ async def serve_dashboard(
     try:
         await ws.prepare(request)
         tasks = [
-            asyncio.create_task(_send_updates(request, ws, subscriber, snapshot, bus, batched)),
+            asyncio.create_task(_send_updates(ws, subscriber, snapshot, batched)),
+            asyncio.create_task(_cut_off_when_stuck(request, subscriber, bus)),
             asyncio.create_task(_end_with_access(ws, access)),
             asyncio.create_task(_end_when_going_away(ws, subscriber)),
         ]
@@ -433,6 +435,23 @@ async def serve_dashboard(
     finally:
         bus.unsubscribe(subscriber)
     return ws
+
+
+async def _cut_off_when_stuck(request: web.Request, subscriber: Subscriber, bus: PushBus) -> None:
+    """Close the connection once one send has waited `send_timeout_s`: the dashboard stopped reading."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(bus.send_timeout_s / 10)
+        since = subscriber.sending_since
+        if since is not None and loop.time() - since >= bus.send_timeout_s:
+            # What it would get is coalesced already, so cut it off.
+            bus.stats.cutoffs += 1
+            log.warning(
+                "dashboard of %s stopped reading for %.0f s: closed", subscriber.owner, bus.send_timeout_s
+            )
+            if request.transport is not None:
+                request.transport.abort()
+            return
 
 
 async def _end_when_going_away(ws: web.WebSocketResponse, subscriber: Subscriber) -> None:
@@ -450,13 +469,9 @@ async def _end_with_access(ws: web.WebSocketResponse, access: Access) -> None:
 
 
 async def _send_updates(
-    request: web.Request,
-    ws: web.WebSocketResponse,
-    subscriber: Subscriber,
-    snapshot: SnapshotSource,
-    bus: PushBus,
-    batched: bool,
+    ws: web.WebSocketResponse, subscriber: Subscriber, snapshot: SnapshotSource, batched: bool
 ) -> None:
+    loop = asyncio.get_running_loop()
     while not ws.closed:
         await subscriber.ready.wait()
         if subscriber.needs_snapshot:
@@ -471,14 +486,8 @@ async def _send_updates(
                 b"[" + b",".join(frames[i : i + _BATCH_MAX]) + b"]" for i in range(0, len(frames), _BATCH_MAX)
             ]
         for frame in frames:
-            try:
-                await asyncio.wait_for(ws.send_frame(frame, WSMsgType.TEXT), bus.send_timeout_s)
-            except TimeoutError:
-                # It stopped reading: what it would get is coalesced already, so cut it off.
-                bus.stats.cutoffs += 1
-                log.warning(
-                    "dashboard of %s stopped reading for %.0f s: closed", subscriber.owner, bus.send_timeout_s
-                )
-                if request.transport is not None:
-                    request.transport.abort()
-                return
+            # A send returns at once unless the socket's buffer is full. No timer a frame (wait_for
+            # made a task, and a loop turn, of each): `_cut_off_when_stuck` watches this instead.
+            subscriber.sending_since = loop.time()
+            await ws.send_frame(frame, WSMsgType.TEXT)
+        subscriber.sending_since = None

@@ -93,7 +93,6 @@ log = logging.getLogger(__name__)
 # aiohttp waits this long (twice at worst: then it cancels and waits again) for the HTTP
 # requests and dashboards left after the agents' drain; systemd's TimeoutStopSec covers it.
 SHUTDOWN_GRACE_S = 5.0
-_FULL_COLLECTION_EVERY_S = 60.0
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 NAMESPACE_KEY = web.AppKey("namespace", AgentNamespace)
@@ -201,7 +200,6 @@ def create_app(settings: Settings) -> web.Application:
         _background("command-expiry", commands.expire_loop)
     )  # after _lifecycle: stopped before the store closes
     app.cleanup_ctx.append(_background("revocation-watch", revocations.run))  # likewise
-    app.cleanup_ctx.append(_background("garbage-collection", _collect_cycles))
     app.cleanup_ctx.append(_webhook_deliveries)  # likewise
     app.cleanup_ctx.append(_siem_forwarding)  # likewise
     app.cleanup_ctx.append(_anomaly_detection(anomalies))  # likewise
@@ -429,16 +427,6 @@ async def serve(
         await app[NAMESPACE_KEY].drain()
     finally:
         await runner.cleanup()
-
-
-async def _collect_cycles() -> None:
-    # Closed connections leave reference cycles (engineio keeps a closed socket's error, whose
-    # traceback holds the task holding it, with its TLS state and buffers). They reach the
-    # oldest generation, which the thresholds below seldom collect: without this, RSS grew
-    # ~6 MiB a minute under reconnect churn (RELIABILITY.md).
-    while True:
-        await asyncio.sleep(_FULL_COLLECTION_EVERY_S)
-        gc.collect()
 
 
 def _tune_allocator() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import engineio
 import socketio
+from engineio.async_drivers import aiohttp as aiohttp_driver
 from prometheus_async import aio
 from prometheus_async.types import Observer
 from pydantic import ValidationError
@@ -328,6 +329,13 @@ class AgentServer(socketio.AsyncServer):  # type: ignore[misc]  # socketio ships
 class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]  # engineio ships no types
     """python-engineio's server, closing a socket without waiting for its client."""
 
+    _async: dict[str, Any]  # engineio's table of its async driver's parts
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The table is the driver module's own: copied, so the change stays with this server.
+        self._async = {**self._async, "websocket": _ClosableWebSocket}
+
     def create_queue(self, *args: Any, **kwargs: Any) -> PacketQueue:
         # Each socket's outgoing packets (engineio's hook; its sockets are the only callers).
         return PacketQueue()
@@ -362,6 +370,21 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]  # engineio shi
         await socket.close(wait=False, abort=True, reason=self.reason.SERVER_DISCONNECT)
         # The writer sends what is queued (acks, then the reconnect hint), then closes the WebSocket.
         socket.queue.put_nowait(None)
+
+
+class _ClosableWebSocket(aiohttp_driver.WebSocket):  # type: ignore[misc]  # engineio ships no types
+    """python-engineio's aiohttp WebSocket, telling a closed connection by None, not an exception.
+
+    Upstream raises OSError when the connection closes, and the task that reads the socket keeps
+    it: the error's traceback holds the frames holding that task, a reference cycle around every
+    closed connection's TLS state and buffers that only a full collection frees (tens of KB per
+    reconnect, and full collections stall the hub for as long as they take). On None, Engine.IO
+    ends the socket the same way.
+    """
+
+    async def wait(self) -> str | bytes | None:
+        message = await self._sock.receive()
+        return message.data if isinstance(message.data, str | bytes) else None
 
 
 class PacketQueue:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 
 import aiohttp
@@ -460,3 +461,23 @@ async def test_a_sockets_packet_queue_joins_once_every_packet_is_done() -> None:
     await asyncio.wait_for(joined, 1)
     with pytest.raises(ValueError, match="too many times"):
         queue.task_done()
+
+
+async def test_a_closed_connection_leaves_no_reference_cycle(hub: RunningHub) -> None:
+    # A cycle around each closed socket would hold its TLS state and buffers until a full
+    # collection, which stalls the whole hub for as long as it takes.
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for drop in (False, True, False, True):
+            agent = await open_agent(hub, "agent-1")
+            if drop:  # the network goes away: no Socket.IO or Engine.IO goodbye
+                await agent.sio.eio.ws.close()
+            await agent.close()
+            await asyncio.sleep(0.2)
+        gc.collect()
+        left = {type(item).__name__ for item in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not left & {"WebSocketResponse", "AsyncSocket", "SSLProtocol", "OSError"}

@@ -161,16 +161,16 @@ class Ingestor:
                 await self._idle.wait()
 
     def _validate(self, raw: list[Any]) -> tuple[list[Event], list[bytes], list[Rejection]]:
+        checked: list[Event] | None
         try:
-            checked: list[Event] = list(EVENT_BATCH_ADAPTER.validate_python(raw))
+            checked = list(EVENT_BATCH_ADAPTER.validate_python(raw))
         except ValidationError:
+            checked = None
+        # Unknown fields were dropped, not refused: an event that had any is shorter now.
+        if checked is not None and sum(map(len, checked)) == sum(map(len, raw)):
+            candidates, rejected = list(enumerate(checked)), list[Rejection]()
+        else:  # which events are wrong, and why, one by one
             candidates, rejected = self._validate_each(raw)
-        else:
-            # Unknown fields were dropped, not refused: an event that had any is shorter now.
-            if sum(map(len, checked)) == sum(map(len, raw)):
-                candidates, rejected = list(enumerate(checked)), []
-            else:
-                candidates, rejected = self._validate_each(raw)
         events: list[Event] = []
         bodies: list[bytes] = []
         limit = self._settings.max_event_bytes

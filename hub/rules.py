@@ -208,17 +208,18 @@ def _gate(whens: list[Mapping[str, Any]]) -> Callable[[Event], bool] | None:
         globs = [glob for when in whens for glob in _listed(when["path"])]
         union = re.compile("|".join(f"(?:{fnmatch.translate(glob)})" for glob in globs)).match
 
-        # Hosts open the same files over and over: a remembered answer costs a tenth of the
-        # regex. Only short paths are kept, so the cache stays small whatever agents send.
-        @functools.lru_cache(maxsize=_PATH_GATE_CACHE)
         def may_match_path(path: str) -> bool:
             return union(path) is not None
+
+        # Hosts open the same files over and over: a remembered answer costs a tenth of the
+        # regex. Only short paths are kept, so the cache stays small whatever agents send.
+        remembered = functools.lru_cache(maxsize=_PATH_GATE_CACHE)(may_match_path)
 
         def gate(event: Event) -> bool:
             path = event.get("path")
             if path is None:
                 return False
-            return may_match_path(path) if len(path) <= _PATH_GATE_CACHED_LEN else union(path) is not None
+            return remembered(path) if len(path) <= _PATH_GATE_CACHED_LEN else may_match_path(path)
 
         return gate
     for name in ("dst_port", "syscall"):

@@ -34,6 +34,11 @@ POSTGRES_URL = os.environ.get("HUB_TEST_POSTGRES_URL", "postgresql://postgres@12
 STORE_BACKEND = os.environ.get("HUB_TEST_STORE", "sqlite")
 
 
+def sqlite_only(reason: str) -> pytest.MarkDecorator:
+    """Skip a test under `HUB_TEST_STORE=postgresql`: it is about SQLite's own file or locks."""
+    return pytest.mark.skipif(STORE_BACKEND != "sqlite", reason=f"SQLite only: {reason}")
+
+
 def free_port() -> int:
     """Return a loopback TCP port nobody listens on now (for a hub that restarts on the same port)."""
     with socket.socket() as probe:
@@ -82,6 +87,29 @@ def postgres_url() -> Iterator[str]:
         require_service("PostgreSQL", exc)
     yield f"{POSTGRES_URL}?search_path={schema}"
     run_sql(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def hub_env(settings: Settings) -> dict[str, str]:
+    """The `HUB_` variables that point a CLI or a hub process at the database of `settings`."""
+    env = {"HUB_DATA_DIR": str(settings.data_dir)}
+    if settings.database_url is not None:
+        env["HUB_DATABASE_URL"] = settings.database_url.get_secret_value()
+    return env
+
+
+async def stored_bytes(settings: Settings) -> bytes:
+    """Everything the hub's database holds, as bytes: to check a secret is kept nowhere it must not be."""
+    if settings.database_url is None:
+        return b"".join(path.read_bytes() for path in sorted(settings.data_dir.glob("hub.db*")))
+    conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=5)
+    try:
+        tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+        select = 'SELECT * FROM "{}"'  # table names from the catalog, not from input
+        rows = [row for table in tables for row in await conn.fetch(select.format(table[0]))]
+    finally:
+        await conn.close()
+    values = [value for row in rows for value in row.values()]
+    return b"\n".join(value if isinstance(value, bytes) else str(value).encode() for value in values)
 
 
 @pytest.fixture(scope="session")

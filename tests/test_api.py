@@ -9,7 +9,7 @@ import aiohttp
 import jwt
 import pytest
 
-from hub.store.sqlite import SqliteConn
+from hub.store.sqlite import SqliteConn, SqliteStore
 from tests.conftest import ConnectAgent, RunningHub
 from tests.test_scoring import attack
 
@@ -151,10 +151,19 @@ async def test_health_is_503_when_the_database_does_not_answer(
     hub: RunningHub, http: aiohttp.ClientSession
 ) -> None:
     store = hub.store
-    reader = store._reader  # the connection health reads with: break it, as a lost disk would
-    broken = sqlite3.connect(":memory:")
-    broken.close()
-    store._reader = SqliteConn(broken)
+    # What health reads with (SQLite's reader connection, PostgreSQL's reader pool): closed, as a
+    # lost disk or database would leave it.
+    if isinstance(store, SqliteStore):
+        name = "_reader"
+        closed = sqlite3.connect(":memory:")
+        closed.close()
+        broken = SqliteConn(closed)
+    else:
+        name = "_readers"
+        broken = await store._pool(1)
+        await broken.close()
+    reader = getattr(store, name)
+    setattr(store, name, broken)
     try:
         async with http.get("/api/v1/health") as response:
             assert response.status == 503
@@ -163,4 +172,4 @@ async def test_health_is_503_when_the_database_does_not_answer(
         assert body["status"] == 503
         assert "database unreachable" in body["detail"]
     finally:
-        store._reader = reader
+        setattr(store, name, reader)

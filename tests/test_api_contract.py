@@ -24,6 +24,7 @@ from tests.conftest import (
     make_events,
     open_agent,
     start_hub,
+    stored_bytes,
 )
 from tests.test_scoring import attack
 
@@ -252,9 +253,7 @@ async def test_answers_carrying_secrets_are_never_kept_for_replay(
         body = await problem_of(response, 409)
     assert "carried a secret" in body["detail"]
     assert await hub.store.get_agent_secret("sensor-9") == secret  # done once, not twice
-    database = (hub.settings.data_dir / "hub.db").read_bytes() + b"".join(
-        path.read_bytes() for path in hub.settings.data_dir.glob("hub.db-wal")
-    )
+    database = await stored_bytes(hub.settings)
     assert database.count(secret.encode()) == 1  # only where the hub needs it, not in the replay table
 
 

@@ -16,7 +16,7 @@ from hub.config import Settings
 from hub.store import Store, create_store
 from hub.store.sqlite import SqliteStore
 from hub.tokens import issue_token
-from tests.conftest import RunningHub
+from tests.conftest import RunningHub, hub_env
 from tests.test_cli import agenthub
 
 
@@ -289,7 +289,7 @@ async def test_a_cli_revocation_reaches_the_running_hub(hub: RunningHub, http: a
         assert response.status == 200  # known not revoked: cached for a moment
     result = await asyncio.to_thread(
         agenthub, "token", "revoke", issued.jti, "--reason", "laptop lost",
-        "--data-dir", str(hub.settings.data_dir), cwd=hub.settings.data_dir.parent,
+        cwd=hub.settings.data_dir.parent, env=hub_env(hub.settings),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     for _ in range(100):  # the cache keeps "not revoked" for about a second

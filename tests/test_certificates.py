@@ -19,7 +19,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from hub.certs import issue_agent
 from hub.config import Settings
-from tests.conftest import ConnectAgent, RunningHub, call, client_ssl, open_agent, start_hub, try_connect
+from tests.conftest import (
+    ConnectAgent,
+    RunningHub,
+    call,
+    client_ssl,
+    hub_env,
+    open_agent,
+    start_hub,
+    try_connect,
+)
 from tests.test_cli import agenthub
 
 Key = ec.EllipticCurvePrivateKey
@@ -458,9 +467,9 @@ async def test_revoking_an_unknown_fingerprint_is_404(hub: RunningHub, http: aio
 async def test_a_certificate_the_cli_issued_can_be_revoked_before_its_agent_ever_connects(
     hub: RunningHub, http: aiohttp.ClientSession
 ) -> None:
-    data_dir = str(hub.settings.data_dir)
+    env = hub_env(hub.settings)
     result = await asyncio.to_thread(
-        agenthub, "certs", "issue", "leaked-1", "--dir", str(hub.certs), "--data-dir", data_dir, cwd=hub.certs
+        agenthub, "certs", "issue", "leaked-1", "--dir", str(hub.certs), cwd=hub.certs, env=env
     )
     assert result.returncode == 0, result.stderr
     fp = fingerprint(x509.load_pem_x509_certificate((hub.certs / "leaked-1.pem").read_bytes()))

@@ -12,7 +12,15 @@ from hub.app import NAMESPACE_KEY
 from hub.config import Settings
 from hub.keys import PRESENCE
 from hub.problems import Unavailable
-from tests.conftest import ConnectAgent, HubStarter, RunningHub, make_events, open_agent, start_hub
+from tests.conftest import (
+    ConnectAgent,
+    HubStarter,
+    RunningHub,
+    make_events,
+    open_agent,
+    sqlite_only,
+    start_hub,
+)
 
 BEAT = {
     "ts": 1.0,
@@ -147,6 +155,7 @@ async def test_restart_keeps_acked_events_and_marks_agents_offline(settings: Set
         await runner.cleanup()
 
 
+@sqlite_only("checks the modes of the hub.db files; PostgreSQL keeps no data in data_dir")
 async def test_the_database_is_readable_by_its_owner_only(settings: Settings) -> None:
     runner, running = await start_hub(settings)
     try:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http.cookies import SimpleCookie
@@ -17,10 +18,20 @@ import pytest
 from aiohttp import WSMsgType
 
 from hub.keys import USERS
-from tests.conftest import HubStarter, RunningHub, client_ssl, free_port
+from tests.conftest import HubStarter, RunningHub, client_ssl, free_port, hub_env
 from tests.test_cli import agenthub, assert_user_error
 
 PASSWORD = "correct horse battery staple"
+
+
+async def users_cli(
+    *args: str, cwd: Path, env: dict[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`agenthub users ...` in a thread: the hub under test shares this event loop and must keep
+    serving (a hub stalled inside a write would hold the store's write lock against the CLI)."""
+    return await asyncio.to_thread(agenthub, "users", *args, cwd=cwd, env=env, stdin=stdin)
+
+
 SESSION_COOKIE = "__Host-agenthub_session"
 
 
@@ -192,10 +203,10 @@ async def test_repeated_failures_lock_the_account_until_unlocked(
         locked = await browser.sign_in("alice", PASSWORD)  # even the right password waits
         assert locked.status == 429
         assert 25 <= int(locked.headers["Retry-After"]) <= 30
-        env = {"HUB_DATA_DIR": str(hub.settings.data_dir)}
-        listed = agenthub("users", "list", cwd=tmp_path, env=env)
+        env = hub_env(hub.settings)
+        listed = await users_cli("list", cwd=tmp_path, env=env)
         assert re.search(r"alice\s+viewer\s+never\s+locked \d+ s", listed.stdout), listed.stdout
-        assert agenthub("users", "unlock", "alice", cwd=tmp_path, env=env).returncode == 0
+        assert (await users_cli("unlock", "alice", cwd=tmp_path, env=env)).returncode == 0
         assert (await browser.sign_in("alice", PASSWORD)).status == 303
     finally:
         await browser.http.close()
@@ -267,20 +278,20 @@ async def test_a_role_change_or_removal_reaches_open_sessions(
     await add_user("vera", "viewer")
     browser = browse()
     await browser.sign_in("vera", PASSWORD)
-    env = {"HUB_DATA_DIR": str(hub.settings.data_dir)}
+    env = hub_env(hub.settings)
     assert (await browser.api("GET", "/api/v1/webhooks"))[0] == 403
-    assert agenthub("users", "role", "vera", "admin", cwd=tmp_path, env=env).returncode == 0
+    assert (await users_cli("role", "vera", "admin", cwd=tmp_path, env=env)).returncode == 0
     assert (await browser.api("GET", "/api/v1/webhooks"))[0] == 200
-    assert agenthub("users", "remove", "vera", cwd=tmp_path, env=env).returncode == 0
+    assert (await users_cli("remove", "vera", cwd=tmp_path, env=env)).returncode == 0
     assert (await browser.api("GET", "/api/v1/webhooks"))[0] == 401
 
 
 async def test_users_cli_reads_the_password_from_stdin_and_refuses_bad_input(
     hub: RunningHub, tmp_path: Path
 ) -> None:
-    env = {"HUB_DATA_DIR": str(hub.settings.data_dir)}
-    added = agenthub(
-        "users", "add", "carol", "--role", "operator", cwd=tmp_path, env=env, stdin=PASSWORD + "\n"
+    env = hub_env(hub.settings)
+    added = await users_cli(
+        "add", "carol", "--role", "operator", cwd=tmp_path, env=env, stdin=PASSWORD + "\n"
     )
     assert added.returncode == 0, added.stderr
     assert "carol added with role operator" in added.stdout
@@ -293,12 +304,12 @@ async def test_users_cli_reads_the_password_from_stdin_and_refuses_bad_input(
         ("passwd", "nobody"): (PASSWORD, "no user 'nobody'"),
     }
     for args, (stdin, words) in cases.items():
-        result = agenthub("users", *args, cwd=tmp_path, env=env, stdin=stdin + "\n")
+        result = await users_cli(*args, cwd=tmp_path, env=env, stdin=stdin + "\n")
         assert_user_error(result, words)
-    bad_role = agenthub("users", "add", "erin", "--role", "root", cwd=tmp_path, env=env, stdin=PASSWORD)
+    bad_role = await users_cli("add", "erin", "--role", "root", cwd=tmp_path, env=env, stdin=PASSWORD)
     assert bad_role.returncode == 2
     assert "invalid choice: 'root'" in bad_role.stderr
-    changed = agenthub("users", "passwd", "carol", cwd=tmp_path, env=env, stdin="a brand new password\n")
+    changed = await users_cli("passwd", "carol", cwd=tmp_path, env=env, stdin="a brand new password\n")
     assert changed.returncode == 0
     await hub.app[USERS].authenticate("carol", "a brand new password")
 

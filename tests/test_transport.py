@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sqlite3
+from collections.abc import AsyncIterator
 
 import aiohttp
+import asyncpg
 import msgpack
 import pytest
 import socketio
@@ -400,7 +403,28 @@ async def test_an_agent_flooding_past_its_quota_is_throttled_alone(quota_hub: Ru
 
 @pytest.fixture
 async def impatient_hub(hub_with: HubStarter) -> RunningHub:
-    return await hub_with({"sqlite_busy_timeout_s": 0.3})
+    return await hub_with({"sqlite_busy_timeout_s": 0.3, "database_timeout_s": 1.0})
+
+
+@contextlib.asynccontextmanager
+async def events_locked_by_another_program(settings: Settings) -> AsyncIterator[None]:
+    """Another program holds what storing events needs: SQLite's write lock, or PostgreSQL's events table."""
+    if settings.database_url is None:
+        locker = sqlite3.connect(settings.db_path, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        return
+    conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=5)
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE events IN EXCLUSIVE MODE")  # readers pass, writers wait
+            yield
+    finally:
+        await conn.close()
 
 
 async def test_a_store_locked_by_another_process_answers_unavailable_and_loses_nothing(
@@ -410,17 +434,11 @@ async def test_a_store_locked_by_another_process_answers_unavailable_and_loses_n
     agent = await open_agent(hub, "agent-1")
     try:
         assert (await agent.send({"events": make_events(1, 10)}))["accepted"] == 10
-        # Another program takes the database's write lock and keeps it.
-        locker = sqlite3.connect(hub.settings.db_path, isolation_level=None)
-        locker.execute("BEGIN EXCLUSIVE")
-        try:
+        async with events_locked_by_another_program(hub.settings):
             ack = await agent.send({"events": make_events(11, 10)})
             assert ack["error"]["code"] == "unavailable"
             assert ack["error"]["retry_after_ms"] > 0
             assert (await agent.send({"events": make_events(11, 10)}))["error"]["code"] == "unavailable"
-        finally:
-            locker.execute("ROLLBACK")
-            locker.close()
         # The lock is gone: the agent's retry is stored, once.
         ack = await agent.send({"events": make_events(11, 10)})
         assert (ack["accepted"], ack["duplicates"], ack["last_seq"]) == (10, 0, 20)

@@ -22,10 +22,12 @@ from hub.store.sql import Conn, SqlStore, StoreOptions, WriteJob, migrations
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Advisory lock keys (any fixed numbers, the same on every node): one for exclusive writes,
-# one for migrations, so nodes starting together apply each migration once.
-_EXCLUSIVE_WRITE_LOCK = 0x4147_4E54_0001
-_MIGRATION_LOCK = 0x4147_4E54_0002
+# Advisory locks: one for exclusive writes, one for migrations (so nodes starting together apply
+# each migration once). Advisory locks are database-wide: keyed by the schema too, hubs sharing
+# a database in schemas of their own (separate deployments, test runs) never wait for each other.
+_EXCLUSIVE_WRITE_LOCK = 0x4147_4E01
+_MIGRATION_LOCK = 0x4147_4E02
+_TAKE_LOCK = "SELECT pg_advisory_xact_lock(hashtext(current_schema()), $1)"
 
 
 @functools.lru_cache(maxsize=128)  # event inserts vary by batch size; each is tens of KiB
@@ -81,7 +83,7 @@ class PostgresConn:
     async def begin(self, *, exclusive: bool) -> None:
         await self._db.execute("BEGIN")
         if exclusive:  # released by COMMIT or ROLLBACK
-            await self._db.execute("SELECT pg_advisory_xact_lock($1)", _EXCLUSIVE_WRITE_LOCK)
+            await self._db.execute(_TAKE_LOCK, _EXCLUSIVE_WRITE_LOCK)
 
     async def rollback(self) -> None:
         try:
@@ -118,7 +120,7 @@ class PostgresStore(SqlStore):
         self._writer = await self._pool(1)
         self._readers = await self._pool(self._pool_size)
         async with self._writer.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(_TAKE_LOCK, _MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
             for version, script in migrations("postgresql"):

@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     heartbeat_history_s: float = Field(
         86_400.0, gt=0, description="how long each agent's heartbeats are kept for its charts"
     )
+    heartbeat_write_delay_s: float = Field(
+        0.5,
+        ge=0,
+        le=5,
+        description="longest a heartbeat waits for others to share its commit (0: none; "
+        "at most a quarter of heartbeat_interval_s)",
+    )
 
     # graceful stop (SIGTERM); systemd/agenthub.service's TimeoutStopSec covers the default
     drain_timeout_s: float = Field(

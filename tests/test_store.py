@@ -149,6 +149,28 @@ async def test_scoring_resumes_from_the_events_stored_after_its_mark(store: Stor
     assert await unscored("agent-2") == [1, 2]
 
 
+async def test_heartbeat_writes_wait_to_share_a_commit_unless_another_write_comes(
+    store_settings: Settings,
+) -> None:
+    commits: list[int] = []  # each group commit's size
+    settings = store_settings.model_copy(update={"heartbeat_write_delay_s": 5.0})
+    store = create_store(settings, on_commit=lambda size, _: commits.append(size))
+    await store.open()
+    try:
+        beats = [
+            asyncio.create_task(store.save_heartbeat(agent, {}, now=NOW, connection=("n", NOW), notices=[]))
+            for agent in ("agent-1", "agent-2", "agent-3")
+        ]
+        await asyncio.sleep(0.3)
+        assert not any(task.done() for task in beats)  # waiting for company
+        assert commits == []
+        await store.commit_events(_batch("agent-1", range(1, 4)))  # may not wait: takes them along
+        await asyncio.gather(*beats)
+        assert commits == [1 + 1 + 1 + 3]
+    finally:
+        await store.close()
+
+
 async def test_a_repeated_alert_folds_into_the_open_one_and_announces_once(store: Store) -> None:
     await store.insert_webhook(_webhook("wh_1"), max_count=10)
     process = _process("agent-1", 5, 90.0)

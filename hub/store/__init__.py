@@ -545,6 +545,8 @@ def create_store(settings: Settings, *, on_commit: Callable[[int, float], None] 
 
     options = StoreOptions(
         commit_max_events=settings.commit_max_events,
+        # A heartbeat is acked after its commit: well inside the interval the agent waits for it.
+        deferred_write_delay_s=min(settings.heartbeat_write_delay_s, settings.heartbeat_interval_s / 4),
         retry_after_ms=settings.retry_after_ms,
         on_commit=on_commit,
         agent_groups=settings.agent_groups,  # webhook routing by agent group, applied as notices are queued

@@ -13,6 +13,7 @@ connections (`Conn`), where a group commit runs, and its migrations.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
@@ -57,6 +58,7 @@ class StoreOptions(TypedDict, total=False):
     """What every backend takes besides where its database is."""
 
     commit_max_events: int  # most writes in one group commit
+    deferred_write_delay_s: float  # longest a group of deferrable writes waits for company
     retry_after_ms: int  # what an `unavailable` answer tells the caller to wait
     on_commit: Callable[[int, float], None] | None  # told each group commit's size and seconds
     agent_groups: Mapping[str, list[str]] | None  # group -> agent id globs, for webhook routing
@@ -68,6 +70,7 @@ class WriteJob:
     size: int
     exclusive: bool
     future: asyncio.Future[Any] = field(repr=False)
+    deferrable: bool = False
 
 
 def migrations(dialect: str) -> list[tuple[int, str]]:
@@ -97,6 +100,9 @@ class SqlStore:
         self._commit_max = options.get("commit_max_events", 5_000)
         self._retry_after_ms = options.get("retry_after_ms", 1000)
         self._jobs: asyncio.Queue[WriteJob] = asyncio.Queue()
+        self._deferred_delay_s = options.get("deferred_write_delay_s", 0.0)
+        self._urgent = asyncio.Event()  # set when a write that may not wait is queued
+        self._urgent_queued = 0  # such writes in the queue
         self._writer_task: asyncio.Task[None] | None = None
         self._failures = 0  # group commits failed since the last report
         self._failure_logged_at = 0.0
@@ -134,25 +140,44 @@ class SqlStore:
     async def ping(self) -> None:
         await self._read(lambda c: c.fetchrow("SELECT 1"))
 
-    async def _write(self, run: Job, size: int = 1, *, exclusive: bool = False) -> Any:
+    async def _write(
+        self, run: Job, size: int = 1, *, exclusive: bool = False, deferrable: bool = False
+    ) -> Any:
         """Queue a write job and return its result once committed.
 
         `exclusive`: the job reads what it then changes (a count, a chain, a lease), so nodes
         sharing the database must not run it beside each other's (SQLite's writer lock already
         serializes every write; PostgreSQL takes a lock for it).
+        `deferrable`: its commit may wait up to `deferred_write_delay_s` for other writes to share
+        it, unless one that may not wait comes first.
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._jobs.put_nowait(WriteJob(run, size, exclusive, future))
+        self._jobs.put_nowait(WriteJob(run, size, exclusive, future, deferrable))
+        if not deferrable:
+            self._urgent_queued += 1
+            self._urgent.set()
         return await future
+
+    async def _wait_for_company(self) -> None:
+        # Thousands of agents heartbeating would otherwise cost a commit (and an fsync) each.
+        self._urgent.clear()
+        if self._urgent_queued:  # one that may not wait is queued already
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._deferred_delay_s):
+                await self._urgent.wait()
 
     async def _write_loop(self) -> None:
         while True:
             group = [await self._jobs.get()]
+            if group[0].deferrable and self._deferred_delay_s:
+                await self._wait_for_company()
             size = group[0].size
             while size < self._commit_max and not self._jobs.empty():
                 job = self._jobs.get_nowait()
                 group.append(job)
                 size += job.size
+            self._urgent_queued -= sum(not job.deferrable for job in group)
             try:
                 started = time.perf_counter()
                 outcomes = await self._commit(group)
@@ -402,7 +427,7 @@ class SqlStore:
                 await _enqueue(conn, notices, now, self._agent_groups)
             return restored
 
-        restored: bool = await self._write(save)
+        restored: bool = await self._write(save, deferrable=True)
         return restored
 
     async def mark_silent_offline(

@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from hub.certs import create_ca, init_pki, issue_agent
 from hub.config import Settings
 from hub.keys import INGESTOR, SCORING, STORE
 from hub.store import Store, create_store
+from hub.store.sql import migrations
 from hub.tokens import create_token
 
 # The machine's PostgreSQL; each test gets a schema of its own there.
@@ -188,6 +190,18 @@ async def start_hub(settings: Settings) -> tuple[web.AppRunner, RunningHub]:
 
 
 HubStarter = Callable[[dict[str, Any]], Awaitable[RunningHub]]
+
+
+def sqlite_database_at(settings: Settings, version: int) -> sqlite3.Connection:
+    """A SQLite database migrated up to `version` only, as an older hub left it, for an upgrade to meet."""
+    settings.data_dir.mkdir(parents=True)
+    conn = sqlite3.connect(settings.db_path)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for number, script in migrations("sqlite"):
+        if number <= version:
+            conn.executescript(script)
+            conn.execute("INSERT INTO schema_version VALUES (?)", (number,))
+    return conn
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,9 +17,17 @@ import pytest
 from aiohttp import web
 
 from hub.config import Settings
-from hub.store.sql import migrations
 from hub.store.sqlite import SqliteStore
-from tests.conftest import HubStarter, RunningHub, call, client_ssl, make_events, open_agent, start_hub
+from tests.conftest import (
+    HubStarter,
+    RunningHub,
+    call,
+    client_ssl,
+    make_events,
+    open_agent,
+    sqlite_database_at,
+    start_hub,
+)
 from tests.test_scoring import attack
 
 WEBHOOKS = "/api/v1/webhooks"
@@ -454,13 +461,7 @@ async def test_min_severity_filters_alerts(
 
 
 async def test_the_migration_converts_the_old_event_types(settings: Settings) -> None:
-    settings.data_dir.mkdir(parents=True)
-    conn = sqlite3.connect(settings.db_path)
-    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    for version, script in migrations("sqlite"):
-        if version <= 11:
-            conn.executescript(script)
-            conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+    conn = sqlite_database_at(settings, 11)
     for n, types in enumerate((["alert"], ["agent", "command"], ["command"], ["alert", "agent"])):
         conn.execute(
             "INSERT INTO webhooks (id, url, event_types, enabled, secret, created_at, updated_at, "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from typing import Any
 
 import aiohttp
@@ -16,9 +15,16 @@ from hub.models import Event
 from hub.rules import RuleSet, load_rules, parse_rules
 from hub.scoring import RiskEngine, RiskParams, recalculate
 from hub.store import EventBatch, create_store
-from hub.store.sql import migrations
 from hub.store.sqlite import SqliteStore
-from tests.conftest import ConnectAgent, HubStarter, RunningHub, client_ssl, open_agent, start_hub
+from tests.conftest import (
+    ConnectAgent,
+    HubStarter,
+    RunningHub,
+    client_ssl,
+    open_agent,
+    sqlite_database_at,
+    start_hub,
+)
 
 T0 = 1_700_000_000.0
 
@@ -281,13 +287,7 @@ async def test_events_stored_but_never_scored_are_scored_when_their_agent_return
 
 async def test_an_upgrade_counts_every_event_stored_before_it_as_scored(settings: Settings) -> None:
     # A database from before scoring marks: its events were scored, none may be scored again.
-    settings.data_dir.mkdir(parents=True)
-    conn = sqlite3.connect(settings.db_path)
-    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    for version, script in migrations("sqlite"):
-        if version <= 15:
-            conn.executescript(script)
-            conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+    conn = sqlite_database_at(settings, 15)
     conn.executemany(
         "INSERT INTO events (agent_id, seq, ts, kind, pid, received_at, body) "
         "VALUES (?, ?, 0, 'custom', 1, 0, ?)",

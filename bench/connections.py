@@ -1,11 +1,12 @@
 """Connections benchmark: what thousands of idle agents cost the hub (memory and CPU).
 
-    python -m bench.connections [--agents 5000] [--steps 4] [--heartbeat 10]
+    python -m bench.connections [--agents 5000] [--steps 4] [--heartbeat 10] [--before TREE]
 
 The hub runs as its own process pinned to core 0; this load generator (core 1) connects
 agents in steps, each a stock python-socketio client over real mTLS with its own
 certificate, and keeps them connected and heartbeating. After each step it waits for the
 hub to settle and reads the hub's resident memory and CPU use over a quiet minute's share.
+With `--before`, an earlier checkout's hub goes through the same steps first, in the same run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import psutil
 import socketio
 
 from bench.harness import (
+    add_before_argument,
     free_port,
     hub_command,
     hub_env,
@@ -37,7 +39,7 @@ from bench.harness import (
 from hub.certs import init_pki, issue_agent
 from hub.codec import SocketJson
 
-HEADERS = ["agents", "connected", "connect_per_s", "hub_rss_mb", "kb_per_agent", "hub_cpu_pct_idle"]
+HEADERS = ["hub", "agents", "connected", "connect_per_s", "hub_rss_mb", "kb_per_agent", "hub_cpu_pct_idle"]
 
 
 class Fleet:
@@ -136,6 +138,7 @@ def main() -> None:
         "--steps", type=int, default=4, help="measure after each of this many steps (default 4)"
     )
     parser.add_argument("--heartbeat", type=float, default=10.0, help="heartbeat interval in s (default 10)")
+    add_before_argument(parser)
     args = parser.parse_args()
     pin_load_generator()
     with tempfile.TemporaryDirectory(prefix="agenthub-bench-") as tmp:
@@ -145,13 +148,8 @@ def main() -> None:
         print(f"issuing {args.agents} agent certificates...", file=sys.stderr, flush=True)
         for i in range(args.agents):
             issue_agent(certs, f"fleet-{i}")
-        port = free_port()
-        env = hub_env(workdir / "data", certs, heartbeat_interval_s=str(args.heartbeat))
-        proc = start_server(hub_command(port), env, port)
-        try:
-            rows = asyncio.run(run(f"https://127.0.0.1:{port}", certs, psutil.Process(proc.pid), args))
-        finally:
-            stop_server(proc)
+        earlier = [(f"before ({args.before})", args.before)] if args.before else []
+        rows = [row for hub, tree in [*earlier, ("this", None)] for row in _measure(hub, tree, workdir, args)]
     print(f"machine: {platform.node()}, {psutil.cpu_count()} cores, Python {platform.python_version()}")
     print(table(rows, HEADERS))
     last = rows[-1]
@@ -163,6 +161,18 @@ def main() -> None:
             "idle_cpu_pct": last["hub_cpu_pct_idle"],
         }
     )
+
+
+def _measure(hub: str, tree: Path | None, workdir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run the steps against the hub of `tree` (this checkout's when None), in a data folder of its own."""
+    port, certs = free_port(), workdir / "certs"
+    env = hub_env(workdir / f"data-{hub.split()[0]}", certs, heartbeat_interval_s=str(args.heartbeat))
+    proc = start_server(hub_command(port), env, port, cwd=tree)
+    try:
+        rows = asyncio.run(run(f"https://127.0.0.1:{port}", certs, psutil.Process(proc.pid), args))
+    finally:
+        stop_server(proc)
+    return [{**row, "hub": hub} for row in rows]
 
 
 if __name__ == "__main__":

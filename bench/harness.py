@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -32,6 +33,23 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def add_before_argument(parser: argparse.ArgumentParser) -> None:
+    """`--before TREE`: also measure the hub of an earlier checkout, side by side in the same run."""
+    parser.add_argument(
+        "--before",
+        type=_checkout,
+        metavar="TREE",
+        help="also run the hub of this checkout (e.g. `git worktree add /tmp/before REV`)",
+    )
+
+
+def _checkout(value: str) -> Path:
+    tree = Path(value)
+    if not (tree / "hub" / "cli.py").is_file():  # python would run this tree's hub instead
+        raise argparse.ArgumentTypeError(f"{value}: no hub/cli.py there")
+    return tree
 
 
 def pin_load_generator() -> None:

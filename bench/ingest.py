@@ -51,6 +51,7 @@ import psutil
 
 from bench.harness import (
     SECRET,
+    add_before_argument,
     free_port,
     hub_command,
     hub_env,
@@ -509,15 +510,8 @@ def _arguments() -> argparse.Namespace:
         action="store_true",
         help="the reference cell only (100 agents, JSON batches of 100), 3 s a row",
     )
-    parser.add_argument(
-        "--before",
-        type=Path,
-        metavar="TREE",
-        help="also run the hub of this checkout (e.g. `git worktree add /tmp/before REV`) in every cell",
-    )
+    add_before_argument(parser)  # in every cell
     args = parser.parse_args()
-    if args.before is not None and not (args.before / "hub" / "cli.py").is_file():
-        parser.error(f"--before {args.before}: no hub/cli.py there (python would run this tree's hub)")
     if args.quick:
         args.agents, args.batches, args.encodings, args.seconds = [100], [100], ["json"], 3.0
     return args

@@ -282,6 +282,8 @@ class WireSocket:
                 await self._ws.send_str("3")
             elif text.startswith("0"):  # Engine.IO OPEN
                 return text
+            elif text.startswith("41/agent,"):  # Socket.IO DISCONNECT: no ack will come
+                raise ConnectionError("the hub ended the agent's session")
             elif text.startswith("4"):
                 return text[1:]
 

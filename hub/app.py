@@ -122,7 +122,6 @@ def create_app(settings: Settings) -> web.Application:
     engine = RiskEngine(rules, RiskParams.from_settings(settings))
     scoring = ScoringService(
         engine, store, bus.publish, max_backlog=settings.scoring_max_backlog,
-        max_replay=settings.ingest_max_pending_events,
         on_lag=metrics.scoring_lag.observe, on_alert=metrics.count_alert,
         siem_min_severity=settings.siem_min_event_severity if settings.siem_endpoint else None,
     )  # fmt: skip

@@ -380,7 +380,6 @@ def _evict_one(table: dict[int, ProcessRisk]) -> None:
 
 # Events scored per pass: a pass runs on the event loop, so a bound keeps acks flowing.
 PASS_EVENTS = 2000
-_Work = tuple[str, list[Event], float]  # an agent's events handed over together, and when
 _RETRY_S = 1.0
 
 
@@ -394,7 +393,6 @@ class ScoringService:
         publish: Publisher,
         *,
         max_backlog: int,
-        max_replay: int = 100_000,
         on_lag: Callable[[float], None] | None = None,
         on_alert: Callable[[str], None] | None = None,
         siem_min_severity: str | None = None,
@@ -404,10 +402,9 @@ class ScoringService:
         self._store = store
         self._publish = publish
         self._max_backlog = max_backlog
-        self._max_replay = max_replay  # unscored stored events read back for one agent at most
         self._on_lag = on_lag  # told each batch's seconds from hand-over to scoring
         self._on_alert = on_alert  # told each new stored alert's severity (not the repeats folded)
-        self._queue: deque[_Work] = deque()
+        self._queue: deque[tuple[str, list[Event], float]] = deque()
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -419,12 +416,9 @@ class ScoringService:
         self.scored = 0
 
     def reload(self, agent_id: str) -> None:
-        """Read the agent's state from the store in the next pass (another node may have scored it
-        since), and score its stored events that were never scored."""
-        if agent_id not in self._reload:  # else a pass for it is queued already
-            self._reload.add(agent_id)
-            self._queue.append((agent_id, [], time.monotonic()))  # it comes even if the agent sends nothing
-            self._wakeup.set()
+        """Read the agent's state from the store before scoring its next events (another node may
+        have scored it since)."""
+        self._reload.add(agent_id)
 
     def submit(self, agent_id: str, events: list[Event]) -> None:
         """Hand over newly stored events (never blocks: they are already committed)."""
@@ -473,23 +467,20 @@ class ScoringService:
                 await self._score_pending()
 
     async def _score_pending(self) -> None:
-        work: list[_Work] = []
+        work: list[tuple[str, list[Event], float]] = []
         taken = 0
         while self._queue and taken < PASS_EVENTS:
             work.append(self._queue.popleft())
             taken += len(work[-1][1])
         try:
-            work = await self._restore(work) + work
+            await self._restore({agent_id for agent_id, _, _ in work})
         except Exception:
             self._queue.extendleft(reversed(work))  # nothing was scored: try the same work again
             raise
         changed: dict[str, ProcessRisk] = {}
         alerts: list[dict[str, Any]] = []
         matches: list[tuple[str, Event, list[Rule]]] | None = None if self._siem_min_severity is None else []
-        scored_seqs: dict[str, int] = {}
         for agent_id, events, submitted in work:
-            if not events:
-                continue
             if self._on_lag is not None:
                 self._on_lag(time.monotonic() - submitted)
             for event in events:
@@ -497,7 +488,6 @@ class ScoringService:
                     alerts += self.engine.apply(agent_id, event, changed, matches)
                 except Exception:  # a bug must cost one event's score, not the scorer
                     log.exception("scoring failed for %s seq %s", agent_id, event.get("seq"))
-            scored_seqs[agent_id] = max(scored_seqs.get(agent_id, 0), *(event["seq"] for event in events))
             self.backlog -= len(events)
             self.scored += len(events)
         if self.backlog < self._max_backlog:
@@ -508,40 +498,17 @@ class ScoringService:
         # scoring does not stand still for every fsync, and flushes stay in order.
         if self._flushing is not None:
             await self._flushing
-        self._flushing = asyncio.create_task(self._flush(records, alerts, forwarded, scored_seqs))
+        self._flushing = asyncio.create_task(self._flush(records, alerts, forwarded))
 
-    async def _restore(self, work: list[_Work]) -> list[_Work]:
-        """Load the stored state of the pass's agents this node does not know (or must reload);
-        return, to be scored first, their stored events that were never scored."""
-        stale = {agent for agent, _, _ in work if agent in self._reload or not self.engine.knows(agent)}
+    async def _restore(self, agent_ids: set[str]) -> None:
+        stale = {
+            agent_id for agent_id in agent_ids if agent_id in self._reload or not self.engine.knows(agent_id)
+        }
         if stale and self._flushing is not None:
             await self._flushing  # what this node scored is stored before it is read back
-        states = {
-            agent_id: await self._store.scoring_state(agent_id, max_unscored=self._max_replay)
-            for agent_id in stale
-        }
-        if not states:
-            return []
-        # Every batch committed before those reads is queued by now (Store.scoring_state): what
-        # is queued is scored in its turn, the rest was missed (the hub stopped between commit
-        # and scoring, or a commit's outcome was unknown and the agent's resend was a duplicate).
-        queued = {(agent, event["seq"]) for agent, events, _ in (*work, *self._queue) for event in events}
-        missed: list[_Work] = []
-        for agent_id, state in states.items():
-            self.engine.restore(agent_id, state.processes)
+        for agent_id in stale:
+            self.engine.restore(agent_id, await self._store.load_processes(agent_id))
             self._reload.discard(agent_id)
-            events = [event for event in state.unscored if (agent_id, event["seq"]) not in queued]
-            if len(state.unscored) == self._max_replay:
-                log.error(
-                    "%s has %d or more stored events that were never scored; the first %d are "
-                    "scored now, run `agenthub recalculate` for the rest",
-                    agent_id, self._max_replay, self._max_replay,
-                )  # fmt: skip
-            if events:
-                log.warning("scoring %d stored events of %s that were never scored", len(events), agent_id)
-                missed.append((agent_id, events, time.monotonic()))
-                self.backlog += len(events)
-        return missed
 
     def _siem_events(self, matches: list[tuple[str, Event, list[Rule]]] | None) -> list[dict[str, Any]]:
         least = self._siem_min_severity
@@ -551,11 +518,7 @@ class ScoringService:
         return [body for body in bodies if body is not None]
 
     async def _flush(
-        self,
-        records: list[dict[str, Any]],
-        alerts: list[dict[str, Any]],
-        forwarded: list[dict[str, Any]],
-        scored_seqs: dict[str, int],
+        self, records: list[dict[str, Any]], alerts: list[dict[str, Any]], forwarded: list[dict[str, Any]]
     ) -> None:
         # Persist before publishing so a dashboard never shows what a restart would forget;
         # the state is already in memory, so a failing store is retried until it takes it.
@@ -567,7 +530,7 @@ class ScoringService:
                 stored_alerts = await self._store.insert_alerts(
                     alerts, alert_notices, processes=records,
                     forward_to_siem=self._siem_min_severity is not None, siem_events=forwarded,
-                    suppression_window_s=self.engine.params.suppression_window_s, scored_seqs=scored_seqs,
+                    suppression_window_s=self.engine.params.suppression_window_s,
                 )  # fmt: skip
                 break
             except Exception:
@@ -600,16 +563,14 @@ async def recalculate(
     Alerts the replay would raise are not raised again: those of the live run stay as they were.
     """
     changed: dict[str, ProcessRisk] = {}
-    scored_seqs: dict[str, int] = {}
     after: tuple[str, int] | None = None
     count = 0
     while rows := await store.replay_events(after, page):
         for agent_id, event in rows:
             engine.apply(agent_id, event, changed)
-            scored_seqs[agent_id] = event["seq"]  # read in seq order
         count += len(rows)
         after = (rows[-1][0], rows[-1][1]["seq"])
         if progress:
             progress(count)
-    await store.replace_scores([engine.record(p) for p in changed.values()], scored_seqs)
+    await store.replace_scores([engine.record(p) for p in changed.values()])
     return count

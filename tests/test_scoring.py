@@ -7,24 +7,11 @@ import json
 from typing import Any
 
 import aiohttp
-import msgpack
 
 from hub.config import Settings
-from hub.keys import SCORING
-from hub.models import Event
 from hub.rules import RuleSet, load_rules, parse_rules
 from hub.scoring import RiskEngine, RiskParams, recalculate
-from hub.store import EventBatch, create_store
-from hub.store.sqlite import SqliteStore
-from tests.conftest import (
-    ConnectAgent,
-    HubStarter,
-    RunningHub,
-    client_ssl,
-    open_agent,
-    sqlite_database_at,
-    start_hub,
-)
+from tests.conftest import ConnectAgent, HubStarter, RunningHub, client_ssl, open_agent, start_hub
 
 T0 = 1_700_000_000.0
 
@@ -251,78 +238,6 @@ async def test_scores_of_acked_events_survive_an_immediate_shutdown(settings: Se
         assert [item["process_id"] for item in page.items] == ["agent-1:200"]
     finally:
         await runner.cleanup()
-
-
-async def test_events_stored_but_never_scored_are_scored_when_their_agent_returns(
-    settings: Settings,
-) -> None:
-    # What a hub killed between a commit and its scoring pass leaves: the attack stored, unscored.
-    store = create_store(settings)
-    await store.open()
-    events: list[Event] = attack()  # type: ignore[assignment]  # test events are valid Events
-    await store.commit_events(EventBatch("agent-1", events, [msgpack.packb(e) for e in events], T0))
-    await store.close()
-
-    runner, hub = await start_hub(settings)
-
-    async def come_back() -> tuple[list[Any], list[Any]]:
-        agent = await open_agent(hub, "agent-1")
-        await hub.settle()
-        await agent.close()
-        scores = await hub.store.list_scores(risk_min=80, agent_id="agent-1", after=None, limit=10)
-        alerts = await hub.store.list_alerts(agent_id="agent-1", severity=None, after=None, limit=50)
-        return (
-            [(item["process_id"], item["risk_score"], item["explanation"]) for item in scores.items],
-            sorted((alert["rule_id"], alert["count"]) for alert in alerts.items),
-        )
-
-    try:
-        scores, alerts = await come_back()
-        assert [process_id for process_id, _, _ in scores] == ["agent-1:200"]
-        assert ("shadow-read", 1) in alerts
-        assert await come_back() == (scores, alerts)  # found nothing left to score: nothing counted twice
-    finally:
-        await runner.cleanup()
-
-
-async def test_an_upgrade_counts_every_event_stored_before_it_as_scored(settings: Settings) -> None:
-    # A database from before scoring marks: its events were scored, none may be scored again.
-    conn = sqlite_database_at(settings, 15)
-    conn.executemany(
-        "INSERT INTO events (agent_id, seq, ts, kind, pid, received_at, body) "
-        "VALUES (?, ?, 0, 'custom', 1, 0, ?)",
-        [("agent-1", seq, msgpack.packb({"seq": seq})) for seq in (1, 2, 7)],
-    )
-    conn.commit()
-    conn.close()
-    store = SqliteStore(settings.db_path)
-    await store.open()
-    try:
-        assert (await store.scoring_state("agent-1", max_unscored=10)).unscored == []
-    finally:
-        await store.close()
-
-
-async def test_reloading_an_agent_while_it_streams_scores_each_event_once(
-    hub: RunningHub, connect_agent: ConnectAgent
-) -> None:
-    # Each reload reads the store while the next batch commits: what is queued must not be read too.
-    agent = await connect_agent("agent-2")
-    events = attack()
-    batches = [events[:2], events[2:], *[[event] for event in attack(start_seq=5, t0=T0 + 10)]]
-    for batch in batches:
-        hub.app[SCORING].reload("agent-2")
-        assert not (await agent.send({"events": batch}))["rejected"]
-    await hub.settle()
-    live = await hub.store.list_scores(risk_min=0, agent_id="agent-2", after=None, limit=100)
-
-    await recalculate(
-        hub.store, RiskEngine(load_rules(hub.settings.rule_files), RiskParams.from_settings(hub.settings))
-    )
-    replayed = await hub.store.list_scores(risk_min=0, agent_id="agent-2", after=None, limit=100)
-    assert [(item["process_key"], item["risk_score"]) for item in live.items] == [
-        (item["process_key"], item["risk_score"]) for item in replayed.items
-    ]
 
 
 async def test_tracked_processes_per_agent_are_bounded(settings: Settings) -> None:

@@ -124,29 +124,11 @@ async def test_processes_page_by_risk_and_form_trees(store: Store) -> None:
     rest = await store.list_scores(risk_min=40.0, agent_id=None, after=first.next_key, limit=5)
     assert [item["risk_score"] for item in rest.items] == [60.0]
     assert rest.next_key is None
-    state = await store.scoring_state("agent-1", max_unscored=10)
-    assert [process["pid"] for process in state.processes] == [10, 11, 12]
+    assert (await store.load_processes("agent-1"))[0]["agent_id"] == "agent-1"
     tree = await store.process_tree(child["process_key"], ancestors=5, descendants=5, limit=10)
     assert tree is not None
     assert [(node["pid"], node["parent_key"]) for node in tree] == [
         (10, None), (11, parent["process_key"]), (12, child["process_key"])]  # fmt: skip
-
-
-async def test_scoring_resumes_from_the_events_stored_after_its_mark(store: Store) -> None:
-    await store.commit_events(_batch("agent-1", range(1, 6)))
-    await store.commit_events(_batch("agent-2", range(1, 3)))
-
-    async def unscored(agent_id: str, limit: int = 10) -> list[int]:
-        return [event["seq"] for event in (await store.scoring_state(agent_id, max_unscored=limit)).unscored]
-
-    assert await unscored("agent-1") == [1, 2, 3, 4, 5]  # nothing scored yet
-    await store.insert_alerts([], scored_seqs={"agent-1": 3})
-    await store.insert_alerts([], scored_seqs={"agent-1": 2})  # a mark never moves back
-    assert await unscored("agent-1") == [4, 5]
-    assert await unscored("agent-1", limit=1) == [4]
-    await store.replace_scores([], {"agent-1": 5})  # `recalculate`: every mark replaced
-    assert await unscored("agent-1") == []
-    assert await unscored("agent-2") == [1, 2]
 
 
 async def test_heartbeat_writes_wait_to_share_a_commit_unless_another_write_comes(

@@ -24,15 +24,6 @@ class EventBatch:
 
 
 @dataclass(frozen=True, slots=True)
-class ScoringState:
-    """What scoring resumes an agent from: its stored live processes, and its events stored
-    after the last ones whose effect those processes hold (`unscored`, in seq order)."""
-
-    processes: list[dict[str, Any]]
-    unscored: list[Event]
-
-
-@dataclass(frozen=True, slots=True)
 class Notice:
     """Something webhooks may be told: every enabled subscription to `event_type` gets a delivery.
 
@@ -175,18 +166,8 @@ class Store(Protocol):
         """Delete the heartbeats received before `before`; return how many."""
         ...
 
-    async def scoring_state(self, agent_id: str, *, max_unscored: int) -> ScoringState:
-        """Read what scoring resumes `agent_id` from, with at most `max_unscored` unscored events.
-
-        Read after every commit queued before it has been answered: each event it returns that
-        this node's ingest committed has been handed to scoring already, or never will be.
-        """
-        ...
-
-    async def replace_scores(self, states: list[dict[str, Any]], scored_seqs: dict[str, int]) -> None:
-        """Replace every stored process state, and how far each agent's events are scored."""
-        ...
-
+    async def load_processes(self, agent_id: str) -> list[dict[str, Any]]: ...
+    async def replace_scores(self, states: list[dict[str, Any]]) -> None: ...
     async def list_scores(
         self,
         *,
@@ -220,7 +201,6 @@ class Store(Protocol):
         forward_to_siem: bool = False,
         siem_events: list[dict[str, Any]] | None = None,
         suppression_window_s: float = 0.0,
-        scored_seqs: dict[str, int] | None = None,
     ) -> list[dict[str, Any]]:
         """Store new alerts, in one transaction with what announces them; return them with their ids.
 
@@ -230,8 +210,7 @@ class Store(Protocol):
         `notices(alert)`, given each new alert with its id, are queued for webhooks, and with
         `forward_to_siem` the alert for the SIEM, with `siem_events`; a fold announces nothing.
         A scoring pass passes its changed `processes` too: a crash cannot keep a process's state
-        (its fired thresholds) and lose the alert it raised. `scored_seqs` (agent id -> highest
-        seq the pass scored) move each agent's scoring mark forward, never back.
+        (its fired thresholds) and lose the alert it raised.
         """
         ...
 

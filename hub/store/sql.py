@@ -28,7 +28,7 @@ import orjson
 
 from hub.models import SEVERITY_ORDER, Event, score_view
 from hub.problems import Unavailable
-from hub.store import EventBatch, EventFilter, Notice, Page, ScoringState
+from hub.store import EventBatch, EventFilter, Notice, Page
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -451,34 +451,18 @@ class SqlStore:
 
     # processes and scores ----------------------------------------------------------------
 
-    async def replace_scores(self, states: list[dict[str, Any]], scored_seqs: dict[str, int]) -> None:
+    async def replace_scores(self, states: list[dict[str, Any]]) -> None:
         async def replace(conn: Conn) -> None:
             await conn.execute("DELETE FROM processes")
             await _upsert_processes(conn, states)
-            await conn.execute("DELETE FROM scoring_marks")
-            await _advance_scoring_marks(conn, scored_seqs)
 
         await self._write(replace, len(states), exclusive=True)
 
-    async def scoring_state(self, agent_id: str, *, max_unscored: int) -> ScoringState:
-        async def load(conn: Conn) -> ScoringState:
-            processes = await conn.fetch(
-                "SELECT state FROM processes WHERE agent_id = ? AND exited = 0", (agent_id,)
-            )
-            mark = await conn.fetchrow("SELECT scored_seq FROM scoring_marks WHERE agent_id = ?", (agent_id,))
-            unscored = await conn.fetch(
-                "SELECT body FROM events WHERE agent_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (agent_id, mark[0] if mark else 0, max_unscored),
-            )
-            return ScoringState(
-                [orjson.loads(row[0]) for row in processes], [msgpack.unpackb(row[0]) for row in unscored]
-            )
-
-        # Queued behind the commits before it, not read beside them: ingest hands a batch to
-        # scoring in the loop turn its commit is answered, so by the time this answer arrives
-        # every batch committed before it is in scoring's queue.
-        state: ScoringState = await self._write(load)
-        return state
+    async def load_processes(self, agent_id: str) -> list[dict[str, Any]]:
+        rows = await self._read(
+            lambda c: c.fetch("SELECT state FROM processes WHERE agent_id = ? AND exited = 0", (agent_id,))
+        )
+        return [orjson.loads(row[0]) for row in rows]
 
     async def list_scores(
         self,
@@ -542,18 +526,16 @@ class SqlStore:
         forward_to_siem: bool = False,
         siem_events: list[dict[str, Any]] | None = None,
         suppression_window_s: float = 0.0,
-        scored_seqs: dict[str, int] | None = None,
     ) -> list[dict[str, Any]]:
         announce = _Announce(notices, forward_to_siem, self._agent_groups)
-        processes, siem_events, scored_seqs = processes or [], siem_events or [], scored_seqs or {}
+        processes, siem_events = processes or [], siem_events or []
 
         async def save(conn: Conn) -> list[dict[str, Any]]:
             await _upsert_processes(conn, processes)
-            await _advance_scoring_marks(conn, scored_seqs)
             await _queue_siem(conn, "event", siem_events, time.time())
             return [await _insert_alert(conn, alert, announce, suppression_window_s) for alert in alerts]
 
-        if not processes and not alerts and not siem_events and not scored_seqs:
+        if not processes and not alerts and not siem_events:
             return []
         result: list[dict[str, Any]] = await self._write(
             save, len(processes) + len(alerts) + len(siem_events), exclusive=True
@@ -1354,17 +1336,6 @@ async def _upsert_processes(conn: Conn, states: list[dict[str, Any]]) -> None:
             for s in states
         ],
     )
-
-
-_ADVANCE_SCORING_MARK_SQL = (
-    "INSERT INTO scoring_marks (agent_id, scored_seq) VALUES (?, ?) ON CONFLICT (agent_id) DO UPDATE "
-    "SET scored_seq = excluded.scored_seq WHERE excluded.scored_seq > scoring_marks.scored_seq"
-)
-
-
-async def _advance_scoring_marks(conn: Conn, scored_seqs: dict[str, int]) -> None:
-    if scored_seqs:
-        await conn.executemany(_ADVANCE_SCORING_MARK_SQL, list(scored_seqs.items()))
 
 
 # A process's parent is the newest process of its agent with its ppid that started no later

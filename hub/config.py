@@ -132,7 +132,7 @@ class Settings(BaseSettings):
         ge=0,
         le=5,
         description="longest a heartbeat waits for others to share its commit (0: none; "
-        "at most a quarter of heartbeat_interval_s)",
+        "at most a quarter of heartbeat_interval_s, and half the slack heartbeat_late_after leaves)",
     )
 
     # graceful stop (SIGTERM); systemd/agenthub.service's TimeoutStopSec covers the default

@@ -518,14 +518,21 @@ class Store(Protocol):
         ...
 
 
+def _heartbeat_write_delay_s(settings: Settings) -> float:
+    # An agent sends its next heartbeat an interval after the ack, which follows the commit: the
+    # delay stays well inside the interval, and inside the slack before the agent counts as late.
+    interval = settings.heartbeat_interval_s
+    slack = (settings.heartbeat_late_after - 1) * interval
+    return min(settings.heartbeat_write_delay_s, interval / 4, slack / 2)
+
+
 def create_store(settings: Settings, *, on_commit: Callable[[int, float], None] | None = None) -> Store:
     """The backend `settings` choose: PostgreSQL when `database_url` is set, else the SQLite file."""
     from hub.store.sql import StoreOptions
 
     options = StoreOptions(
         commit_max_events=settings.commit_max_events,
-        # A heartbeat is acked after its commit: well inside the interval the agent waits for it.
-        deferred_write_delay_s=min(settings.heartbeat_write_delay_s, settings.heartbeat_interval_s / 4),
+        deferred_write_delay_s=_heartbeat_write_delay_s(settings),
         retry_after_ms=settings.retry_after_ms,
         on_commit=on_commit,
         agent_groups=settings.agent_groups,  # webhook routing by agent group, applied as notices are queued

@@ -27,7 +27,8 @@ T = TypeVar("T")
 # a database in schemas of their own (separate deployments, test runs) never wait for each other.
 _EXCLUSIVE_WRITE_LOCK = 0x4147_4E01
 _MIGRATION_LOCK = 0x4147_4E02
-_TAKE_LOCK = "SELECT pg_advisory_xact_lock(hashtext(current_schema()), $1)"
+# With no schema on the search path, current_schema() is NULL, and a NULL key would take no lock.
+_TAKE_LOCK = "SELECT pg_advisory_xact_lock(hashtext(coalesce(current_schema(), '')), $1)"
 
 
 @functools.lru_cache(maxsize=128)  # event inserts vary by batch size; each is tens of KiB

@@ -122,6 +122,7 @@ def create_app(settings: Settings) -> web.Application:
     engine = RiskEngine(rules, RiskParams.from_settings(settings))
     scoring = ScoringService(
         engine, store, bus.publish, max_backlog=settings.scoring_max_backlog,
+        node_id=settings.node_id, takeover_s=settings.scoring_takeover_s,
         on_lag=metrics.scoring_lag.observe, on_alert=metrics.count_alert,
         siem_min_severity=settings.siem_min_event_severity if settings.siem_endpoint else None,
     )  # fmt: skip

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     scoring_max_backlog: int = Field(
         5_000, gt=0, description="stored-but-unscored events before new batches wait for scoring"
     )
+    scoring_takeover_s: float = Field(
+        30.0, gt=0, description="how long a batch another node stored waits unscored before this one takes it"
+    )
     scoring_wait_s: float = Field(
         5.0, gt=0, description="longest a batch waits for scoring before 'overloaded'"
     )

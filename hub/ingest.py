@@ -133,9 +133,15 @@ class Ingestor:
                 raise Overloaded("scoring is behind", retry_after_ms=settings.retry_after_ms) from None
         events, bodies, rejected = self._validate(raw)
         await self.last_seq(agent_id)  # the stored high-water mark, read once per agent
-        new_seqs = await self._store.commit_events(
-            EventBatch(agent_id, events, bodies, received_at=time.time())
-        )
+        try:
+            new_seqs = await self._store.commit_events(
+                EventBatch(agent_id, events, bodies, received_at=time.time())
+            )
+        except Exception:
+            # The batch may be stored all the same (a commit whose answer was lost): its resend
+            # would be all duplicates, which are not scored. Scoring looks in the store instead.
+            self._scoring.reload(agent_id)
+            raise
         new_events = events if len(new_seqs) == len(events) else [e for e in events if e["seq"] in new_seqs]
         self._scoring.submit(agent_id, new_events)
         if new_events:

@@ -114,8 +114,9 @@ async def recalculate_live(
     then sees every stored event exactly once, and live scoring continues from its result.
     """
     engine = RiskEngine(load_rules(settings.rule_files), RiskParams.from_settings(settings))
-    async with ingestor.paused("scores are being recalculated"):
-        await scoring.drain()  # everything stored so far is scored and persisted first
+    # Everything stored so far is scored and persisted first, and no pass of the old rules may
+    # store scores over the replay's.
+    async with ingestor.paused("scores are being recalculated"), scoring.held():
 
         def progress(count: int) -> None:
             job.progress = count

@@ -9,12 +9,13 @@ processes, stores alerts and publishes both to dashboards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from hub.config import Settings
 from hub.models import SEVERITY_ORDER, Contribution, Event, Publisher, ScoreView, score_view
 from hub.notices import alert_notices, siem_event
 from hub.rules import ProcessContext, Rule, RuleSet
-from hub.store import Store
+from hub.store import ScoringState, Store
 
 log = logging.getLogger(__name__)
 INHERITED = "inherited"
@@ -383,6 +384,16 @@ PASS_EVENTS = 2000
 _RETRY_S = 1.0
 
 
+@dataclass(slots=True)
+class _Work:
+    """Events handed over together: one stored batch (named by its first seq), or none (a reload)."""
+
+    agent_id: str
+    events: list[Event]
+    first_seq: int
+    submitted: float = field(default_factory=time.monotonic)
+
+
 class ScoringService:
     """Consume stored events in commit order, score them, persist and publish."""
 
@@ -393,6 +404,8 @@ class ScoringService:
         publish: Publisher,
         *,
         max_backlog: int,
+        node_id: str = "",
+        takeover_s: float = 30.0,
         on_lag: Callable[[float], None] | None = None,
         on_alert: Callable[[str], None] | None = None,
         siem_min_severity: str | None = None,
@@ -402,9 +415,12 @@ class ScoringService:
         self._store = store
         self._publish = publish
         self._max_backlog = max_backlog
+        self._node_id = node_id
+        self._takeover_s = takeover_s  # how long another node's pending batch is left to that node
+        self._rechecks: set[asyncio.TimerHandle] = set()
         self._on_lag = on_lag  # told each batch's seconds from hand-over to scoring
         self._on_alert = on_alert  # told each new stored alert's severity (not the repeats folded)
-        self._queue: deque[tuple[str, list[Event], float]] = deque()
+        self._queue: deque[_Work] = deque()
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -416,14 +432,17 @@ class ScoringService:
         self.scored = 0
 
     def reload(self, agent_id: str) -> None:
-        """Read the agent's state from the store before scoring its next events (another node may
-        have scored it since)."""
-        self._reload.add(agent_id)
+        """Read the agent's state from the store in the next pass (another node may have scored it
+        since), and score its stored batches that are pending and not queued here."""
+        if agent_id not in self._reload:  # else that pass is queued already
+            self._reload.add(agent_id)
+            self._queue.append(_Work(agent_id, [], 0))  # it comes even if the agent sends nothing
+            self._wakeup.set()
 
     def submit(self, agent_id: str, events: list[Event]) -> None:
-        """Hand over newly stored events (never blocks: they are already committed)."""
+        """Hand over the newly stored events of one batch (never blocks: they are committed)."""
         if events:
-            self._queue.append((agent_id, events, time.monotonic()))
+            self._queue.append(_Work(agent_id, events, min(event["seq"] for event in events)))
             self.backlog += len(events)
             if self.backlog >= self._max_backlog:
                 self._room.clear()
@@ -454,7 +473,18 @@ class ScoringService:
     def stop(self) -> None:
         """Ask `run()` to finish: it scores and persists what is queued, then returns."""
         self._stopping = True
+        for recheck in self._rechecks:
+            recheck.cancel()
         self._wakeup.set()
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """Score and persist what is queued, then hold scoring still (a recalculation runs)."""
+        await self.drain()
+        async with self._pass:
+            if self._flushing is not None:  # a pass that came in between stores its scores first
+                await self._flushing
+            yield
 
     async def drain(self) -> None:
         """Score and persist everything queued, including a pass already under way."""
@@ -467,29 +497,33 @@ class ScoringService:
                 await self._score_pending()
 
     async def _score_pending(self) -> None:
-        work: list[tuple[str, list[Event], float]] = []
+        work: list[_Work] = []
         taken = 0
         while self._queue and taken < PASS_EVENTS:
             work.append(self._queue.popleft())
-            taken += len(work[-1][1])
+            taken += len(work[-1].events)
         try:
-            await self._restore({agent_id for agent_id, _, _ in work})
+            work = await self._restore(work) + work
         except Exception:
             self._queue.extendleft(reversed(work))  # nothing was scored: try the same work again
             raise
         changed: dict[str, ProcessRisk] = {}
         alerts: list[dict[str, Any]] = []
         matches: list[tuple[str, Event, list[Rule]]] | None = None if self._siem_min_severity is None else []
-        for agent_id, events, submitted in work:
+        scored: list[tuple[str, int]] = []  # the batches no longer pending once this pass is stored
+        for item in work:
+            if not item.events:
+                continue
             if self._on_lag is not None:
-                self._on_lag(time.monotonic() - submitted)
-            for event in events:
+                self._on_lag(time.monotonic() - item.submitted)
+            for event in item.events:
                 try:
-                    alerts += self.engine.apply(agent_id, event, changed, matches)
+                    alerts += self.engine.apply(item.agent_id, event, changed, matches)
                 except Exception:  # a bug must cost one event's score, not the scorer
-                    log.exception("scoring failed for %s seq %s", agent_id, event.get("seq"))
-            self.backlog -= len(events)
-            self.scored += len(events)
+                    log.exception("scoring failed for %s seq %s", item.agent_id, event.get("seq"))
+            scored.append((item.agent_id, item.first_seq))
+            self.backlog -= len(item.events)
+            self.scored += len(item.events)
         if self.backlog < self._max_backlog:
             self._room.set()
         records = [self.engine.record(p) for p in changed.values()]
@@ -498,17 +532,59 @@ class ScoringService:
         # scoring does not stand still for every fsync, and flushes stay in order.
         if self._flushing is not None:
             await self._flushing
-        self._flushing = asyncio.create_task(self._flush(records, alerts, forwarded))
+        self._flushing = asyncio.create_task(self._flush(records, alerts, forwarded, scored))
 
-    async def _restore(self, agent_ids: set[str]) -> None:
-        stale = {
-            agent_id for agent_id in agent_ids if agent_id in self._reload or not self.engine.knows(agent_id)
+    async def _restore(self, work: list[_Work]) -> list[_Work]:
+        """Load the stored state of the pass's agents this node does not know (or must reload);
+        return, to be scored first, their pending batches that nothing here is going to score."""
+        stale = {item.agent_id for item in work if item.agent_id in self._reload} | {
+            item.agent_id for item in work if not self.engine.knows(item.agent_id)
         }
-        if stale and self._flushing is not None:
+        if not stale:
+            return []
+        if self._flushing is not None:
             await self._flushing  # what this node scored is stored before it is read back
-        for agent_id in stale:
-            self.engine.restore(agent_id, await self._store.load_processes(agent_id))
-            self._reload.discard(agent_id)
+        self._reload -= stale  # a reload asked for from here on gets a pass of its own
+        try:
+            states = await self._store.scoring_states(stale)
+            missed = self._missed(states, work)
+            for agent_id, state in states.items():
+                self.engine.restore(agent_id, state.processes)
+        except Exception:
+            self._reload |= stale
+            raise
+        if missed:
+            count = sum(len(item.events) for item in missed)
+            log.warning("scoring %d stored events that were never scored (%d batches)", count, len(missed))
+            self.backlog += count
+        return missed
+
+    def _missed(self, states: dict[str, ScoringState], work: list[_Work]) -> list[_Work]:
+        # Every batch this node committed before the read is queued by now (Store.scoring_states):
+        # those are scored in their turn. Another node's recent one may be in its queue still:
+        # left to it for `takeover_s`, then looked at again.
+        queued = {(item.agent_id, item.first_seq) for item in (*work, *self._queue)}
+        now, missed, recheck = time.time(), list[_Work](), dict[str, float]()
+        for agent_id, state in states.items():
+            for batch in state.pending:
+                if (agent_id, batch.first_seq) in queued:
+                    continue
+                wait = self._takeover_s - (now - batch.committed_at)
+                if batch.node != self._node_id and wait > 0:
+                    recheck[agent_id] = max(wait, recheck.get(agent_id, 0.0))
+                else:
+                    missed.append(_Work(agent_id, batch.events, batch.first_seq))
+        for agent_id, wait in recheck.items():
+            self._recheck(agent_id, wait)
+        return missed
+
+    def _recheck(self, agent_id: str, after_s: float) -> None:
+        def reload() -> None:
+            self._rechecks.discard(handle)
+            self.reload(agent_id)
+
+        handle = asyncio.get_running_loop().call_later(after_s, reload)
+        self._rechecks.add(handle)
 
     def _siem_events(self, matches: list[tuple[str, Event, list[Rule]]] | None) -> list[dict[str, Any]]:
         least = self._siem_min_severity
@@ -518,7 +594,11 @@ class ScoringService:
         return [body for body in bodies if body is not None]
 
     async def _flush(
-        self, records: list[dict[str, Any]], alerts: list[dict[str, Any]], forwarded: list[dict[str, Any]]
+        self,
+        records: list[dict[str, Any]],
+        alerts: list[dict[str, Any]],
+        forwarded: list[dict[str, Any]],
+        scored: list[tuple[str, int]],
     ) -> None:
         # Persist before publishing so a dashboard never shows what a restart would forget;
         # the state is already in memory, so a failing store is retried until it takes it.
@@ -530,7 +610,7 @@ class ScoringService:
                 stored_alerts = await self._store.insert_alerts(
                     alerts, alert_notices, processes=records,
                     forward_to_siem=self._siem_min_severity is not None, siem_events=forwarded,
-                    suppression_window_s=self.engine.params.suppression_window_s,
+                    suppression_window_s=self.engine.params.suppression_window_s, scored=scored,
                 )  # fmt: skip
                 break
             except Exception:

@@ -29,6 +29,8 @@ def test_check_store_names_every_broken_promise(tmp_path: Path) -> None:
     ]
     rows += [("soak-01", 4, msgpack.packb({"seq": 4, "path": "/elsewhere"})), ("stranger", 1, b"")]
     conn.executemany("INSERT INTO events VALUES (?, ?, ?)", rows)
+    conn.execute("CREATE TABLE scoring_pending (agent_id TEXT, first_seq INTEGER)")
+    conn.execute("INSERT INTO scoring_pending VALUES ('soak-01', 9)")
     conn.commit()
     conn.close()
     snapshot = Snapshot("soak-01", produced=5, acked=frozenset({1, 2, 3}), acked_seq=3)
@@ -43,5 +45,6 @@ def test_check_store_names_every_broken_promise(tmp_path: Path) -> None:
         "soak-01: 1 stored seqs were never produced: 9",
         "soak-01: 2 produced events never stored, seqs 3, 5",
         "soak-01: 1 stored events differ from what was produced: [4]",
+        "1 stored batches were never scored",
         "1 stored events belong to no soak agent",
     ]

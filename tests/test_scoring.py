@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
+import msgpack
 
 from hub.config import Settings
+from hub.keys import SCORING
+from hub.models import Event
 from hub.rules import RuleSet, load_rules, parse_rules
 from hub.scoring import RiskEngine, RiskParams, recalculate
+from hub.store import EventBatch, create_store
 from tests.conftest import ConnectAgent, HubStarter, RunningHub, client_ssl, open_agent, start_hub
 
 T0 = 1_700_000_000.0
@@ -238,6 +243,95 @@ async def test_scores_of_acked_events_survive_an_immediate_shutdown(settings: Se
         assert [item["process_id"] for item in page.items] == ["agent-1:200"]
     finally:
         await runner.cleanup()
+
+
+async def store_unscored(
+    settings: Settings, events: list[dict[str, Any]], *, node_id: str | None = None
+) -> None:
+    """Store a batch as a hub does and score nothing: what a hub killed in between leaves behind."""
+    store = create_store(settings.model_copy(update={"node_id": node_id or settings.node_id}))
+    await store.open()
+    try:
+        stored: list[Event] = events  # type: ignore[assignment]  # test events are valid Events
+        await store.commit_events(
+            EventBatch("agent-1", stored, [msgpack.packb(e) for e in events], time.time())
+        )
+    finally:
+        await store.close()
+
+
+async def shadow_readers(hub: RunningHub) -> list[tuple[str, float]]:
+    """The processes of agent-1 scored 80 or more, with their scores."""
+    page = await hub.store.list_scores(risk_min=80, agent_id="agent-1", after=None, limit=10)
+    return [(item["process_id"], item["risk_score"]) for item in page.items]
+
+
+async def test_events_stored_but_never_scored_are_scored_when_their_agent_returns(
+    settings: Settings,
+) -> None:
+    await store_unscored(settings, attack())
+    runner, hub = await start_hub(settings)
+    try:
+        for _ in range(2):  # the second return finds nothing pending: nothing counts twice
+            agent = await open_agent(hub, "agent-1")
+            await hub.settle()
+            await agent.close()
+            assert [process_id for process_id, _ in await shadow_readers(hub)] == ["agent-1:200"]
+            alerts = await hub.store.list_alerts(agent_id="agent-1", severity=None, after=None, limit=50)
+            assert ("shadow-read", 1) in [(alert["rule_id"], alert["count"]) for alert in alerts.items]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_batch_stored_after_later_ones_were_scored_is_scored_too(hub: RunningHub) -> None:
+    # An agent's batches need not commit in seq order: one answered `overloaded` is sent again
+    # after the next ones were stored. Here that retry is stored and the hub never scores it.
+    agent = await open_agent(hub, "agent-1")
+    later = [
+        {"seq": 10 + i, "ts": T0 + 10 + i, "kind": "file_open", "pid": 7, "path": "/tmp/x"} for i in range(5)
+    ]
+    assert (await agent.send({"events": later}))["accepted"] == 5
+    await hub.settle()
+    await agent.close()
+    await store_unscored(hub.settings, attack())
+    agent = await open_agent(hub, "agent-1")
+    await hub.settle()
+    await agent.close()
+    assert [process_id for process_id, _ in await shadow_readers(hub)] == ["agent-1:200"]
+
+
+async def test_another_nodes_pending_batch_is_left_to_it_then_taken_over(hub_with: HubStarter) -> None:
+    hub = await hub_with({"scoring_takeover_s": 1.0})
+    await store_unscored(hub.settings, attack(), node_id="node-that-died")
+    agent = await open_agent(hub, "agent-1")
+    await hub.settle()
+    assert await shadow_readers(hub) == []  # that node may be scoring it still
+    await asyncio.sleep(1.2)
+    await hub.settle()
+    assert [process_id for process_id, _ in await shadow_readers(hub)] == ["agent-1:200"]
+    await agent.close()
+
+
+async def test_reloading_an_agent_while_it_streams_scores_each_event_once(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    # Each reload reads the store while the next batch commits: what is queued must not be read too.
+    agent = await connect_agent("agent-2")
+    events = attack()
+    batches = [events[:2], events[2:], *[[event] for event in attack(start_seq=5, t0=T0 + 10)]]
+    for batch in batches:
+        hub.app[SCORING].reload("agent-2")
+        assert not (await agent.send({"events": batch}))["rejected"]
+    await hub.settle()
+    live = await hub.store.list_scores(risk_min=0, agent_id="agent-2", after=None, limit=100)
+
+    await recalculate(
+        hub.store, RiskEngine(load_rules(hub.settings.rule_files), RiskParams.from_settings(hub.settings))
+    )
+    replayed = await hub.store.list_scores(risk_min=0, agent_id="agent-2", after=None, limit=100)
+    assert [(item["process_key"], item["risk_score"]) for item in live.items] == [
+        (item["process_key"], item["risk_score"]) for item in replayed.items
+    ]
 
 
 async def test_tracked_processes_per_agent_are_bounded(settings: Settings) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import msgpack
@@ -124,11 +125,32 @@ async def test_processes_page_by_risk_and_form_trees(store: Store) -> None:
     rest = await store.list_scores(risk_min=40.0, agent_id=None, after=first.next_key, limit=5)
     assert [item["risk_score"] for item in rest.items] == [60.0]
     assert rest.next_key is None
-    assert (await store.load_processes("agent-1"))[0]["agent_id"] == "agent-1"
+    (state,) = (await store.scoring_states(["agent-1"])).values()
+    assert [process["pid"] for process in state.processes] == [10, 11, 12]
     tree = await store.process_tree(child["process_key"], ancestors=5, descendants=5, limit=10)
     assert tree is not None
     assert [(node["pid"], node["parent_key"]) for node in tree] == [
         (10, None), (11, parent["process_key"]), (12, child["process_key"])]  # fmt: skip
+
+
+async def test_a_stored_batch_is_pending_scoring_until_its_scores_are_stored(store: Store) -> None:
+    async def pending(agent_id: str) -> list[tuple[int, list[int]]]:
+        state = (await store.scoring_states([agent_id]))[agent_id]
+        return [(batch.first_seq, [event["seq"] for event in batch.events]) for batch in state.pending]
+
+    await store.commit_events(_batch("agent-1", range(1, 4)))
+    await store.commit_events(_batch("agent-1", range(2, 6)))  # 2 and 3 are duplicates
+    await store.commit_events(_batch("agent-1", range(1, 3)))  # all duplicates: nothing pending
+    await store.commit_events(_batch("agent-2", range(7, 9)))
+    assert await pending("agent-1") == [(1, [1, 2, 3]), (4, [4, 5])]
+    (batch,) = (await store.scoring_states(["agent-2"]))["agent-2"].pending
+    assert batch.node == socket.gethostname()  # the settings' default node id
+
+    await store.insert_alerts([], scored=[("agent-1", 4)])
+    assert await pending("agent-1") == [(1, [1, 2, 3])]
+    await store.replace_scores([])  # `recalculate` replayed every stored event
+    assert await pending("agent-1") == []
+    assert await pending("agent-2") == []
 
 
 async def test_heartbeat_writes_wait_to_share_a_commit_unless_another_write_comes(

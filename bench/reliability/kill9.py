@@ -10,7 +10,8 @@ After every kill, with the hub dead, the database is opened read-only and must p
 `PRAGMA integrity_check`, hold no (agent, seq) twice, hold every event any agent has an ack
 for, and hold nothing an agent did not produce. At the end the sources stop, the agents
 empty their spools into the last hub, the hub stops, and each agent's stored seqs must be
-exactly 1..produced with the content it produced.
+exactly 1..produced with the content it produced, and every stored batch must have been scored
+(those a kill left unscored are scored when their agent comes back).
 
     python -m bench.reliability.kill9 [--agents 50] [--kills 25] [--rate 100] [--seed N]
 """
@@ -341,6 +342,8 @@ def check_store(db_path: Path, snapshots: list[Snapshot], *, final: bool) -> Sto
                 (snap.agent_id,),
             ).fetchall()
             check_agent(rows, snap, check, final=final)
+        if final and (pending := conn.execute("SELECT count(*) FROM scoring_pending").fetchone()[0]):
+            check.problems.append(f"{pending} stored batches were never scored")
         total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
         if total != check.rows:
             check.problems.append(f"{total - check.rows} stored events belong to no soak agent")

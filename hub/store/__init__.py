@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,6 +21,24 @@ class EventBatch:
     events: list[Event]
     bodies: list[bytes]
     received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PendingBatch:
+    """A stored batch whose scores are not stored yet: `first_seq` names it, `node` stored it."""
+
+    first_seq: int
+    node: str
+    committed_at: float
+    events: list[Event]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringState:
+    """What scoring resumes an agent from: its stored live processes, and its pending batches."""
+
+    processes: list[dict[str, Any]]
+    pending: list[PendingBatch]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +106,8 @@ class Store(Protocol):
 
     async def commit_events(self, batch: EventBatch) -> set[int]:
         """Store `batch` durably; return the seqs that were new (the rest were duplicates).
+
+        The new ones are recorded as a batch pending scoring, in the same transaction.
 
         Raise `Unavailable` when another node stores some of the same events at the same moment
         (the agent resends the batch, and then they are duplicates).
@@ -166,8 +186,18 @@ class Store(Protocol):
         """Delete the heartbeats received before `before`; return how many."""
         ...
 
-    async def load_processes(self, agent_id: str) -> list[dict[str, Any]]: ...
-    async def replace_scores(self, states: list[dict[str, Any]]) -> None: ...
+    async def scoring_states(self, agent_ids: Collection[str]) -> dict[str, ScoringState]:
+        """Read what scoring resumes each agent from.
+
+        Read after every commit queued before it has been answered: each pending batch this node
+        stored has been handed to scoring by then, or never will be.
+        """
+        ...
+
+    async def replace_scores(self, states: list[dict[str, Any]]) -> None:
+        """Replace every stored process state; no batch is pending any more (all were replayed)."""
+        ...
+
     async def list_scores(
         self,
         *,
@@ -201,6 +231,7 @@ class Store(Protocol):
         forward_to_siem: bool = False,
         siem_events: list[dict[str, Any]] | None = None,
         suppression_window_s: float = 0.0,
+        scored: list[tuple[str, int]] | None = None,
     ) -> list[dict[str, Any]]:
         """Store new alerts, in one transaction with what announces them; return them with their ids.
 
@@ -210,7 +241,8 @@ class Store(Protocol):
         `notices(alert)`, given each new alert with its id, are queued for webhooks, and with
         `forward_to_siem` the alert for the SIEM, with `siem_events`; a fold announces nothing.
         A scoring pass passes its changed `processes` too: a crash cannot keep a process's state
-        (its fired thresholds) and lose the alert it raised.
+        (its fired thresholds) and lose the alert it raised, and the batches it `scored` ((agent id,
+        first seq) pairs), which are pending no more.
         """
         ...
 
@@ -532,6 +564,7 @@ def create_store(settings: Settings, *, on_commit: Callable[[int, float], None] 
 
     options = StoreOptions(
         commit_max_events=settings.commit_max_events,
+        node_id=settings.node_id,
         deferred_write_delay_s=_heartbeat_write_delay_s(settings),
         retry_after_ms=settings.retry_after_ms,
         on_commit=on_commit,

@@ -18,7 +18,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Protocol, TypedDict, TypeVar, Unpack
@@ -28,7 +28,7 @@ import orjson
 
 from hub.models import SEVERITY_ORDER, Event, score_view
 from hub.problems import Unavailable
-from hub.store import EventBatch, EventFilter, Notice, Page
+from hub.store import EventBatch, EventFilter, Notice, Page, PendingBatch, ScoringState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,6 +59,7 @@ class StoreOptions(TypedDict, total=False):
 
     commit_max_events: int  # most writes in one group commit
     deferred_write_delay_s: float  # longest a group of deferrable writes waits for company
+    node_id: str  # this hub node's name: the batches it stores are its to score
     retry_after_ms: int  # what an `unavailable` answer tells the caller to wait
     on_commit: Callable[[int, float], None] | None  # told each group commit's size and seconds
     agent_groups: Mapping[str, list[str]] | None  # group -> agent id globs, for webhook routing
@@ -101,6 +102,7 @@ class SqlStore:
         self._retry_after_ms = options.get("retry_after_ms", 1000)
         self._jobs: asyncio.Queue[WriteJob] = asyncio.Queue()
         self._deferred_delay_s = options.get("deferred_write_delay_s", 0.0)
+        self._node_id = options.get("node_id", "")
         self._urgent = asyncio.Event()  # set when a write that may not wait is queued
         self._urgent_queued = 0  # such writes in the queue
         self._writer_task: asyncio.Task[None] | None = None
@@ -260,7 +262,11 @@ class SqlStore:
                     "another node stored part of this batch at the same moment",
                     retry_after_ms=self._retry_after_ms,
                 )
-            return {event["seq"] for event, _ in new}
+            seqs = sorted(event["seq"] for event, _ in new)
+            if seqs:  # scoring deletes it with the scores these events produce
+                pending = (batch.agent_id, seqs[0], msgpack.packb(seqs), self._node_id, batch.received_at)
+                await conn.execute(_ADD_PENDING_SQL, pending)
+            return set(seqs)
 
         if not batch.events:
             return set()
@@ -455,14 +461,19 @@ class SqlStore:
         async def replace(conn: Conn) -> None:
             await conn.execute("DELETE FROM processes")
             await _upsert_processes(conn, states)
+            await conn.execute("DELETE FROM scoring_pending")  # every stored event was replayed
 
         await self._write(replace, len(states), exclusive=True)
 
-    async def load_processes(self, agent_id: str) -> list[dict[str, Any]]:
-        rows = await self._read(
-            lambda c: c.fetch("SELECT state FROM processes WHERE agent_id = ? AND exited = 0", (agent_id,))
-        )
-        return [orjson.loads(row[0]) for row in rows]
+    async def scoring_states(self, agent_ids: Collection[str]) -> dict[str, ScoringState]:
+        async def load(conn: Conn) -> dict[str, ScoringState]:
+            return {agent_id: await _scoring_state(conn, agent_id) for agent_id in agent_ids}
+
+        # Queued behind the commits before it, not read beside them: ingest hands a batch to
+        # scoring in the loop turn its commit is answered, so by the time this answer arrives
+        # every batch this node committed before it is in scoring's queue.
+        states: dict[str, ScoringState] = await self._write(load)
+        return states
 
     async def list_scores(
         self,
@@ -526,19 +537,23 @@ class SqlStore:
         forward_to_siem: bool = False,
         siem_events: list[dict[str, Any]] | None = None,
         suppression_window_s: float = 0.0,
+        scored: list[tuple[str, int]] | None = None,
     ) -> list[dict[str, Any]]:
         announce = _Announce(notices, forward_to_siem, self._agent_groups)
-        processes, siem_events = processes or [], siem_events or []
+        processes, siem_events, scored = processes or [], siem_events or [], scored or []
 
         async def save(conn: Conn) -> list[dict[str, Any]]:
             await _upsert_processes(conn, processes)
+            if scored:
+                await conn.executemany(_SCORED_SQL, scored)
             await _queue_siem(conn, "event", siem_events, time.time())
             return [await _insert_alert(conn, alert, announce, suppression_window_s) for alert in alerts]
 
-        if not processes and not alerts and not siem_events:
+        if not processes and not alerts and not siem_events and not scored:
             return []
+        # Folding an alert reads what it then changes; process states and pending batches don't.
         result: list[dict[str, Any]] = await self._write(
-            save, len(processes) + len(alerts) + len(siem_events), exclusive=True
+            save, len(processes) + len(alerts) + len(siem_events), exclusive=bool(alerts or siem_events)
         )
         return result
 
@@ -1336,6 +1351,40 @@ async def _upsert_processes(conn: Conn, states: list[dict[str, Any]]) -> None:
             for s in states
         ],
     )
+
+
+_ADD_PENDING_SQL = (
+    "INSERT INTO scoring_pending (agent_id, first_seq, seqs, node, committed_at) VALUES (?, ?, ?, ?, ?)"
+)
+_SCORED_SQL = "DELETE FROM scoring_pending WHERE agent_id = ? AND first_seq = ?"
+
+
+async def _scoring_state(conn: Conn, agent_id: str) -> ScoringState:
+    processes = await conn.fetch("SELECT state FROM processes WHERE agent_id = ? AND exited = 0", (agent_id,))
+    rows = await conn.fetch(
+        "SELECT first_seq, seqs, node, committed_at FROM scoring_pending WHERE agent_id = ? "
+        "ORDER BY first_seq",
+        (agent_id,),
+    )
+    pending = [
+        PendingBatch(first, node, at, await _events_by_seq(conn, agent_id, msgpack.unpackb(seqs)))
+        for first, seqs, node, at in rows
+    ]
+    return ScoringState([orjson.loads(row[0]) for row in processes], pending)
+
+
+async def _events_by_seq(conn: Conn, agent_id: str, seqs: list[int]) -> list[Event]:
+    events: list[Event] = []
+    for start in range(0, len(seqs), _SEQS_PER_LOOKUP):
+        chunk = seqs[start : start + _SEQS_PER_LOOKUP]
+        rows = await conn.fetch(_events_by_seq_sql(len(chunk)), [agent_id, *chunk])
+        events += [msgpack.unpackb(row[0]) for row in rows]
+    return events
+
+
+@functools.lru_cache(maxsize=64)
+def _events_by_seq_sql(count: int) -> str:
+    return f"SELECT body FROM events WHERE agent_id = ? AND seq IN ({_marks(range(count))}) ORDER BY seq"  # noqa: S608 - placeholders only
 
 
 # A process's parent is the newest process of its agent with its ppid that started no later

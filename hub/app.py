@@ -201,6 +201,7 @@ def create_app(settings: Settings) -> web.Application:
         _background("command-expiry", commands.expire_loop)
     )  # after _lifecycle: stopped before the store closes
     app.cleanup_ctx.append(_background("revocation-watch", revocations.run))  # likewise
+    app.cleanup_ctx.append(_background("scoring-pending-watch", scoring.watch_pending))  # likewise
     app.cleanup_ctx.append(_webhook_deliveries)  # likewise
     app.cleanup_ctx.append(_siem_forwarding)  # likewise
     app.cleanup_ctx.append(_anomaly_detection(anomalies))  # likewise

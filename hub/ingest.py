@@ -137,7 +137,7 @@ class Ingestor:
             new_seqs = await self._store.commit_events(
                 EventBatch(agent_id, events, bodies, received_at=time.time())
             )
-        except Exception:
+        except BaseException:  # cancelled too: the commit may have happened
             # The batch may be stored all the same (a commit whose answer was lost): its resend
             # would be all duplicates, which are not scored. Scoring looks in the store instead.
             self._scoring.reload(agent_id)

@@ -381,6 +381,7 @@ def _evict_one(table: dict[int, ProcessRisk]) -> None:
 
 # Events scored per pass: a pass runs on the event loop, so a bound keeps acks flowing.
 PASS_EVENTS = 2000
+_RELOAD_COST = 20  # events a reload counts as: at most 100 agents' state read in one pass
 _RETRY_S = 1.0
 
 
@@ -417,7 +418,6 @@ class ScoringService:
         self._max_backlog = max_backlog
         self._node_id = node_id
         self._takeover_s = takeover_s  # how long another node's pending batch is left to that node
-        self._rechecks: set[asyncio.TimerHandle] = set()
         self._on_lag = on_lag  # told each batch's seconds from hand-over to scoring
         self._on_alert = on_alert  # told each new stored alert's severity (not the repeats folded)
         self._queue: deque[_Work] = deque()
@@ -473,9 +473,23 @@ class ScoringService:
     def stop(self) -> None:
         """Ask `run()` to finish: it scores and persists what is queued, then returns."""
         self._stopping = True
-        for recheck in self._rechecks:
-            recheck.cancel()
         self._wakeup.set()
+
+    async def watch_pending(self) -> None:
+        """Reload the agents with a batch pending longer than `takeover_s` (its node stopped before
+        scoring it, and the agent has not started a session since), every half of that; first those
+        this node left pending when it last stopped. Run until cancelled."""
+        node: str | None = self._node_id
+        while True:
+            try:
+                for agent_id in await self._store.pending_agents(
+                    before=time.time() - self._takeover_s, node=node
+                ):
+                    self.reload(agent_id)
+                node = None
+            except Exception as exc:  # the store failed: look again next time
+                log.warning("looking for batches pending scoring failed: %s", exc)
+            await asyncio.sleep(self._takeover_s / 2)
 
     @contextlib.asynccontextmanager
     async def held(self) -> AsyncIterator[None]:
@@ -501,7 +515,7 @@ class ScoringService:
         taken = 0
         while self._queue and taken < PASS_EVENTS:
             work.append(self._queue.popleft())
-            taken += len(work[-1].events)
+            taken += len(work[-1].events) or _RELOAD_COST  # a storm of reloads reads in portions
         try:
             work = await self._restore(work) + work
         except Exception:
@@ -562,29 +576,16 @@ class ScoringService:
     def _missed(self, states: dict[str, ScoringState], work: list[_Work]) -> list[_Work]:
         # Every batch this node committed before the read is queued by now (Store.scoring_states):
         # those are scored in their turn. Another node's recent one may be in its queue still:
-        # left to it for `takeover_s`, then looked at again.
+        # left to it for `takeover_s` (then `watch_pending` comes back for it).
         queued = {(item.agent_id, item.first_seq) for item in (*work, *self._queue)}
-        now, missed, recheck = time.time(), list[_Work](), dict[str, float]()
-        for agent_id, state in states.items():
-            for batch in state.pending:
-                if (agent_id, batch.first_seq) in queued:
-                    continue
-                wait = self._takeover_s - (now - batch.committed_at)
-                if batch.node != self._node_id and wait > 0:
-                    recheck[agent_id] = max(wait, recheck.get(agent_id, 0.0))
-                else:
-                    missed.append(_Work(agent_id, batch.events, batch.first_seq))
-        for agent_id, wait in recheck.items():
-            self._recheck(agent_id, wait)
-        return missed
-
-    def _recheck(self, agent_id: str, after_s: float) -> None:
-        def reload() -> None:
-            self._rechecks.discard(handle)
-            self.reload(agent_id)
-
-        handle = asyncio.get_running_loop().call_later(after_s, reload)
-        self._rechecks.add(handle)
+        taken_over_from = time.time() - self._takeover_s
+        return [
+            _Work(agent_id, batch.events, batch.first_seq)
+            for agent_id, state in states.items()
+            for batch in state.pending
+            if (agent_id, batch.first_seq) not in queued
+            and (batch.node == self._node_id or batch.committed_at < taken_over_from)
+        ]
 
     def _siem_events(self, matches: list[tuple[str, Event, list[Rule]]] | None) -> list[dict[str, Any]]:
         least = self._siem_min_severity
@@ -644,7 +645,7 @@ async def recalculate(
     """
     changed: dict[str, ProcessRisk] = {}
     after: tuple[str, int] | None = None
-    count = 0
+    count, started = 0, time.time()
     while rows := await store.replay_events(after, page):
         for agent_id, event in rows:
             engine.apply(agent_id, event, changed)
@@ -652,5 +653,5 @@ async def recalculate(
         after = (rows[-1][0], rows[-1][1]["seq"])
         if progress:
             progress(count)
-    await store.replace_scores([engine.record(p) for p in changed.values()])
+    await store.replace_scores([engine.record(p) for p in changed.values()], replayed_from=started)
     return count

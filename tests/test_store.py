@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import Any
 
 import msgpack
@@ -143,14 +144,20 @@ async def test_a_stored_batch_is_pending_scoring_until_its_scores_are_stored(sto
     await store.commit_events(_batch("agent-1", range(1, 3)))  # all duplicates: nothing pending
     await store.commit_events(_batch("agent-2", range(7, 9)))
     assert await pending("agent-1") == [(1, [1, 2, 3]), (4, [4, 5])]
+    await store.commit_events(_batch("agent-4", range(1, 10, 4)))  # not a run: its seqs are listed
+    assert await pending("agent-4") == [(1, [1, 5, 9])]
     (batch,) = (await store.scoring_states(["agent-2"]))["agent-2"].pending
     assert batch.node == socket.gethostname()  # the settings' default node id
 
     await store.insert_alerts([], scored=[("agent-1", 4)])
     assert await pending("agent-1") == [(1, [1, 2, 3])]
-    await store.replace_scores([])  # `recalculate` replayed every stored event
-    assert await pending("agent-1") == []
-    assert await pending("agent-2") == []
+    await store.commit_events(_batch("agent-3", range(1, 3)))
+    assert await store.pending_agents(before=0, node="elsewhere") == []
+    everyone = ["agent-1", "agent-2", "agent-3", "agent-4"]
+    assert await store.pending_agents(before=time.time() + 1) == everyone
+    assert await store.pending_agents(before=0, node=socket.gethostname()) == everyone
+    await store.replace_scores([], replayed_from=time.time())  # `recalculate` replayed them all
+    assert await store.pending_agents(before=time.time() + 1) == []
 
 
 async def test_heartbeat_writes_wait_to_share_a_commit_unless_another_write_comes(

@@ -194,8 +194,13 @@ class Store(Protocol):
         """
         ...
 
-    async def replace_scores(self, states: list[dict[str, Any]]) -> None:
-        """Replace every stored process state; no batch is pending any more (all were replayed)."""
+    async def replace_scores(self, states: list[dict[str, Any]], *, replayed_from: float) -> None:
+        """Replace every stored process state; the batches stored before `replayed_from` (when the
+        replay that produced them began) are pending no more."""
+        ...
+
+    async def pending_agents(self, *, before: float, node: str | None = None) -> list[str]:
+        """The agents with a batch pending scoring since before `before`, or stored by `node`."""
         ...
 
     async def list_scores(

@@ -264,7 +264,9 @@ class SqlStore:
                 )
             seqs = sorted(event["seq"] for event, _ in new)
             if seqs:  # scoring deletes it with the scores these events produce
-                pending = (batch.agent_id, seqs[0], msgpack.packb(seqs), self._node_id, batch.received_at)
+                first, last = seqs[0], seqs[-1]
+                listed = None if last - first + 1 == len(seqs) else msgpack.packb(seqs)
+                pending = (batch.agent_id, first, last, listed, self._node_id, batch.received_at)
                 await conn.execute(_ADD_PENDING_SQL, pending)
             return set(seqs)
 
@@ -457,11 +459,12 @@ class SqlStore:
 
     # processes and scores ----------------------------------------------------------------
 
-    async def replace_scores(self, states: list[dict[str, Any]]) -> None:
+    async def replace_scores(self, states: list[dict[str, Any]], *, replayed_from: float) -> None:
         async def replace(conn: Conn) -> None:
             await conn.execute("DELETE FROM processes")
             await _upsert_processes(conn, states)
-            await conn.execute("DELETE FROM scoring_pending")  # every stored event was replayed
+            # Stored before the replay began, so the replay read them: scored.
+            await conn.execute("DELETE FROM scoring_pending WHERE committed_at < ?", (replayed_from,))
 
         await self._write(replace, len(states), exclusive=True)
 
@@ -474,6 +477,15 @@ class SqlStore:
         # every batch this node committed before it is in scoring's queue.
         states: dict[str, ScoringState] = await self._write(load)
         return states
+
+    async def pending_agents(self, *, before: float, node: str | None = None) -> list[str]:
+        sql = "SELECT DISTINCT agent_id FROM scoring_pending WHERE committed_at < ?"
+        params: list[Any] = [before]
+        if node is not None:
+            sql += " OR node = ?"
+            params.append(node)
+        rows = await self._read(lambda c: c.fetch(sql + " ORDER BY agent_id", params))
+        return [row[0] for row in rows]
 
     async def list_scores(
         self,
@@ -1354,7 +1366,8 @@ async def _upsert_processes(conn: Conn, states: list[dict[str, Any]]) -> None:
 
 
 _ADD_PENDING_SQL = (
-    "INSERT INTO scoring_pending (agent_id, first_seq, seqs, node, committed_at) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO scoring_pending (agent_id, first_seq, last_seq, seqs, node, committed_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
 _SCORED_SQL = "DELETE FROM scoring_pending WHERE agent_id = ? AND first_seq = ?"
 
@@ -1362,14 +1375,18 @@ _SCORED_SQL = "DELETE FROM scoring_pending WHERE agent_id = ? AND first_seq = ?"
 async def _scoring_state(conn: Conn, agent_id: str) -> ScoringState:
     processes = await conn.fetch("SELECT state FROM processes WHERE agent_id = ? AND exited = 0", (agent_id,))
     rows = await conn.fetch(
-        "SELECT first_seq, seqs, node, committed_at FROM scoring_pending WHERE agent_id = ? "
+        "SELECT first_seq, last_seq, seqs, node, committed_at FROM scoring_pending WHERE agent_id = ? "
         "ORDER BY first_seq",
         (agent_id,),
     )
-    pending = [
-        PendingBatch(first, node, at, await _events_by_seq(conn, agent_id, msgpack.unpackb(seqs)))
-        for first, seqs, node, at in rows
-    ]
+    pending = []
+    for first, last, seqs, node, at in rows:
+        if seqs is None:  # a run: every seq in it is this batch's
+            bodies = await conn.fetch(_STORED_IN_SPAN_SQL, (agent_id, first, last))
+            events = [msgpack.unpackb(row[0]) for row in bodies]
+        else:
+            events = await _events_by_seq(conn, agent_id, msgpack.unpackb(seqs))
+        pending.append(PendingBatch(first, node, at, events))
     return ScoringState([orjson.loads(row[0]) for row in processes], pending)
 
 
@@ -1380,6 +1397,9 @@ async def _events_by_seq(conn: Conn, agent_id: str, seqs: list[int]) -> list[Eve
         rows = await conn.fetch(_events_by_seq_sql(len(chunk)), [agent_id, *chunk])
         events += [msgpack.unpackb(row[0]) for row in rows]
     return events
+
+
+_STORED_IN_SPAN_SQL = "SELECT body FROM events WHERE agent_id = ? AND seq BETWEEN ? AND ? ORDER BY seq"
 
 
 @functools.lru_cache(maxsize=64)

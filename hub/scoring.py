@@ -551,9 +551,8 @@ class ScoringService:
     async def _restore(self, work: list[_Work]) -> list[_Work]:
         """Load the stored state of the pass's agents this node does not know (or must reload);
         return, to be scored first, their pending batches that nothing here is going to score."""
-        stale = {item.agent_id for item in work if item.agent_id in self._reload} | {
-            item.agent_id for item in work if not self.engine.knows(item.agent_id)
-        }
+        reload, engine = self._reload, self.engine
+        stale = {item.agent_id for item in work if item.agent_id in reload or not engine.knows(item.agent_id)}
         if not stale:
             return []
         if self._flushing is not None:

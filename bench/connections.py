@@ -166,7 +166,8 @@ def main() -> None:
 def _measure(hub: str, tree: Path | None, workdir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the steps against the hub of `tree` (this checkout's when None), in a data folder of its own."""
     port, certs = free_port(), workdir / "certs"
-    env = hub_env(workdir / f"data-{hub.split()[0]}", certs, heartbeat_interval_s=str(args.heartbeat))
+    data = workdir / ("data-before" if tree else "data")
+    env = hub_env(data, certs, heartbeat_interval_s=str(args.heartbeat))
     proc = start_server(hub_command(port), env, port, cwd=tree)
     try:
         rows = asyncio.run(run(f"https://127.0.0.1:{port}", certs, psutil.Process(proc.pid), args))

@@ -262,10 +262,10 @@ class SqlStore:
                     "another node stored part of this batch at the same moment",
                     retry_after_ms=self._retry_after_ms,
                 )
-            seqs = sorted(event["seq"] for event, _ in new)
+            seqs = [event["seq"] for event, _ in new]
             if seqs:  # scoring deletes it with the scores these events produce
-                first, last = seqs[0], seqs[-1]
-                listed = None if last - first + 1 == len(seqs) else msgpack.packb(seqs)
+                first, last = min(seqs), max(seqs)
+                listed = None if last - first + 1 == len(seqs) else msgpack.packb(sorted(seqs))
                 pending = (batch.agent_id, first, last, listed, self._node_id, batch.received_at)
                 await conn.execute(_ADD_PENDING_SQL, pending)
             return set(seqs)
@@ -1309,28 +1309,36 @@ _ROWS_PER_INSERT = 4000  # 7 parameters a row; SQLite allows 32,766 per statemen
 _SEQS_PER_LOOKUP = 1000  # seqs looked up by one statement
 
 
-_STORED_SEQS_IN_SPAN_SQL = "SELECT seq FROM events WHERE agent_id = ? AND seq BETWEEN ? AND ?"
-
-
 async def _stored_seqs(conn: Conn, agent_id: str, seqs: list[int]) -> set[int]:
     """Which of `seqs` are stored already: usually none. Cheaper than INSERT ... RETURNING,
     which costs SQLite a microsecond a row."""
     low, high = min(seqs), max(seqs)
     if high - low < 2 * len(seqs):  # a batch's seqs are nearly always a run: one range read
-        rows = await conn.fetch(_STORED_SEQS_IN_SPAN_SQL, (agent_id, low, high))
-        return {row[0] for row in rows}
+        return {row[0] for row in await _in_span(conn, "seq", agent_id, low, high)}
     # Scattered seqs: look each up, or a batch such as [1, 10**12] would read the agent's history.
-    stored: set[int] = set()
+    return {row[0] for row in await _by_seq(conn, "seq", agent_id, seqs)}
+
+
+async def _in_span(conn: Conn, column: str, agent_id: str, low: int, high: int) -> list[Any]:
+    """`column` of the agent's stored events from seq `low` to `high`, in seq order."""
+    return await conn.fetch(
+        f"SELECT {column} FROM events WHERE agent_id = ? AND seq BETWEEN ? AND ? ORDER BY seq",  # noqa: S608 - a column name from code
+        (agent_id, low, high),
+    )
+
+
+async def _by_seq(conn: Conn, column: str, agent_id: str, seqs: list[int]) -> list[Any]:
+    """`column` of the agent's stored events with these seqs, in seq order within each lookup."""
+    rows: list[Any] = []
     for start in range(0, len(seqs), _SEQS_PER_LOOKUP):
         chunk = seqs[start : start + _SEQS_PER_LOOKUP]
-        rows = await conn.fetch(_stored_seqs_sql(len(chunk)), [agent_id, *chunk])
-        stored.update(row[0] for row in rows)
-    return stored
+        rows += await conn.fetch(_by_seq_sql(column, len(chunk)), [agent_id, *chunk])
+    return rows
 
 
 @functools.lru_cache(maxsize=64)
-def _stored_seqs_sql(count: int) -> str:
-    return f"SELECT seq FROM events WHERE agent_id = ? AND seq IN ({_marks(range(count))})"  # noqa: S608 - placeholders only
+def _by_seq_sql(column: str, count: int) -> str:
+    return f"SELECT {column} FROM events WHERE agent_id = ? AND seq IN ({_marks(range(count))}) ORDER BY seq"  # noqa: S608 - a column name from code, placeholders
 
 
 @functools.lru_cache(maxsize=64)
@@ -1381,30 +1389,13 @@ async def _scoring_state(conn: Conn, agent_id: str) -> ScoringState:
     )
     pending = []
     for first, last, seqs, node, at in rows:
-        if seqs is None:  # a run: every seq in it is this batch's
-            bodies = await conn.fetch(_STORED_IN_SPAN_SQL, (agent_id, first, last))
-            events = [msgpack.unpackb(row[0]) for row in bodies]
-        else:
-            events = await _events_by_seq(conn, agent_id, msgpack.unpackb(seqs))
-        pending.append(PendingBatch(first, node, at, events))
+        bodies = (  # a run: every seq in it is this batch's
+            await _in_span(conn, "body", agent_id, first, last)
+            if seqs is None
+            else await _by_seq(conn, "body", agent_id, msgpack.unpackb(seqs))
+        )
+        pending.append(PendingBatch(first, node, at, [msgpack.unpackb(row[0]) for row in bodies]))
     return ScoringState([orjson.loads(row[0]) for row in processes], pending)
-
-
-async def _events_by_seq(conn: Conn, agent_id: str, seqs: list[int]) -> list[Event]:
-    events: list[Event] = []
-    for start in range(0, len(seqs), _SEQS_PER_LOOKUP):
-        chunk = seqs[start : start + _SEQS_PER_LOOKUP]
-        rows = await conn.fetch(_events_by_seq_sql(len(chunk)), [agent_id, *chunk])
-        events += [msgpack.unpackb(row[0]) for row in rows]
-    return events
-
-
-_STORED_IN_SPAN_SQL = "SELECT body FROM events WHERE agent_id = ? AND seq BETWEEN ? AND ? ORDER BY seq"
-
-
-@functools.lru_cache(maxsize=64)
-def _events_by_seq_sql(count: int) -> str:
-    return f"SELECT body FROM events WHERE agent_id = ? AND seq IN ({_marks(range(count))}) ORDER BY seq"  # noqa: S608 - placeholders only
 
 
 # A process's parent is the newest process of its agent with its ppid that started no later

@@ -156,10 +156,10 @@ class Load:
         while not self.stop.is_set():
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             next_at += interval
-            now = time.time()
-            if now - last_beat >= HEARTBEAT_S:  # events are no heartbeat: a silent agent is let go
-                await socket.call({"ts": now}, "heartbeat")
-                last_beat = now
+            if time.time() - last_beat >= HEARTBEAT_S:  # events are no heartbeat: a silent agent is let go
+                last_beat = time.time()
+                await socket.call({"ts": last_beat}, "heartbeat")
+            now = time.time()  # the batch's emit time: the heartbeat's round trip is no part of it
             events = batches.next(seq) if hits else []
             for event in events:
                 self.emitted[event["pid"]] = now

@@ -499,3 +499,17 @@ async def test_a_closed_connection_leaves_no_reference_cycle(hub: RunningHub) ->
         gc.set_debug(0)
         gc.garbage.clear()
     assert not left & {"WebSocketResponse", "AsyncSocket", "SSLProtocol", "OSError"}
+
+
+async def test_an_agent_socket_never_negotiates_compression(hub: RunningHub) -> None:
+    # Browsers and the JavaScript client offer it; accepted, it would cost the hub zlib state on
+    # every socket. Refused, the client goes on uncompressed.
+    context = client_ssl(hub.certs / "ca.pem", hub.certs / "agent-1.pem", hub.certs / "agent-1.key")
+    url = f"{hub.url}/socket.io/?EIO=4&transport=websocket"
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
+        session.ws_connect(url, compress=15) as ws,
+    ):
+        assert ws.compress == 0
+        opened = await ws.receive_str(timeout=5)
+        assert opened.startswith("0{")  # Engine.IO's open packet: the socket works as it is

@@ -178,6 +178,7 @@ def create_app(settings: Settings) -> web.Application:
         json=SocketJson,
         namespaces=[NAMESPACE],  # not the default "/": it admits anyone, certificate or not
         max_http_buffer_size=settings.max_frame_bytes,
+        connect_timeout_s=settings.connect_timeout_s,
         logger=False,
         engineio_logger=False,
         client_manager=_client_manager(settings),

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(
         2 * 1024 * 1024, gt=0, description="Engine.IO frame limit; a larger frame closes the socket"
     )
+    connect_timeout_s: float = Field(
+        15.0, gt=0, description="an Engine.IO connection that has not joined /agent in this long is closed"
+    )
     max_event_bytes: int = Field(
         16 * 1024, gt=0, description="largest single event, measured as stored (msgpack)"
     )

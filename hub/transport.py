@@ -301,7 +301,31 @@ class AgentServer(socketio.AsyncServer):  # type: ignore[misc]  # socketio ships
     an ack forever, a half-received binary packet swallows every later message or piles up
     any number of attachments, and a client may emit the reserved `connect` and `disconnect`
     events. The reference (JavaScript) server closes such a connection; so does this one.
+
+    Like that server (`connectTimeout`), it also closes an Engine.IO connection that has not
+    joined a namespace within `connect_timeout_s`: only the namespace connect checks the
+    certificate (a missing one is answered `cert_missing` there), so until then anyone who
+    reaches the port holds a socket, 70 KiB of the hub's memory each.
     """
+
+    def __init__(self, *args: Any, connect_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connect_timeout_s = connect_timeout_s
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> None:
+        await super()._handle_eio_connect(eio_sid, environ)
+        asyncio.get_running_loop().call_later(self._connect_timeout_s, self._close_unless_joined, eio_sid)
+
+    def _close_unless_joined(self, eio_sid: str) -> None:
+        if eio_sid not in self.eio.sockets:
+            return
+        if any(self.manager.sid_from_eio_sid(eio_sid, name) for name in self.manager.get_namespaces()):
+            return
+        log.info("closing socket %s: it joined no namespace in %.0f s", eio_sid, self._connect_timeout_s)
+        closing = asyncio.create_task(self.eio.disconnect(eio_sid))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def _handle_eio_message(self, eio_sid: str, data: str | bytes) -> None:
         if eio_sid not in self.eio.sockets:  # closed already: frames still in flight are dropped

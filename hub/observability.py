@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -86,7 +87,8 @@ class HubMetrics:
             ["method", "route", "status"], registry=registry,
         )  # fmt: skip
         self.http_latency = Histogram(
-            "hub_http_request_duration_seconds", "Time to answer an HTTP request, by method and route",
+            "hub_http_request_duration_seconds",
+            "Time to answer an HTTP request, by method and route (not WebSocket sessions: they last hours)",
             ["method", "route"], buckets=_SECONDS, registry=registry,
         )  # fmt: skip
         for severity in SEVERITIES:  # present from the start: a rate over a missing series is no rate
@@ -129,7 +131,8 @@ class HubMetrics:
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Record one answered HTTP request."""
         self.http_requests.labels(method, route, str(status)).inc()
-        self.http_latency.labels(method, route).observe(seconds)
+        if status != HTTPStatus.SWITCHING_PROTOCOLS:  # a WebSocket's time is its whole session
+            self.http_latency.labels(method, route).observe(seconds)
 
     async def response(self, request: web.Request) -> web.Response:
         """Render every metric in the format the scraper asks for (Prometheus text by default)."""

@@ -136,6 +136,28 @@ async def test_http_requests_are_counted_by_route_template_and_status(
     assert not any("ghost" in str(route) for route in routes)  # templates only: bounded label values
 
 
+async def test_a_websocket_is_counted_but_its_session_is_no_request_time(
+    hub: RunningHub, http: aiohttp.ClientSession, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent("agent-1")
+    await agent.close()
+    for _ in range(50):  # the request ends a moment after the socket closes
+        samples = await scrape(http, hub)
+        if (
+            "hub_http_requests_total",
+            frozenset({"method": "GET", "route": "/socket.io/", "status": "101"}.items()),
+        ) in samples:
+            break
+        await asyncio.sleep(0.05)
+    assert value(samples, "hub_http_requests_total", method="GET", route="/socket.io/", status="101") == 1
+    samples = await scrape(http, hub)  # the scrapes before it are timed by now
+    durations = {
+        dict(labels).get("route") for name, labels in samples if name.startswith("hub_http_request_duration")
+    }
+    assert "/socket.io/" not in durations
+    assert "/api/v1/metrics" in durations
+
+
 async def test_webhook_deliveries_are_counted_by_outcome_and_the_outbox_by_state(
     hub_with: HubStarter,
 ) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import msgpack
 import socketio
+import uvloop
 from aiohttp import web
 
 from hub.identity import server_ssl_context
@@ -42,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Bare python-socketio baseline server.")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--certs-dir", type=Path, required=True)
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop, as the hub does")
     args = parser.parse_args()
     web.run_app(
         build(),
@@ -50,6 +52,7 @@ def main() -> None:
         ssl_context=server_ssl_context(args.certs_dir),
         print=None,
         access_log=None,
+        loop=uvloop.new_event_loop() if args.uvloop else None,
     )
 
 

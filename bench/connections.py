@@ -1,12 +1,15 @@
 """Connections benchmark: what thousands of idle agents cost the hub (memory and CPU).
 
     python -m bench.connections [--agents 5000] [--steps 4] [--heartbeat 10] [--before TREE]
-                                [--offer-compression]
+                                [--offer-compression] [--bare-defaults]
 
 The hub runs as its own process pinned to core 0; this load generator (core 1) connects
 agents in steps, each a stock python-socketio client over real mTLS with its own
 certificate, and keeps them connected and heartbeating. After each step it waits for the
-hub to settle and reads the hub's resident memory and CPU use over a quiet minute's share.
+hub to settle and reads the hub's resident memory and CPU use over one heartbeat interval.
+The baseline, in the same run and connected all at once: the bare python-socketio server
+(bench.ingest's) over the same mTLS on uvloop, as the hub runs; with `--bare-defaults` also on
+asyncio's own loop, as a user would start it.
 With `--before`, an earlier checkout's hub goes through the same steps first, in the same run.
 With `--offer-compression`, the agents offer WebSocket per-message compression, as browsers and
 the JavaScript client do.
@@ -21,6 +24,7 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,8 @@ from bench.harness import (
 from hub.certs import init_pki, issue_agent
 from hub.codec import SocketJson
 
-HEADERS = ["hub", "agents", "connected", "connect_per_s", "hub_rss_mb", "kb_per_agent", "hub_cpu_pct_idle"]
+Command = Callable[[int, Path], list[str]]  # (port, certificates folder) -> the server's command line
+HEADERS = ["server", "agents", "connected", "connect_per_s", "rss_mb", "kb_per_agent", "cpu_pct_idle"]
 
 
 class Fleet:
@@ -102,14 +107,16 @@ class Fleet:
             await session.close()
 
 
-async def run(url: str, certs: Path, hub: psutil.Process, args: argparse.Namespace) -> list[dict[str, Any]]:
+async def run(
+    url: str, certs: Path, hub: psutil.Process, steps: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     fleet = Fleet(url, certs, args.heartbeat, offer_compression=args.offer_compression)
-    step = args.agents // args.steps
+    step = args.agents // steps
     rows = []
     base_rss = hub.memory_info().rss
     rows.append(_row(0, 0, None, base_rss, base_rss, await _idle_cpu(hub, args.heartbeat)))
     try:
-        for n in range(args.steps):
+        for n in range(steps):
             print(f"connecting agents {n * step}..{(n + 1) * step - 1}...", file=sys.stderr, flush=True)
             started = time.monotonic()
             await fleet.grow(n * step, step)
@@ -134,9 +141,9 @@ def _row(agents: int, connected: int, rate: float | None, rss: int, base: int, c
         "agents": agents,
         "connected": connected,
         "connect_per_s": round(rate) if rate else None,
-        "hub_rss_mb": round(rss / 2**20, 1),
+        "rss_mb": round(rss / 2**20, 1),
         "kb_per_agent": round((rss - base) / 1024 / connected, 1) if connected else None,
-        "hub_cpu_pct_idle": round(cpu, 1),
+        "cpu_pct_idle": round(cpu, 1),
     }
 
 
@@ -152,6 +159,11 @@ def main() -> None:
         action="store_true",
         help="agents offer per-message compression, as browsers and the JavaScript client do",
     )
+    parser.add_argument(
+        "--bare-defaults",
+        action="store_true",
+        help="also the bare server on asyncio's own loop (its default)",
+    )
     add_before_argument(parser)
     args = parser.parse_args()
     pin_load_generator()
@@ -162,35 +174,69 @@ def main() -> None:
         print(f"issuing {args.agents} agent certificates...", file=sys.stderr, flush=True)
         for i in range(args.agents):
             issue_agent(certs, f"fleet-{i}")
-        earlier = [(f"before ({args.before})", args.before)] if args.before else []
-        rows = [row for hub, tree in [*earlier, ("this", None)] for row in _measure(hub, tree, workdir, args)]
+        servers = [
+            *([("bare", _bare(), None, 1)] if args.bare_defaults else []),
+            ("bare on uvloop", _bare("--uvloop"), None, 1),
+            *([(f"hub before ({args.before})", _hub, args.before, args.steps)] if args.before else []),
+            ("hub", _hub, None, args.steps),
+        ]
+        rows = [row for server in servers for row in _measure(*server, workdir, args)]
     print(f"machine: {platform.node()}, {psutil.cpu_count()} cores, Python {platform.python_version()}")
     print(table(rows, HEADERS))
     last = rows[-1]
     if args.offer_compression:  # not the fleet the recorded figures speak of
         record_results({"rss_per_connection_kib_compression_offered": last["kb_per_agent"]})
         return
+    bare = next(row for row in reversed(rows) if row["server"] == "bare on uvloop")
     record_results(
         {
             "connections": last["connected"],
             "rss_per_connection_kib": last["kb_per_agent"],
+            "bare_rss_per_connection_kib": bare["kb_per_agent"],
             "connect_per_s": last["connect_per_s"],
-            "idle_cpu_pct": last["hub_cpu_pct_idle"],
+            "idle_cpu_pct": last["cpu_pct_idle"],
         }
     )
 
 
-def _measure(hub: str, tree: Path | None, workdir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run the steps against the hub of `tree` (this checkout's when None), in a data folder of its own."""
+def _bare(*options: str) -> Command:
+    def command(port: int, certs: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "bench.bare_server",
+            "--port",
+            str(port),
+            "--certs-dir",
+            str(certs),
+            *options,
+        ]
+
+    return command
+
+
+def _hub(port: int, certs: Path) -> list[str]:
+    return hub_command(port)  # the hub finds its certificates in its environment (HUB_CERTS_DIR)
+
+
+def _measure(
+    name: str,
+    command: Command,
+    tree: Path | None,
+    steps: int,
+    workdir: Path,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """Connect the agents to server `name` in `steps`; `tree`: the checkout it runs from (None: this)."""
     port, certs = free_port(), workdir / "certs"
-    data = workdir / ("data-before" if tree else "data")
+    data = workdir / f"data-{name.split()[0]}-{'before' if tree else 'this'}"
     env = hub_env(data, certs, heartbeat_interval_s=str(args.heartbeat))
-    proc = start_server(hub_command(port), env, port, cwd=tree)
+    proc = start_server(command(port, certs), env, port, cwd=tree)
     try:
-        rows = asyncio.run(run(f"https://127.0.0.1:{port}", certs, psutil.Process(proc.pid), args))
+        rows = asyncio.run(run(f"https://127.0.0.1:{port}", certs, psutil.Process(proc.pid), steps, args))
     finally:
         stop_server(proc)
-    return [{**row, "hub": hub} for row in rows]
+    return [{**row, "server": name} for row in rows]
 
 
 if __name__ == "__main__":

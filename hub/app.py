@@ -70,6 +70,7 @@ from hub.keys import (
     WEBHOOKS,
 )
 from hub.limits import TokenBuckets
+from hub.nodes import hold_node_id, keep_node_id
 from hub.notices import watch_expiring_certificates
 from hub.notify import Webhooks
 from hub.observability import HubMetrics, observe_middleware
@@ -348,12 +349,18 @@ async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    store, scoring, presence = app[STORE], app[SCORING], app[PRESENCE]
+    store, scoring, presence, settings = app[STORE], app[SCORING], app[PRESENCE], app[SETTINGS]
     await store.open()
+    try:  # before anything this node does by its id
+        node = await hold_node_id(store, settings.node_id, settings.node_lease_s)
+    except BaseException:
+        await store.close()
+        raise
     await app[AGENT_TRUST].load_uploaded()  # before the listener takes its first handshake
     await app[CERTIFICATES].write_crl()  # for a proxy in front (README "Behind nginx")
     # No agent is connected to a hub that is just starting, whatever the last run left.
-    await store.mark_node_offline(app[SETTINGS].node_id, "transport_lost", time.time())
+    await store.mark_node_offline(settings.node_id, "transport_lost", time.time())
+    keeper = asyncio.create_task(keep_node_id(store, node, settings.node_lease_s), name="node-id")
     scorer = asyncio.create_task(scoring.run(), name="scoring")
     watcher = asyncio.create_task(presence.watch(app[NAMESPACE_KEY].close), name="presence")
     pulse = asyncio.create_task(
@@ -363,19 +370,26 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             presence,
             store,
             app[BUS],
-            node_id=app[SETTINGS].node_id,
-            interval_s=app[SETTINGS].push_stats_interval_s,
+            node_id=settings.node_id,
+            interval_s=settings.push_stats_interval_s,
         ),
         name="pulse",
     )
     yield
-    # Stop in order: no new work, score and persist what was stored, then close the store.
+    # Stop in order: no new work, score and persist what was stored, give up the node id, then
+    # close the store.
     watcher.cancel()
     pulse.cancel()
     await app[JOBS].close()
     await app[INGESTOR].close()  # batches under way commit and reach scoring first
     scoring.stop()
     await asyncio.gather(watcher, pulse, scorer, return_exceptions=True)
+    keeper.cancel()
+    await asyncio.gather(keeper, return_exceptions=True)
+    try:
+        await store.release_node(settings.node_id, node["instance"])
+    except Exception as exc:  # the next start of this id waits out the lease instead
+        log.warning("giving up node id %r failed (%s)", settings.node_id, exc)
     await store.close()
 
 

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     node_id: str = Field(
         default_factory=socket.gethostname, min_length=1, max_length=128, description="this hub node's name"
     )
+    node_lease_s: float = Field(
+        15.0, gt=0, description="how long this node's hold on node_id lasts unrenewed (renewed every third)"
+    )
     port: int = Field(8443, ge=0, le=65535)
     data_dir: Path = Path("data")
     certs_dir: Path = Path("certs")

@@ -160,6 +160,35 @@ async def test_a_stored_batch_is_pending_scoring_until_its_scores_are_stored(sto
     assert await store.pending_agents(before=time.time() + 1) == []
 
 
+async def test_a_node_id_is_held_by_one_instance_until_released_or_replaced(store: Store) -> None:
+    first = {
+        "node_id": "node-a",
+        "instance": "one",
+        "host": "h1",
+        "pid": 10,
+        "renewed_at": 100.0,
+        "lease_s": 15.0,
+    }
+    second = {
+        "node_id": "node-a",
+        "instance": "two",
+        "host": "h2",
+        "pid": 20,
+        "renewed_at": 101.0,
+        "lease_s": 9.0,
+    }
+    assert await store.claim_node(first) is None
+    assert await store.claim_node(second) == first  # held: nothing changes
+    assert await store.claim_node({**first, "renewed_at": 102.0}) is None  # the holder renews
+    assert await store.claim_node(second, replacing=first) == {**first, "renewed_at": 102.0}  # it lived
+    assert await store.claim_node(second, replacing={**first, "renewed_at": 102.0}) is None  # it did not
+    await store.release_node("node-a", "one")  # no longer the holder: nothing to give up
+    assert await store.claim_node(first) == second
+    await store.release_node("node-a", "two")
+    assert await store.claim_node(first) is None
+    assert await store.claim_node({**second, "node_id": "node-b"}) is None  # ids are held apart
+
+
 async def test_heartbeat_writes_wait_to_share_a_commit_unless_another_write_comes(
     store_settings: Settings,
 ) -> None:

@@ -302,9 +302,7 @@ async def test_public_and_allowed_addresses_pass(url: str, allowed_networks: lis
     assert await policy.check(url) == [literal]
 
 
-async def test_allowed_networks_let_internal_receivers_through(
-    internal_hub: RunningHub, http: aiohttp.ClientSession
-) -> None:
+async def test_allowed_networks_let_internal_receivers_through(internal_hub: RunningHub) -> None:
     hub = internal_hub
     async with aiohttp.ClientSession(
         base_url=hub.url, connector=aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem"))

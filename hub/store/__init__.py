@@ -152,6 +152,20 @@ class Store(Protocol):
     async def mark_node_offline(self, node: str, reason: str, now: float) -> None:
         """Mark offline every agent `node` (or no node) last held: that node is just starting."""
 
+    async def claim_node(
+        self, lease: dict[str, Any], *, replacing: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """Hold `lease["node_id"]` for `lease` (node_id, instance, host, pid, renewed_at, lease_s).
+
+        Taken when it is free, held by `lease["instance"]` already (a renewal), or held exactly
+        as `replacing` says (a holder seen dead). Otherwise nothing changes and the holder's
+        lease is returned.
+        """
+        ...
+
+    async def release_node(self, node_id: str, instance: str) -> None:
+        """Give up `node_id` if `instance` holds it."""
+
     async def save_heartbeat(
         self,
         agent_id: str,

@@ -404,6 +404,36 @@ class SqlStore:
             )
         )
 
+    async def claim_node(
+        self, lease: dict[str, Any], *, replacing: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        async def claim(conn: Conn) -> dict[str, Any] | None:
+            held = await _rows(
+                conn,
+                "SELECT node_id, instance, host, pid, renewed_at, lease_s FROM node_leases WHERE node_id = ?",
+                [lease["node_id"]],
+            )
+            if held and held[0]["instance"] != lease["instance"] and held[0] != replacing:
+                return held[0]
+            await conn.execute(
+                "INSERT INTO node_leases (node_id, instance, host, pid, renewed_at, lease_s) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET instance = excluded.instance, "
+                "host = excluded.host, pid = excluded.pid, renewed_at = excluded.renewed_at, "
+                "lease_s = excluded.lease_s",
+                [lease[column] for column in ("node_id", "instance", "host", "pid", "renewed_at", "lease_s")],
+            )
+            return None
+
+        holder: dict[str, Any] | None = await self._write(claim, exclusive=True)
+        return holder
+
+    async def release_node(self, node_id: str, instance: str) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "DELETE FROM node_leases WHERE node_id = ? AND instance = ?", (node_id, instance)
+            )
+        )
+
     async def save_heartbeat(
         self,
         agent_id: str,

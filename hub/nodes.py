@@ -1,0 +1,87 @@
+"""This process's hold on its node id (`HUB_NODE_ID`): two live hubs never share one.
+
+Agents, presence and pending scoring are kept per node id, and a starting node takes every
+agent of its id for gone. A second hub started with a live one's id (both defaulting to one
+machine's host name, say) would mark the first one's agents offline and score its batches.
+So a node holds its id by a lease in the store, renewed every third of `node_lease_s`:
+
+- a free id, or one whose holder stopped cleanly, is taken at once;
+- a holder whose process is gone from this machine (a restart after kill -9) is replaced at once;
+- any other holder is watched for one of its leases: replaced if it did not renew, refused if it did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from typing import Any
+
+from hub.problems import Conflict
+from hub.store import Store
+
+log = logging.getLogger(__name__)
+
+
+async def hold_node_id(store: Store, node_id: str, lease_s: float) -> dict[str, Any]:
+    """Take `node_id` for this process and return its lease; Conflict while a live hub holds it."""
+    lease = {
+        "node_id": node_id,
+        "instance": secrets.token_hex(8),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "renewed_at": time.time(),
+        "lease_s": lease_s,
+    }
+    holder = await store.claim_node(lease)
+    if holder is None:
+        return lease
+    if _may_be_alive(holder):
+        log.warning(
+            "node id %r is held by a hub on %s (pid %d); waiting %.0f s to see whether it is alive",
+            node_id, holder["host"], holder["pid"], holder["lease_s"],
+        )  # fmt: skip
+        await asyncio.sleep(holder["lease_s"])
+    lease["renewed_at"] = time.time()
+    holder = await store.claim_node(lease, replacing=holder)
+    if holder is not None:
+        raise Conflict(
+            f"node id {node_id!r} is in use by a running hub on {holder['host']} (pid {holder['pid']}): "
+            "give each node its own HUB_NODE_ID"
+        )
+    log.warning("node id %r taken over from a hub that is gone", node_id)
+    return lease
+
+
+async def keep_node_id(store: Store, lease: dict[str, Any], lease_s: float) -> None:
+    """Renew `lease` every third of `lease_s` until cancelled, or until another hub took the id."""
+    while True:
+        await asyncio.sleep(lease_s / 3)
+        lease["renewed_at"] = time.time()
+        try:
+            holder = await store.claim_node(lease)
+        except Exception as exc:  # the store is away: the next renewal tries again
+            log.warning("renewing this node's hold on its id failed (%s); will retry", exc)
+            continue
+        if holder is not None:
+            log.error(
+                "node id %r was taken by a hub on %s (pid %d) while this one could not renew it: "
+                "give each node its own HUB_NODE_ID",
+                lease["node_id"], holder["host"], holder["pid"],
+            )  # fmt: skip
+            return
+
+
+def _may_be_alive(holder: dict[str, Any]) -> bool:
+    if holder["host"] != socket.gethostname() or holder["pid"] == os.getpid():
+        return True  # another machine's, or this pid seen from another container: nothing to ask
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

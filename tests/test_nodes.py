@@ -1,0 +1,90 @@
+"""A node id is held by one live hub: a second is refused, a dead holder replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from hub.app import create_app
+from hub.config import Settings
+from hub.keys import STORE
+from hub.problems import Conflict
+from hub.store import create_store
+from tests.conftest import HubStarter, open_agent
+
+
+async def held_by(settings: Settings, **lease: Any) -> None:
+    """Leave a lease on `settings.node_id` as a hub that held it would have."""
+    store = create_store(settings)
+    await store.open()
+    try:
+        holder = {"node_id": settings.node_id, "instance": "earlier", "renewed_at": time.time(), **lease}
+        assert await store.claim_node(holder) is None
+    finally:
+        await store.close()
+
+
+def gone_pid() -> int:
+    """The pid of a process of this machine that has ended."""
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    return int(ended.stdout)
+
+
+async def test_a_second_hub_with_a_live_hubs_node_id_is_refused(hub_with: HubStarter) -> None:
+    hub = await hub_with({"node_lease_s": 0.6})
+    agent = await open_agent(hub, "agent-1")
+    runner = web.AppRunner(create_app(hub.settings))
+    with pytest.raises(Conflict, match="HUB_NODE_ID"):  # it watched one lease, and the holder renewed
+        await runner.setup()
+    await runner.cleanup()
+    stored = await hub.store.get_agent("agent-1")
+    assert stored["status"] == "online"  # the refused start marked none of the live hub's agents offline
+    await agent.close()
+
+
+async def test_a_stopped_hubs_node_id_is_taken_at_once_and_renewed(settings: Settings) -> None:
+    first = web.AppRunner(create_app(settings.model_copy(update={"node_lease_s": 60.0})))
+    await first.setup()
+    await first.cleanup()  # a clean stop gives the id up
+    started = time.monotonic()
+    second = web.AppRunner(create_app(settings.model_copy(update={"node_lease_s": 0.6})))
+    await second.setup()
+    try:
+        assert time.monotonic() - started < 0.6
+        probe = {"node_id": settings.node_id, "instance": "probe", "host": "h", "pid": 1, "lease_s": 1.0}
+        held = await second.app[STORE].claim_node({**probe, "renewed_at": 0.0})
+        await asyncio.sleep(0.5)  # past a renewal (every third of the lease)
+        renewed = await second.app[STORE].claim_node({**probe, "renewed_at": 0.0})
+        assert held is not None
+        assert renewed is not None
+        assert renewed["renewed_at"] > held["renewed_at"]
+    finally:
+        await second.cleanup()
+
+
+async def test_a_holder_whose_process_is_gone_from_this_machine_is_replaced_at_once(
+    settings: Settings, hub_with: HubStarter
+) -> None:
+    await held_by(settings, host=socket.gethostname(), pid=gone_pid(), lease_s=60.0)  # a hub killed with -9
+    started = time.monotonic()
+    await hub_with({})
+    assert time.monotonic() - started < 10
+
+
+async def test_a_holder_elsewhere_that_stops_renewing_is_replaced_after_its_lease(
+    settings: Settings, hub_with: HubStarter
+) -> None:
+    await held_by(settings, host="another-machine", pid=os.getpid(), lease_s=0.6)
+    started = time.monotonic()
+    await hub_with({})
+    assert time.monotonic() - started >= 0.6

@@ -360,7 +360,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[CERTIFICATES].write_crl()  # for a proxy in front (README "Behind nginx")
     # No agent is connected to a hub that is just starting, whatever the last run left.
     await store.mark_node_offline(settings.node_id, "transport_lost", time.time())
-    keeper = asyncio.create_task(keep_node_id(store, node, settings.node_lease_s), name="node-id")
+    keeper = asyncio.create_task(keep_node_id(store, node), name="node-id")
     scorer = asyncio.create_task(scoring.run(), name="scoring")
     watcher = asyncio.create_task(presence.watch(app[NAMESPACE_KEY].close), name="presence")
     pulse = asyncio.create_task(

@@ -56,10 +56,10 @@ async def hold_node_id(store: Store, node_id: str, lease_s: float) -> dict[str, 
     return lease
 
 
-async def keep_node_id(store: Store, lease: dict[str, Any], lease_s: float) -> None:
-    """Renew `lease` every third of `lease_s` until cancelled, or until another hub took the id."""
+async def keep_node_id(store: Store, lease: dict[str, Any]) -> None:
+    """Renew `lease` every third of its length until cancelled, or until another hub took the id."""
     while True:
-        await asyncio.sleep(lease_s / 3)
+        await asyncio.sleep(lease["lease_s"] / 3)
         lease["renewed_at"] = time.time()
         try:
             holder = await store.claim_node(lease)
@@ -82,6 +82,6 @@ def _may_be_alive(holder: dict[str, Any]) -> bool:
         os.kill(holder["pid"], 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process: alive
+        pass
     return True

@@ -311,7 +311,6 @@ class AgentServer(socketio.AsyncServer):  # type: ignore[misc]  # socketio ships
     def __init__(self, *args: Any, connect_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._connect_timeout_s = connect_timeout_s
-        self._closing: set[asyncio.Task[None]] = set()
 
     async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> None:
         await super()._handle_eio_connect(eio_sid, environ)
@@ -323,9 +322,7 @@ class AgentServer(socketio.AsyncServer):  # type: ignore[misc]  # socketio ships
         if any(self.manager.sid_from_eio_sid(eio_sid, name) for name in self.manager.get_namespaces()):
             return
         log.info("closing socket %s: it joined no namespace in %.0f s", eio_sid, self._connect_timeout_s)
-        closing = asyncio.create_task(self.eio.disconnect(eio_sid))
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
+        self.start_background_task(self.eio.disconnect, eio_sid)
 
     async def _handle_eio_message(self, eio_sid: str, data: str | bytes) -> None:
         if eio_sid not in self.eio.sockets:  # closed already: frames still in flight are dropped

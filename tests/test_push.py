@@ -178,6 +178,10 @@ async def test_a_dashboard_that_stops_reading_is_cut_off_and_counted(settings: S
                 break
             await asyncio.sleep(0.05)
         assert bus.stats.cutoffs == 1
+        for _ in range(100):  # the connection's handler unsubscribes once the abort reaches it
+            if not bus.subscriber_count:
+                break
+            await asyncio.sleep(0.02)
         assert bus.subscriber_count == 0
     finally:
         if writer is not None:

@@ -22,7 +22,9 @@ to dashboards as a `command` message carrying the command's view:
   first request's TTL stands.
 - Commands go only to agents the hub has seen (a 404 otherwise): a typo in an agent id must
   not leave a command waiting for an agent that will never come.
-- Delivery happens on the node holding the agent's socket, through `Courier`. With several
+- Delivery happens on the node holding the agent's socket, through `Courier`, and only over
+  the connection the store records as the agent's: a node that has not yet noticed that its
+  socket went stale (the agent reconnected elsewhere) leaves the command queued. With several
   nodes every change above also reaches the other nodes over the push bus (`follow_remote`):
   a node seeing `queued` delivers the agent's queued commands if the agent is on it (so a
   command sent through any node reaches the agent on its own), and a final state wakes the
@@ -108,8 +110,8 @@ _ACK_ADAPTER: TypeAdapter[CommandAck] = TypeAdapter(CommandAck)
 class Courier(Protocol):
     """Reaches an agent's socket; the agent transport implements it."""
 
-    def reachable(self, agent_id: str) -> bool:
-        """Say whether `agent_id` has a socket here that got its hello."""
+    def connection(self, agent_id: str) -> tuple[str, float] | None:
+        """The agent's socket here that got its hello, as the store knows it: (node, connected_at)."""
         ...
 
     async def send_command(self, agent_id: str, message: CommandMessage, on_ack: AckHandler) -> bool:
@@ -202,7 +204,7 @@ class CommandService:
 
     async def deliver_queued(self, agent_id: str) -> None:
         """Send `agent_id`'s queued commands, oldest first, if its socket is on this node."""
-        if self._courier is None or not self._courier.reachable(agent_id):
+        if self._courier is None or self._courier.connection(agent_id) is None:
             return
         lock = self._delivering.setdefault(agent_id, asyncio.Lock())
         try:
@@ -237,16 +239,22 @@ class CommandService:
             event.set()
 
     async def _deliver(self, courier: Courier, command: dict[str, Any]) -> bool:
-        """Mark one command delivered, then write it; False when the agent has gone."""
+        """Mark one command delivered, then write it; False when the agent has gone from here."""
         now = time.time()
         # `expires_at` never changes: checked against the `now` stored, it is as good as a store condition.
         if now >= command["expires_at"]:  # its TTL passed while earlier commands went out
             return True
+        via = courier.connection(command["agent_id"])
+        if via is None:
+            return False
+        # Only over the connection the store names: a socket here may be a stale one, whose
+        # agent has reconnected to another node before this node noticed the loss.
         delivered = await self._store.transition_command(
-            command["id"], expect=("queued",), changes={"state": "delivered", "delivered_at": now}
+            command["id"], expect=("queued",), changes={"state": "delivered", "delivered_at": now}, via=via
         )
-        if delivered is None:  # it expired meanwhile: nothing to send
-            return True
+        if delivered is None:  # it ended meanwhile (expired, delivered by another node), or the agent moved
+            current: dict[str, Any] = await self.get(command["id"])
+            return bool(current["state"] != "queued")
         # Announced before the write: an ack can then never be overtaken by its delivery.
         self._changed(delivered)
         message = CommandMessage(id=command["id"], name=command["name"], args=command["args"])

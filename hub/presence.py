@@ -61,6 +61,11 @@ class Presence:
         live = self._live.get(agent_id)
         return live.sid if live else None
 
+    def connection(self, agent_id: str) -> tuple[str, float] | None:
+        """The agent's connection here as the store knows it: (node, connected_at)."""
+        live = self._live.get(agent_id)
+        return (self._node, live.connected_at) if live else None
+
     async def connect(self, agent_id: str, sid: str, info: ConnectInfo, fingerprint: str) -> str | None:
         """Record a new connection of `agent_id` as online; return the socket it replaces, if any."""
         async with self._turns(agent_id):

@@ -281,9 +281,11 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
         await self.emit("revoked", {"reason": reason}, to=sid)
         await self.close(sid, "revoked")
 
-    def reachable(self, agent_id: str) -> bool:
-        """Say whether `agent_id` has a socket on this node that got its hello."""
-        return self._presence.sid_of(agent_id) in self._greeted
+    def connection(self, agent_id: str) -> tuple[str, float] | None:
+        """The agent's socket here that got its hello, as the store knows it: (node, connected_at)."""
+        if self._presence.sid_of(agent_id) not in self._greeted:
+            return None
+        return self._presence.connection(agent_id)
 
     async def send_command(self, agent_id: str, message: CommandMessage, on_ack: AckHandler) -> bool:
         """Emit `command` to the agent's socket with `on_ack` for its ack; False if it has none here."""

@@ -260,6 +260,29 @@ async def test_a_command_sent_through_b_reaches_the_agent_on_a_and_its_result_co
     assert (status, stored) == (200, view)
 
 
+async def test_a_command_goes_over_the_agents_newest_connection_not_a_stale_one_on_another_node(
+    nodes: tuple[Node, Node], agents: AgentOpener
+) -> None:
+    # The agent reconnected to B while A still holds its old socket (a peer gone silent is only
+    # noticed when its heartbeats stop): A must leave the command to B.
+    a, b = nodes
+    stale, fresh = Agent(), Agent()
+    await agents(a, "agent-1", handlers={"command": stale.on_command})
+    await agents(b, "agent-1", handlers={"command": fresh.on_command})
+    async with a.operator() as http:
+        status, view = await call(
+            http,
+            a,
+            "POST",
+            "/api/v1/agents/agent-1/commands",
+            {"name": "ping", "wait_s": 10},
+            scope="hub:write",
+        )
+    assert (status, view["state"], view["result"]["pong"]) == (201, "completed", True)
+    assert fresh.received == [{"id": view["id"], "name": "ping", "args": {}}]
+    assert stale.received == []
+
+
 async def test_a_command_waiting_on_b_for_an_offline_agent_completes_when_it_connects_to_a(
     nodes: tuple[Node, Node], agents: AgentOpener
 ) -> None:

@@ -331,7 +331,14 @@ async def test_commands_move_through_their_states_once(store: Store) -> None:
     assert (await store.insert_command(command))[1] is False
     assert [c["id"] for c in await store.queued_commands("agent-1", NOW)] == ["cmd-1"]
     delivered = {"state": "delivered", "delivered_at": NOW + 1}
-    moved = await store.transition_command("cmd-1", expect=("queued",), changes=delivered)
+    await store.save_agent("agent-1", {"status": "online", "node": "node-b", "connected_at": NOW})
+    for stale in [("node-a", NOW), ("node-b", NOW - 5)]:  # not the connection the store names
+        assert (
+            await store.transition_command("cmd-1", expect=("queued",), changes=delivered, via=stale) is None
+        )
+    moved = await store.transition_command(
+        "cmd-1", expect=("queued",), changes=delivered, via=("node-b", NOW)
+    )
     assert moved is not None
     assert moved["state"] == "delivered"
     assert await store.transition_command("cmd-1", expect=("queued",), changes={"state": "failed"}) is None

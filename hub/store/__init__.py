@@ -388,9 +388,17 @@ class Store(Protocol):
         ...
 
     async def transition_command(
-        self, command_id: str, *, expect: tuple[str, ...], changes: dict[str, Any]
+        self,
+        command_id: str,
+        *,
+        expect: tuple[str, ...],
+        changes: dict[str, Any],
+        via: tuple[str, float] | None = None,
     ) -> dict[str, Any] | None:
-        """Apply `changes` if the command's state is in `expect`; return it changed, else None."""
+        """Apply `changes` if the command's state is in `expect`; return it changed, else None.
+
+        `via`: a connection (node, connected_at); only while it is the command's agent's stored one.
+        """
         ...
 
     async def expire_commands(self, now: float, errors: dict[str, str]) -> list[dict[str, Any]]:

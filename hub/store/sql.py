@@ -890,13 +890,25 @@ class SqlStore:
         return [_command_view(row) for row in rows]
 
     async def transition_command(
-        self, command_id: str, *, expect: tuple[str, ...], changes: dict[str, Any]
+        self,
+        command_id: str,
+        *,
+        expect: tuple[str, ...],
+        changes: dict[str, Any],
+        via: tuple[str, float] | None = None,
     ) -> dict[str, Any] | None:
         sql = (
             f"UPDATE commands SET {', '.join(f'{name} = ?' for name in changes)} "  # noqa: S608 - names come from code
-            f"WHERE id = ? AND state IN ({', '.join('?' * len(expect))}) RETURNING *"
+            f"WHERE id = ? AND state IN ({', '.join('?' * len(expect))})"
         )
         params = [*(_command_value(name, value) for name, value in changes.items()), command_id, *expect]
+        if via is not None:
+            sql += (
+                " AND EXISTS (SELECT 1 FROM agents WHERE agents.agent_id = commands.agent_id"
+                " AND agents.node = ? AND agents.connected_at = ?)"
+            )
+            params += via
+        sql += " RETURNING *"
         rows: list[dict[str, Any]] = await self._write(lambda c: _rows(c, sql, params))
         return _command_view(rows[0]) if rows else None
 

@@ -385,6 +385,17 @@ _RELOAD_COST = 20  # events a reload counts as: at most 100 agents' state read i
 _RETRY_S = 1.0
 
 
+def _pass_size(work: Iterable[_Work]) -> int:
+    """How many of `work`'s first items make one pass: `PASS_EVENTS` events, or a little more."""
+    count = taken = 0
+    for item in work:
+        if taken >= PASS_EVENTS:
+            break
+        count += 1
+        taken += len(item.events) or _RELOAD_COST  # a storm of reloads reads in portions
+    return count
+
+
 @dataclass(slots=True)
 class _Work:
     """Events handed over together: one stored batch (named by its first seq), or none (a reload)."""
@@ -511,16 +522,17 @@ class ScoringService:
                 await self._score_pending()
 
     async def _score_pending(self) -> None:
-        work: list[_Work] = []
-        taken = 0
-        while self._queue and taken < PASS_EVENTS:
-            work.append(self._queue.popleft())
-            taken += len(work[-1].events) or _RELOAD_COST  # a storm of reloads reads in portions
+        work = self._take()
         try:
-            work = await self._restore(work) + work
+            missed = await self._restore(work)
         except Exception:
             self._queue.extendleft(reversed(work))  # nothing was scored: try the same work again
             raise
+        if missed:  # scored first, and in passes of the usual size: a crash under load leaves many
+            work = [*missed, *work]
+            size = _pass_size(work)
+            self._queue.extendleft(reversed(work[size:]))  # all of agents restored now
+            work = work[:size]
         changed: dict[str, ProcessRisk] = {}
         alerts: list[dict[str, Any]] = []
         matches: list[tuple[str, Event, list[Rule]]] | None = None if self._siem_min_severity is None else []
@@ -547,6 +559,10 @@ class ScoringService:
         if self._flushing is not None:
             await self._flushing
         self._flushing = asyncio.create_task(self._flush(records, alerts, forwarded, scored))
+
+    def _take(self) -> list[_Work]:
+        """The next pass's work, from the head of the queue."""
+        return [self._queue.popleft() for _ in range(_pass_size(self._queue))]
 
     async def _restore(self, work: list[_Work]) -> list[_Work]:
         """Load the stored state of the pass's agents this node does not know (or must reload);

@@ -9,12 +9,13 @@ from typing import Any
 
 import aiohttp
 import msgpack
+import pytest
 
 from hub.config import Settings
 from hub.keys import SCORING
 from hub.models import Event
 from hub.rules import RuleSet, load_rules, parse_rules
-from hub.scoring import RiskEngine, RiskParams, recalculate
+from hub.scoring import PASS_EVENTS, RiskEngine, RiskParams, recalculate
 from hub.store import EventBatch, create_store
 from tests.conftest import ConnectAgent, HubStarter, RunningHub, client_ssl, open_agent, start_hub
 
@@ -279,6 +280,37 @@ async def test_events_stored_but_never_scored_are_scored_when_their_agent_return
             assert [process_id for process_id, _ in await shadow_readers(hub)] == ["agent-1:200"]
             alerts = await hub.store.list_alerts(agent_id="agent-1", severity=None, after=None, limit=50)
             assert ("shadow-read", 1) in [(alert["rule_id"], alert["count"]) for alert in alerts.items]
+    finally:
+        await runner.cleanup()
+
+
+async def test_many_events_left_unscored_are_scored_in_passes_of_the_usual_size(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pass runs on the event loop: one over everything a crash under load left would stall acks.
+    batch = PASS_EVENTS // 2
+    for first in range(1, 6 * batch, batch):
+        await store_unscored(
+            settings,
+            [{"seq": seq, "ts": T0 + seq, "kind": "file_open", "pid": 7, "path": "/tmp/x"}
+             for seq in range(first, first + batch)],
+        )  # fmt: skip
+    runner, hub = await start_hub(settings)
+    passes: list[int] = []  # events each pass scored, as its flush reports them
+    insert_alerts = hub.store.insert_alerts
+
+    async def recording(*args: Any, scored: list[tuple[str, int]], **kwargs: Any) -> Any:
+        passes.append(len(scored) * batch)
+        return await insert_alerts(*args, scored=scored, **kwargs)
+
+    monkeypatch.setattr(hub.store, "insert_alerts", recording)
+    try:
+        agent = await open_agent(hub, "agent-1")
+        await hub.settle()
+        await agent.close()
+        assert sum(passes) == 6 * batch
+        assert max(passes) <= PASS_EVENTS
+        assert (await hub.store.scoring_states(["agent-1"]))["agent-1"].pending == []
     finally:
         await runner.cleanup()
 

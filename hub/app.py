@@ -56,6 +56,7 @@ from hub.keys import (
     INGESTOR,
     JOBS,
     METRICS,
+    NODE_HOLD,
     OPENAPI,
     PRESENCE,
     REVOKED_TOKENS,
@@ -360,7 +361,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[CERTIFICATES].write_crl()  # for a proxy in front (README "Behind nginx")
     # No agent is connected to a hub that is just starting, whatever the last run left.
     await store.mark_node_offline(settings.node_id, "transport_lost", time.time())
-    keeper = asyncio.create_task(keep_node_id(store, node), name="node-id")
+    keeper = app[NODE_HOLD] = asyncio.create_task(keep_node_id(store, node), name="node-id")
     scorer = asyncio.create_task(scoring.run(), name="scoring")
     watcher = asyncio.create_task(presence.watch(app[NAMESPACE_KEY].close), name="presence")
     pulse = asyncio.create_task(
@@ -413,6 +414,8 @@ async def serve(
 ) -> None:
     """Run the hub until `stop` is set (SIGTERM/SIGINT in the CLI), then stop gracefully.
 
+    It also stops, then raises Conflict, when another hub has taken its node id.
+
     The stop, in order: the listeners close (a connect is refused from then on); the agents
     are drained (`AgentNamespace.drain`, at most `drain_timeout_s`); then aiohttp's cleanup:
     on_shutdown answers command waiters, the HTTP requests and dashboards left get
@@ -434,8 +437,9 @@ async def serve(
     log.info("agent hub %s listening on %s://%s:%d", __version__, scheme, settings.host, settings.port)
     if ready is not None:
         ready.set()
+    hold = app[NODE_HOLD]
     try:
-        await (stop or asyncio.Event()).wait()
+        await _until_stopped(stop or asyncio.Event(), hold)
         log.info("agent hub stopping: draining agents for at most %.1fs", settings.drain_timeout_s)
         # Drained before aiohttp's cleanup, whose first step drops whatever arrives on open
         # connections (RequestHandler.close): batches sent meanwhile would vanish unanswered.
@@ -444,6 +448,19 @@ async def serve(
         await app[NAMESPACE_KEY].drain()
     finally:
         await runner.cleanup()
+    if hold.done() and not hold.cancelled() and (lost := hold.exception()) is not None:
+        raise lost
+
+
+async def _until_stopped(stop: asyncio.Event, hold: asyncio.Task[None]) -> None:
+    """Wait for `stop`, or for `hold` to end: this node's id is another hub's now."""
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([stopping, hold], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if hold.done() and not hold.cancelled() and (lost := hold.exception()) is not None:
+        log.error("%s; stopping", lost)
 
 
 def _tune_allocator() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -46,6 +47,8 @@ STARTED_AT = web.AppKey("started_at", float)
 CURSORS: web.AppKey[Cursors] = web.AppKey("cursors")
 JOBS = web.AppKey("jobs", Jobs)
 OPENAPI = web.AppKey("openapi", bytes)  # the rendered document, built once at start
+# Renews this node's hold on its id while the hub runs; ends with Conflict if another hub took it.
+NODE_HOLD: web.AppKey[asyncio.Task[None]] = web.AppKey("node_hold")
 METRICS: web.AppKey[HubMetrics] = web.AppKey("metrics")  # hub.observability imports this module
 
 if TYPE_CHECKING:

@@ -57,7 +57,11 @@ async def hold_node_id(store: Store, node_id: str, lease_s: float) -> dict[str, 
 
 
 async def keep_node_id(store: Store, lease: dict[str, Any]) -> None:
-    """Renew `lease` every third of its length until cancelled, or until another hub took the id."""
+    """Renew `lease` every third of its length until cancelled; Conflict once another hub took the id.
+
+    That happens only when another hub started with this id while this one could not reach the
+    store for a whole lease: two hubs must not serve one node id, so the caller stops this one.
+    """
     while True:
         await asyncio.sleep(lease["lease_s"] / 3)
         lease["renewed_at"] = time.time()
@@ -67,12 +71,10 @@ async def keep_node_id(store: Store, lease: dict[str, Any]) -> None:
             log.warning("renewing this node's hold on its id failed (%s); will retry", exc)
             continue
         if holder is not None:
-            log.error(
-                "node id %r was taken by a hub on %s (pid %d) while this one could not renew it: "
-                "give each node its own HUB_NODE_ID",
-                lease["node_id"], holder["host"], holder["pid"],
-            )  # fmt: skip
-            return
+            raise Conflict(
+                f"node id {lease['node_id']!r} was taken by a hub on {holder['host']} (pid {holder['pid']}) "
+                "while this one could not renew it: give each node its own HUB_NODE_ID"
+            )
 
 
 def _may_be_alive(holder: dict[str, Any]) -> bool:

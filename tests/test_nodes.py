@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from hub.app import create_app
+from hub.app import create_app, serve
 from hub.config import Settings
 from hub.keys import STORE
 from hub.problems import Conflict
@@ -88,3 +88,26 @@ async def test_a_holder_elsewhere_that_stops_renewing_is_replaced_after_its_leas
     started = time.monotonic()
     await hub_with({})
     assert time.monotonic() - started >= 0.6
+
+
+async def test_a_hub_whose_node_id_another_hub_took_stops_and_says_why(settings: Settings) -> None:
+    # Another start with this id found the lease unrenewed (this hub was cut off from the store
+    # for a whole lease) and took it: two hubs must not serve one id, so this one stops.
+    ready = asyncio.Event()
+    serving = asyncio.create_task(serve(settings.model_copy(update={"node_lease_s": 0.6}), ready=ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    newcomer = {"node_id": settings.node_id, "instance": "newcomer", "host": "another-machine", "pid": 4242,
+                "renewed_at": time.time(), "lease_s": 60.0}  # fmt: skip
+    store = create_store(settings)
+    await store.open()
+    try:
+        holder = await store.claim_node(newcomer)
+        assert holder is not None
+        assert await store.claim_node(newcomer, replacing=holder) is None
+        with pytest.raises(Conflict, match="taken by a hub on another-machine .*HUB_NODE_ID"):
+            await asyncio.wait_for(serving, 30)
+        kept = await store.claim_node({**newcomer, "instance": "probe"})
+        assert kept is not None
+        assert kept["instance"] == "newcomer"  # the stop gave up nothing of the newcomer's
+    finally:
+        await store.close()

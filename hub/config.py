@@ -151,6 +151,12 @@ class Settings(BaseSettings):
     drain_reconnect_window_s: float = Field(
         5.0, ge=0, description="a stopping hub tells each agent to reconnect after a random delay up to this"
     )
+    handover_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="webhooks hear that a stopping hub sent an agent away only if it has not connected again "
+        "(to any node) within this; if it has, neither its going nor its return is announced (0: at once)",
+    )
 
     # risk model (DESIGN.md)
     rule_files: list[Path] = Field(default_factory=default_rule_files)

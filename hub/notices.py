@@ -63,13 +63,25 @@ def alert_notices(alert: dict[str, Any]) -> list[Notice]:
     return [Notice(kind, {"event_type": kind, **body}, **route) for kind in types]
 
 
-def presence_notices(agent_id: str, status: str, reason: str, now: float) -> list[Notice]:
-    """Announce an agent connecting or going offline; `late`, and back from late, are not announced."""
+def presence_notices(
+    agent_id: str, status: str, reason: str, now: float, *, handover_grace_s: float = 0.0
+) -> list[Notice]:
+    """Announce an agent connecting or going offline; `late`, and back from late, are not announced.
+
+    An agent a stopping node sent away is announced after `handover_grace_s`, unless it has
+    connected again by then (`Store.save_agent`'s `returning_within_s`).
+    """
     if status != "offline" and reason not in ("connected", "restored"):
         return []
     kind = f"agent_{status}"
-    return [Notice(kind, {"event_type": kind, "timestamp": now, **_NO_PROCESS, "agent_id": agent_id,
-                          "reason": reason}, agent_id=agent_id)]  # fmt: skip
+    body = {"event_type": kind, "timestamp": now, **_NO_PROCESS, "agent_id": agent_id, "reason": reason}
+    if reason == "server_shutdown" and handover_grace_s:
+        return [
+            Notice(
+                kind, body, agent_id=agent_id, first_attempt_at=now + handover_grace_s, handover_of=agent_id
+            )
+        ]
+    return [Notice(kind, body, agent_id=agent_id)]
 
 
 def revocation_notice(record: dict[str, Any], reason: str, now: float) -> Notice:

@@ -50,6 +50,7 @@ class Presence:
         # agent id -> the offline to store: reason, when, and the connection it ends (its connected_at)
         self._unsaved: dict[str, tuple[PresenceReason, float, float]] = {}
         self._history_s = settings.heartbeat_history_s
+        self._handover_grace_s = settings.handover_grace_s
         self._pruned_at = 0.0
         self._swept_at = 0.0
 
@@ -222,8 +223,13 @@ class Presence:
         # A connection's later changes apply only while it is the stored one: the agent may have
         # moved to another node since, which now holds its status.
         connection = None if if_connected_at is None else (self._node, if_connected_at)
-        notices = presence_notices(agent_id, status, reason, now)
-        if not await self._store.save_agent(agent_id, record, notices, connection=connection):
+        grace = self._handover_grace_s
+        notices = presence_notices(agent_id, status, reason, now, handover_grace_s=grace)
+        # A connect may end a handover: webhooks then hear of neither (hub.notices).
+        returning = grace if grace and reason == "connected" else None
+        if not await self._store.save_agent(
+            agent_id, record, notices, connection=connection, returning_within_s=returning
+        ):
             log.info("agent %s has connected elsewhere since: its old socket here is %s", agent_id, status)
             return
         log.info("agent %s is %s (%s)", agent_id, status, reason)

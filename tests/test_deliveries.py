@@ -16,6 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from hub.app import NAMESPACE_KEY
 from hub.config import Settings
 from hub.store.sqlite import SqliteStore
 from tests.conftest import (
@@ -436,6 +437,40 @@ async def test_an_attack_a_disconnect_and_a_revocation_reach_the_receiver(
     [expiring] = receiver.of("certificate_expiring")
     assert expiring["fingerprint"] == fingerprint
     assert 0 < expiring["expires_in_s"] <= 400 * 86_400
+
+
+async def test_a_restart_announces_only_the_agents_that_did_not_come_back(
+    settings: Settings, receivers: Callable[..., Awaitable[Receiver]]
+) -> None:
+    settings = settings.model_copy(update={"handover_grace_s": 1.5, "drain_reconnect_window_s": 0.0})
+    receiver = await receivers()
+    runner, hub = await start_hub(settings)
+    try:
+        async with client(hub) as http:
+            await subscribe(http, hub, receiver, event_types=["agent_online", "agent_offline"])
+        agents = [await open_agent(hub, agent_id) for agent_id in ("agent-1", "agent-2")]
+        await until(lambda: asyncio.sleep(0, len(receiver.of("agent_online")) == 2))
+        await hub.app[NAMESPACE_KEY].drain()  # a stop (SIGTERM) sends every agent away
+        for agent in agents:
+            await agent.close()
+    finally:
+        await runner.cleanup()
+    runner, hub = await start_hub(settings)  # restarted: agent-1 comes back, agent-2 does not
+    try:
+        back = await open_agent(hub, "agent-1")
+        await until(lambda: asyncio.sleep(0, bool(receiver.of("agent_offline"))))
+        await asyncio.sleep(0.5)  # nothing more comes
+        assert [(body["agent_id"], body["reason"]) for body in receiver.of("agent_offline")] == [
+            ("agent-2", "server_shutdown")
+        ]
+        assert [body["agent_id"] for body in receiver.of("agent_online")] == ["agent-1", "agent-2"]
+        late = await open_agent(hub, "agent-2")  # announced gone, so announced back
+        await until(lambda: asyncio.sleep(0, len(receiver.of("agent_online")) == 3))
+        await back.close()
+        await late.close()
+    finally:
+        await runner.cleanup()
+    assert receiver.of("agent_online")[2]["agent_id"] == "agent-2"
 
 
 async def test_min_severity_filters_alerts(

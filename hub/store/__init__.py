@@ -48,6 +48,8 @@ class Notice:
     `body` is the JSON object sent, to which each delivery adds its own `delivery_id`. The rest
     routes it: `severity`, `rule_id` and `tags` (alerts only) are checked against a subscription's
     `min_severity`, `severities`, `rule_ids` and `tags`; `agent_id` against its `agent_groups`.
+    `first_attempt_at`: not sent before then (None: at once). `handover_of`: an agent a stopping
+    node sent away; the notice is withdrawn if the agent connects again before it is sent.
     """
 
     event_type: str
@@ -56,6 +58,8 @@ class Notice:
     agent_id: str | None = None
     rule_id: str | None = None
     tags: tuple[str, ...] = ()
+    first_attempt_at: float | None = None
+    handover_of: str | None = None
 
     def routed(self, routes: Mapping[str, list[str]], agent_groups: Mapping[str, list[str]]) -> bool:
         """Say whether a subscription with these `routes` receives it; every filter given must match."""
@@ -128,12 +132,15 @@ class Store(Protocol):
         notices: list[Notice] | None = None,
         *,
         connection: tuple[str, float] | None = None,
+        returning_within_s: float | None = None,
     ) -> bool:
         """Upsert an agent's `fields`; a `heartbeat` among them also joins its history at `last_seen`.
 
         `notices` are queued for webhooks in the same transaction. With `connection` (node,
         connected_at), an existing agent is changed only while that is its stored connection;
-        say whether it was saved.
+        say whether it was saved. With `returning_within_s` (a connect): if a stopping node sent
+        the agent away less than that long ago and its `handover_of` notices are all unsent,
+        those are withdrawn and `notices` are not queued: webhooks hear of neither.
         """
         ...
 

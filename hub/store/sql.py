@@ -322,6 +322,7 @@ class SqlStore:
         notices: list[Notice] | None = None,
         *,
         connection: tuple[str, float] | None = None,
+        returning_within_s: float | None = None,
     ) -> bool:
         names = list(fields)
         values = [orjson.dumps(v).decode() if isinstance(v, dict) else v for v in fields.values()]
@@ -335,6 +336,10 @@ class SqlStore:
         beat = fields.get("heartbeat")
 
         async def save(conn: Conn) -> bool:
+            now = time.time()
+            announced = returning_within_s is None or await _handover_announced(
+                conn, agent_id, now - returning_within_s, now
+            )
             if await conn.execute(sql, [agent_id, *values]) == 0:
                 return False  # the agent has connected since, here or on another node
             if beat is not None:
@@ -342,7 +347,8 @@ class SqlStore:
                     _INSERT_HEARTBEAT_SQL,
                     [agent_id, fields["last_seen"], *(beat.get(name) for name in _HEARTBEAT_COLUMNS)],
                 )
-            await _enqueue(conn, notices or [], time.time(), self._agent_groups)
+            if announced:
+                await _enqueue(conn, notices or [], now, self._agent_groups)
             return True
 
         saved: bool = await self._write(save)
@@ -1597,10 +1603,42 @@ async def _insert_delivery(conn: Conn, webhook_id: str, notice: Notice, now: flo
     body = orjson.dumps({"delivery_id": delivery_id, **notice.body})
     await conn.execute(
         "INSERT INTO webhook_deliveries (id, webhook_id, event_type, body, state, next_attempt_at, "
-        "created_at) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-        (delivery_id, webhook_id, notice.event_type, body, now, now),
+        "created_at, handover_of) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+        (
+            delivery_id,
+            webhook_id,
+            notice.event_type,
+            body,
+            notice.first_attempt_at or now,
+            now,
+            notice.handover_of,
+        ),
     )
     return delivery_id
+
+
+async def _handover_announced(conn: Conn, agent_id: str, since: float, now: float) -> bool:
+    """Whether webhooks were, or are being, told that the agent went: False when a stopping node
+    sent it away after `since` and nothing of that has been sent (that notice is withdrawn)."""
+    row = await conn.fetchrow(
+        "SELECT 1 FROM agents WHERE agent_id = ? AND status = 'offline' "
+        "AND status_reason = 'server_shutdown' AND status_changed_at >= ?",
+        [agent_id, since],
+    )
+    announced = True
+    if row is not None:
+        await conn.execute(
+            "DELETE FROM webhook_deliveries WHERE handover_of = ? AND state = 'pending' AND attempts = 0 "
+            "AND (lease_until IS NULL OR lease_until <= ?)",
+            [agent_id, now],
+        )
+        sent = await conn.fetchrow(
+            "SELECT 1 FROM webhook_deliveries WHERE handover_of = ? LIMIT 1", [agent_id]
+        )
+        announced = sent is not None
+    # Each handover is judged on its own: the next one starts with no marks.
+    await conn.execute("UPDATE webhook_deliveries SET handover_of = NULL WHERE handover_of = ?", [agent_id])
+    return announced
 
 
 async def _enqueue(

@@ -76,6 +76,8 @@ def hub_env(data_dir: Path, certs: Path, **settings: str) -> dict[str, str]:
         "HUB_RATE_LIMIT_BURST": "1000000000",
         "HUB_RATE_LIMIT_ADDRESS_PER_S": "1e9",
         "HUB_RATE_LIMIT_ADDRESS_BURST": "1000000000",
+        # ... and its 1,000 agents connect at once, from that one address.
+        "HUB_MAX_CONNECTING_PER_ADDRESS": "1000000",
         **{f"HUB_{name.upper()}": value for name, value in settings.items()},
     }
 

@@ -181,6 +181,8 @@ def create_app(settings: Settings) -> web.Application:
         namespaces=[NAMESPACE],  # not the default "/": it admits anyone, certificate or not
         max_http_buffer_size=settings.max_frame_bytes,
         connect_timeout_s=settings.connect_timeout_s,
+        max_connecting_per_address=settings.max_connecting_per_address,
+        trusted_proxies=settings.trusted_proxies,
         logger=False,
         engineio_logger=False,
         client_manager=_client_manager(settings),

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     connect_timeout_s: float = Field(
         15.0, gt=0, description="an Engine.IO connection that has not joined /agent in this long is closed"
     )
+    max_connecting_per_address: int = Field(
+        256,
+        gt=0,
+        description="Engine.IO connections from one address that have not joined /agent yet (their "
+        "certificate unchecked); a new one past this is refused with 429",
+    )
     max_event_bytes: int = Field(
         16 * 1024, gt=0, description="largest single event, measured as stored (msgpack)"
     )

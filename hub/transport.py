@@ -6,7 +6,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import engineio
@@ -20,16 +21,32 @@ from pydantic import ValidationError
 from hub.certs import is_valid_agent_id
 from hub.commands import AckHandler, CommandMessage, CommandService
 from hub.config import Settings
-from hub.identity import AgentIdentity, AgentTrust, IdentityError, presented_certificate
+from hub.identity import (
+    AgentIdentity,
+    AgentTrust,
+    IdentityError,
+    ProxyAddress,
+    client_address,
+    presented_certificate,
+)
 from hub.ingest import Ingestor
 from hub.models import CONNECT_INFO_ADAPTER, HEARTBEAT_ADAPTER, ConnectInfo, PresenceReason
 from hub.observability import log_context
 from hub.presence import Presence
-from hub.problems import HubError, InternalError, InvalidInput, Overloaded, Unavailable, error_ack
+from hub.problems import (
+    HubError,
+    InternalError,
+    InvalidInput,
+    Overloaded,
+    RateLimited,
+    Unavailable,
+    error_ack,
+)
 
 log = logging.getLogger(__name__)
 NAMESPACE = "/agent"
 _RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error"})  # only the server raises these
+_ADDRESS = "hub.client_address"  # environ key: the address a connection is counted under
 _MAX_ATTACHMENTS = 16  # binary attachments one packet may announce; an agent sends one
 
 # python-socketio's disconnect reasons, in PROTOCOL.md's words.
@@ -304,24 +321,64 @@ class AgentServer(socketio.AsyncServer):  # type: ignore[misc]  # socketio ships
     any number of attachments, and a client may emit the reserved `connect` and `disconnect`
     events. The reference (JavaScript) server closes such a connection; so does this one.
 
-    Like that server (`connectTimeout`), it also closes an Engine.IO connection that has not
-    joined a namespace within `connect_timeout_s`: only the namespace connect checks the
-    certificate (a missing one is answered `cert_missing` there), so until then anyone who
-    reaches the port holds a socket, 70 KiB of the hub's memory each.
+    Only the namespace connect checks the certificate (a missing one is answered `cert_missing`
+    there), so until then anyone who reaches the port holds a socket, 70 KiB of the hub's memory
+    each. Such a connection is closed if it has not joined a namespace within
+    `connect_timeout_s`, like the reference server's `connectTimeout`, and one address may have
+    at most `max_connecting_per_address` of them at once: the next is refused with 429.
     """
 
-    def __init__(self, *args: Any, connect_timeout_s: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        *args: Any,
+        connect_timeout_s: float,
+        max_connecting_per_address: int,
+        trusted_proxies: Sequence[ProxyAddress],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, refuse=self._refuse, **kwargs)  # `refuse` is for _EngineServer
         self._connect_timeout_s = connect_timeout_s
+        self._max_connecting = max_connecting_per_address
+        self._trusted_proxies = trusted_proxies
+        self._connecting: dict[str, str] = {}  # Engine.IO sid -> address, until it joins or closes
+        self._connecting_from: Counter[str] = Counter()
+
+    def _refuse(self, environ: dict[str, Any]) -> None:
+        """Raise RateLimited if the new connection's address has too many that have not joined."""
+        address = client_address(environ["aiohttp.request"], self._trusted_proxies) or "unknown"
+        environ[_ADDRESS] = address
+        if self._connecting_from[address] >= self._max_connecting:
+            raise RateLimited(
+                f"{address} has {self._max_connecting} connections that have not joined /agent yet "
+                "(max_connecting_per_address)",
+                retry_after_s=1,
+            )
 
     async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> None:
         await super()._handle_eio_connect(eio_sid, environ)
+        address = environ[_ADDRESS]
+        self._connecting[eio_sid] = address
+        self._connecting_from[address] += 1
         asyncio.get_running_loop().call_later(self._connect_timeout_s, self._close_unless_joined, eio_sid)
 
+    async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:
+        await super()._handle_connect(eio_sid, namespace, data)
+        if self.manager.sid_from_eio_sid(eio_sid, namespace or "/") is not None:  # admitted
+            self._joined(eio_sid)
+
+    async def _handle_eio_disconnect(self, eio_sid: str, reason: str) -> None:
+        self._joined(eio_sid)  # or never will
+        await super()._handle_eio_disconnect(eio_sid, reason)
+
+    def _joined(self, eio_sid: str) -> None:
+        address = self._connecting.pop(eio_sid, None)
+        if address is not None:
+            self._connecting_from[address] -= 1
+            if not self._connecting_from[address]:
+                del self._connecting_from[address]
+
     def _close_unless_joined(self, eio_sid: str) -> None:
-        if eio_sid not in self.eio.sockets:
-            return
-        if any(self.manager.sid_from_eio_sid(eio_sid, name) for name in self.manager.get_namespaces()):
+        if eio_sid not in self._connecting or eio_sid not in self.eio.sockets:
             return
         log.info("closing socket %s: it joined no namespace in %.0f s", eio_sid, self._connect_timeout_s)
         self.start_background_task(self.eio.disconnect, eio_sid)
@@ -355,10 +412,15 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]  # engineio shi
 
     _async: dict[str, Any]  # engineio's table of its async driver's parts
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, refuse: Callable[[dict[str, Any]], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._refuse = refuse  # raises to refuse a new connection (AgentServer._refuse)
         # The table is the driver module's own: copied, so the change stays with this server.
         self._async = {**self._async, "websocket": _ClosableWebSocket}
+
+    async def _handle_connect(self, environ: dict[str, Any], transport: str, jsonp_index: Any = None) -> Any:
+        self._refuse(environ)  # the problem middleware answers what it raises
+        return await super()._handle_connect(environ, transport, jsonp_index)
 
     def create_queue(self, *args: Any, **kwargs: Any) -> PacketQueue:
         # Each socket's outgoing packets (engineio's hook; its sockets are the only callers).

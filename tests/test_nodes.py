@@ -104,7 +104,7 @@ async def test_a_hub_whose_node_id_another_hub_took_stops_and_says_why(settings:
         holder = await store.claim_node(newcomer)
         assert holder is not None
         assert await store.claim_node(newcomer, replacing=holder) is None
-        with pytest.raises(Conflict, match="taken by a hub on another-machine .*HUB_NODE_ID"):
+        with pytest.raises(Conflict, match=r"taken by a hub on another-machine .*HUB_NODE_ID"):
             await asyncio.wait_for(serving, 30)
         kept = await store.claim_node({**newcomer, "instance": "probe"})
         assert kept is not None

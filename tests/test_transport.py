@@ -533,3 +533,31 @@ async def test_a_socket_that_joins_no_namespace_is_closed(hub_with: HubStarter) 
     assert agent.sio.connected  # an agent that joined in time stays
     assert (await agent.sio.call("heartbeat", {"ts": 1.0}, namespace="/agent", timeout=5))["next_in_s"] > 0
     await agent.close()
+
+
+async def test_one_address_may_hold_only_so_many_sockets_that_have_not_joined(hub_with: HubStarter) -> None:
+    hub = await hub_with({"max_connecting_per_address": 2})
+    url = f"{hub.url}/socket.io/?EIO=4&transport=websocket"
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem"))
+    ) as session:
+        first, second = await session.ws_connect(url), await session.ws_connect(url)
+        for ws in (first, second):
+            assert (await ws.receive_str(timeout=5)).startswith("0{")  # open, never joining
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(url)
+        assert refused.value.status == 429
+        assert refused.value.headers is not None
+        assert refused.value.headers["Retry-After"] == "1"
+        polling = url.replace("websocket", "polling")  # the same refusal, its body readable
+        async with session.get(polling) as answer:
+            assert answer.status == 429
+            problem = await answer.json(content_type="application/problem+json")
+            assert "has 2 connections that have not joined /agent yet" in problem["detail"]
+        await first.close()
+        agent = await open_agent(hub, "agent-1")  # in the freed place; joined, it counts no more
+        third = await session.ws_connect(url)
+        assert (await third.receive_str(timeout=5)).startswith("0{")
+        await agent.close()
+        for ws in (second, third):
+            await ws.close()

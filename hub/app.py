@@ -439,9 +439,9 @@ async def serve(
     log.info("agent hub %s listening on %s://%s:%d", __version__, scheme, settings.host, settings.port)
     if ready is not None:
         ready.set()
-    hold = app[NODE_HOLD]
+    lost: BaseException | None = None
     try:
-        await _until_stopped(stop or asyncio.Event(), hold)
+        lost = await _until_stopped(stop or asyncio.Event(), app[NODE_HOLD])
         log.info("agent hub stopping: draining agents for at most %.1fs", settings.drain_timeout_s)
         # Drained before aiohttp's cleanup, whose first step drops whatever arrives on open
         # connections (RequestHandler.close): batches sent meanwhile would vanish unanswered.
@@ -450,19 +450,21 @@ async def serve(
         await app[NAMESPACE_KEY].drain()
     finally:
         await runner.cleanup()
-    if hold.done() and not hold.cancelled() and (lost := hold.exception()) is not None:
+    if lost is not None:
         raise lost
 
 
-async def _until_stopped(stop: asyncio.Event, hold: asyncio.Task[None]) -> None:
-    """Wait for `stop`, or for `hold` to end: this node's id is another hub's now."""
+async def _until_stopped(stop: asyncio.Event, hold: asyncio.Task[None]) -> BaseException | None:
+    """Wait for `stop`, or for `hold` to end; return why it ended (this node's id is another hub's)."""
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait([stopping, hold], return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
-    if hold.done() and not hold.cancelled() and (lost := hold.exception()) is not None:
+    lost = hold.exception() if hold.done() and not hold.cancelled() else None
+    if lost is not None:
         log.error("%s; stopping", lost)
+    return lost
 
 
 def _tune_allocator() -> None:

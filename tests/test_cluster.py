@@ -199,6 +199,12 @@ async def _queued_soon(node: Node, agent_id: str) -> bool:
     return False
 
 
+async def _ping(http: aiohttp.ClientSession, node: Node, *, wait_s: float) -> tuple[int, Any]:
+    """Send agent-1 a `ping` command through `node`, waiting up to `wait_s` for its end."""
+    body = {"name": "ping", "wait_s": wait_s}
+    return await call(http, node, "POST", "/api/v1/agents/agent-1/commands", body, scope="hub:write")
+
+
 async def test_agents_land_on_both_nodes_and_each_node_lists_them_all(
     nodes: tuple[Node, Node], agents: AgentOpener
 ) -> None:
@@ -242,14 +248,7 @@ async def test_a_command_sent_through_b_reaches_the_agent_on_a_and_its_result_co
     await agents(a, "agent-1", handlers={"command": agent.on_command})
     async with b.operator() as http, a.operator() as watching:
         ws = await _dashboard(a, watching)
-        status, view = await call(
-            http,
-            b,
-            "POST",
-            "/api/v1/agents/agent-1/commands",
-            {"name": "ping", "wait_s": 10},
-            scope="hub:write",
-        )
+        status, view = await _ping(http, b, wait_s=10)
         assert status == 201, view
         assert (view["state"], view["result"]["pong"], view["error"]) == ("completed", True, None)
         assert agent.received == [{"id": view["id"], "name": "ping", "args": {}}]
@@ -270,14 +269,7 @@ async def test_a_command_goes_over_the_agents_newest_connection_not_a_stale_one_
     await agents(a, "agent-1", handlers={"command": stale.on_command})
     await agents(b, "agent-1", handlers={"command": fresh.on_command})
     async with a.operator() as http:
-        status, view = await call(
-            http,
-            a,
-            "POST",
-            "/api/v1/agents/agent-1/commands",
-            {"name": "ping", "wait_s": 10},
-            scope="hub:write",
-        )
+        status, view = await _ping(http, a, wait_s=10)
     assert (status, view["state"], view["result"]["pong"]) == (201, "completed", True)
     assert fresh.received == [{"id": view["id"], "name": "ping", "args": {}}]
     assert stale.received == []
@@ -289,16 +281,7 @@ async def test_a_command_waiting_on_b_for_an_offline_agent_completes_when_it_con
     a, b = nodes
     await (await agents(a, "agent-1")).close()  # known to the hub, offline now
     async with b.operator() as http:
-        sending = asyncio.create_task(
-            call(
-                http,
-                b,
-                "POST",
-                "/api/v1/agents/agent-1/commands",
-                {"name": "ping", "wait_s": 15},
-                scope="hub:write",
-            )
-        )
+        sending = asyncio.create_task(_ping(http, b, wait_s=15))
         assert await _queued_soon(a, "agent-1")  # stored by B, with nobody to deliver it
         agent = Agent()
         await agents(a, "agent-1", handlers={"command": agent.on_command})

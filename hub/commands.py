@@ -253,8 +253,8 @@ class CommandService:
             command["id"], expect=("queued",), changes={"state": "delivered", "delivered_at": now}, via=via
         )
         if delivered is None:  # it ended meanwhile (expired, delivered by another node), or the agent moved
-            current: dict[str, Any] = await self.get(command["id"])
-            return bool(current["state"] != "queued")
+            current = await self._store.get_command(command["id"])
+            return current is None or current["state"] != "queued"
         # Announced before the write: an ack can then never be overtaken by its delivery.
         self._changed(delivered)
         message = CommandMessage(id=command["id"], name=command["name"], args=command["args"])

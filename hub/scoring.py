@@ -531,7 +531,7 @@ class ScoringService:
         if missed:  # scored first, and in passes of the usual size: a crash under load leaves many
             work = [*missed, *work]
             size = _pass_size(work)
-            self._queue.extendleft(reversed(work[size:]))  # all of agents restored now
+            self._queue.extendleft(reversed(work[size:]))  # all for agents restored now
             work = work[:size]
         changed: dict[str, ProcessRisk] = {}
         alerts: list[dict[str, Any]] = []

@@ -269,6 +269,7 @@ def _follow_other_nodes(
             await commands.deliver_queued(agent_id)
 
     bus.follow("certificate", follow)
+    bus.follow("agent", namespace.follow_remote)  # an agent here that has reconnected to another node
     bus.follow("command", commands.follow_remote)  # a command sent through another node, for an agent here
     bus.on_missed(catch_up)
     return revoke

@@ -67,6 +67,16 @@ class Presence:
         live = self._live.get(agent_id)
         return (self._node, live.connected_at) if live else None
 
+    async def superseded(self, agent_id: str) -> str | None:
+        """The agent's socket here if the store names another connection of it: it reconnected elsewhere."""
+        live = self._live.get(agent_id)
+        if live is None:
+            return None
+        stored = await self._store.get_agent(agent_id)
+        if stored is None or (stored["node"], stored["connected_at"]) == (self._node, live.connected_at):
+            return None
+        return live.sid if self._live.get(agent_id) is live else None  # not replaced here meanwhile
+
     async def connect(self, agent_id: str, sid: str, info: ConnectInfo, fingerprint: str) -> str | None:
         """Record a new connection of `agent_id` as online; return the socket it replaces, if any."""
         async with self._turns(agent_id):

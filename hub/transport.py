@@ -279,6 +279,23 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             self._closing[sid] = "server_shutdown"
             await self.server.eio.drop(eio_sid)
 
+    async def follow_remote(self, change: dict[str, Any]) -> None:
+        """Close the socket here of an agent another node says connected to it (a hint: the store decides).
+
+        Its old socket here went silent without closing (a network gone); heartbeats would
+        end it only after `heartbeat_offline_after` intervals.
+        """
+        if change.get("status") != "online" or change.get("reason") != "connected":
+            return
+        sid = await self._presence.superseded(change["agent_id"])
+        if sid is not None:
+            log.info(
+                "agent %s connected to node %s: closing its old socket here",
+                change["agent_id"],
+                change.get("node"),
+            )
+            await self.close(sid, "superseded")
+
     def agent_ids(self) -> list[str]:
         """The agents connected to this node now."""
         return list(set(self._agents.values()))

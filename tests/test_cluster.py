@@ -275,6 +275,19 @@ async def test_a_command_goes_over_the_agents_newest_connection_not_a_stale_one_
     assert stale.received == []
 
 
+async def test_an_agent_that_reconnects_to_b_has_its_old_socket_on_a_closed(
+    nodes: tuple[Node, Node], agents: AgentOpener
+) -> None:
+    a, b = nodes
+    stale = await agents(a, "agent-1")  # its network went silent: A has not noticed
+    await agents(b, "agent-1")
+    assert await _within(5, lambda: not stale.sio.connected)
+    async with a.operator() as http:
+        status, agent = await call(http, a, "GET", "/api/v1/agents/agent-1", scope="hub:read")
+    assert (status, agent["status"], agent["node"]) == (200, "online", "node-b")  # A's close changed nothing
+    assert "closing its old socket here" in a.log.read_text()
+
+
 async def test_a_command_waiting_on_b_for_an_offline_agent_completes_when_it_connects_to_a(
     nodes: tuple[Node, Node], agents: AgentOpener
 ) -> None:

@@ -337,8 +337,9 @@ class SqlStore:
 
         async def save(conn: Conn) -> bool:
             now = time.time()
-            announced = returning_within_s is None or await _handover_announced(
-                conn, agent_id, now - returning_within_s, now
+            # Read before the write below replaces the status it looks at.
+            returning = returning_within_s is not None and await _sent_away_since(
+                conn, agent_id, now - returning_within_s
             )
             if await conn.execute(sql, [agent_id, *values]) == 0:
                 return False  # the agent has connected since, here or on another node
@@ -347,6 +348,7 @@ class SqlStore:
                     _INSERT_HEARTBEAT_SQL,
                     [agent_id, fields["last_seen"], *(beat.get(name) for name in _HEARTBEAT_COLUMNS)],
                 )
+            announced = returning_within_s is None or await _end_handover(conn, agent_id, returning, now)
             if announced:
                 await _enqueue(conn, notices or [], now, self._agent_groups)
             return True
@@ -1617,16 +1619,21 @@ async def _insert_delivery(conn: Conn, webhook_id: str, notice: Notice, now: flo
     return delivery_id
 
 
-async def _handover_announced(conn: Conn, agent_id: str, since: float, now: float) -> bool:
-    """Whether webhooks were, or are being, told that the agent went: False when a stopping node
-    sent it away after `since` and nothing of that has been sent (that notice is withdrawn)."""
+async def _sent_away_since(conn: Conn, agent_id: str, since: float) -> bool:
+    """Whether the agent's stored status is that a stopping node sent it away after `since`."""
     row = await conn.fetchrow(
         "SELECT 1 FROM agents WHERE agent_id = ? AND status = 'offline' "
         "AND status_reason = 'server_shutdown' AND status_changed_at >= ?",
         [agent_id, since],
     )
+    return row is not None
+
+
+async def _end_handover(conn: Conn, agent_id: str, returning: bool, now: float) -> bool:
+    """Whether webhooks were, or are being, told that the agent went: False when it is `returning`
+    from a handover and nothing of that has been sent (that notice is withdrawn)."""
     announced = True
-    if row is not None:
+    if returning:
         await conn.execute(
             "DELETE FROM webhook_deliveries WHERE handover_of = ? AND state = 'pending' AND attempts = 0 "
             "AND (lease_until IS NULL OR lease_until <= ?)",

@@ -107,7 +107,6 @@ class AgentSession:
         self.heartbeat_interval_s = DEFAULT_HEARTBEAT_S
         self.max_batch = DEFAULT_MAX_BATCH
         self._last_hello: dict[str, Any] | None = None
-        self._acked_seq = 0
         self._client: socketio.AsyncClient | None = None
         self._emit_lock = asyncio.Lock()
         self._streams: set[asyncio.Task[None]] = set()
@@ -133,7 +132,7 @@ class AgentSession:
     @property
     def acked_seq(self) -> int:
         """The highest seq up to which the hub has confirmed every event."""
-        return self._acked_seq
+        return self.spool.acked_through()
 
     @property
     def connected(self) -> bool:
@@ -188,7 +187,7 @@ class AgentSession:
             "hostname": self.hostname,
             "spool_depth": self.spool.depth(),
             "dropped": self.spool.dropped(),
-            "acked_seq": self._acked_seq,
+            "acked_seq": self.acked_seq,
             "next_seq": self.spool.next_seq(),
             "encoding": self.encoding,
         }
@@ -459,7 +458,7 @@ class AgentSession:
                 log.warning(
                     "no ack within %.0fs; resending from seq %d",
                     self.call_timeout,
-                    self._acked_seq + 1,
+                    self.acked_seq + 1,
                 )
                 await asyncio.sleep(1.0)
             except socketio.exceptions.SocketIOError as exc:
@@ -467,12 +466,12 @@ class AgentSession:
                 return
 
     async def _resume(self, last_seq: int) -> None:
-        self._acked_seq = await asyncio.to_thread(self.spool.resume, last_seq)
+        await asyncio.to_thread(self.spool.resume, last_seq)
         self._check_drained()
 
     async def _send_window(self) -> None:
         window: deque[_Batch] = deque()
-        after = self._acked_seq
+        after = self.acked_seq
         try:
             while True:
                 self._new_data.clear()
@@ -504,14 +503,14 @@ class AgentSession:
         return events
 
     async def _retire(self, window: deque[_Batch]) -> None:
-        high = self._acked_seq
+        high = self.acked_seq
         while window and window[0].task.done():
             batch = window.popleft()
             batch.task.result()  # a timeout or disconnect ends this window here
             high = batch.high
-        # only a prefix of finished batches is retired, so a gap is never acked over
+        # Only a prefix of finished batches is retired, so a gap is never acked over. The spool
+        # keeps the acked prefix: a new hello may cancel this task while the write still lands.
         await asyncio.to_thread(self.spool.ack_through, high)
-        self._acked_seq = high
         self._check_drained()
 
     async def _wait_for_progress(self, window: deque[_Batch]) -> None:

@@ -45,6 +45,7 @@ class Spool:
         self._count = 0
         self._dropped = 0
         self._next_seq = 1
+        self._acked = 0
         self._load_state()
 
     def append(self, events: list[Event]) -> list[int]:
@@ -77,6 +78,7 @@ class Spool:
         """Forget every event with seq <= `seq`; later seqs are always greater than `seq`."""
         with self._lock, self._transaction():
             self._count -= self._db.execute("DELETE FROM events WHERE seq <= ?", (seq,)).rowcount
+            self._acked = max(self._acked, seq)
             if seq >= self._next_seq:
                 self._next_seq = seq + 1
                 self._set_meta("next_seq", self._next_seq)
@@ -94,9 +96,10 @@ class Spool:
         moves above `last_seq` (whether or not it has already grown past it).
         """
         with self._lock, self._transaction():
-            first = self._db.execute("SELECT MIN(seq) FROM events").fetchone()[0]
             if self._meta("synced"):
-                return (first if first is not None else self._next_seq) - 1
+                self._acked = self._confirmed()
+                return self._acked
+            first = self._db.execute("SELECT MIN(seq) FROM events").fetchone()[0]
             shift = 0 if first is None or first > last_seq else last_seq + 1 - first
             # Through negative seqs: old and new ranges may overlap, and the key must stay unique.
             self._db.execute("UPDATE events SET seq = -seq")
@@ -104,7 +107,12 @@ class Spool:
             self._next_seq = max(self._next_seq + shift, last_seq + 1)
             self._set_meta("next_seq", self._next_seq)
             self._set_meta("synced", 1)
+            self._acked = last_seq
         return last_seq
+
+    def acked_through(self) -> int:
+        """Return the seq through which the hub has confirmed every event (0 until a first hello)."""
+        return self._acked
 
     def depth(self) -> int:
         """Return how many events wait for the hub."""
@@ -151,6 +159,12 @@ class Spool:
         self._count = self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
         self._dropped = self._meta("dropped")
         self._next_seq = self._meta("next_seq")
+        self._acked = self._confirmed() if self._meta("synced") else 0
+
+    def _confirmed(self) -> int:
+        # Everything below the oldest event kept was confirmed (or, if the spool overflowed, dropped).
+        first = self._db.execute("SELECT MIN(seq) FROM events").fetchone()[0]
+        return (first if first is not None else self._next_seq) - 1
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -110,6 +110,28 @@ def test_resume_keeps_everything_the_hub_never_confirmed(spool: Spool) -> None:
     assert spool.resume(9) == 5  # empty: confirmed through what it numbered
 
 
+def test_the_acked_prefix_is_kept_by_the_spool_whatever_the_order(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = Spool(path)
+    assert spool.acked_through() == 0  # no hello yet: nothing is confirmed
+    spool.resume(0)
+    spool.append(_events(20))
+    spool.ack_through(12)
+    # A hello arrives while the previous connection's last ack is still being written.
+    assert spool.resume(20) == 12
+    spool.ack_through(20)
+    assert spool.acked_through() == 20
+    spool.ack_through(15)  # an old ack changes nothing
+    assert spool.acked_through() == 20
+    spool.close()
+
+    reopened = Spool(path)
+    try:
+        assert reopened.acked_through() == 20
+    finally:
+        reopened.close()
+
+
 def test_a_replaced_spool_that_grew_past_the_hub_keeps_everything(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "new.db")  # the old spool file was lost; the hub has seqs 1..20
     spool.append(_events(25))

@@ -50,6 +50,7 @@ from hub.keys import (
     AUDIT,
     BUS,
     CERTIFICATES,
+    CLOCK,
     COMMANDS,
     CURSORS,
     DELIVERER,
@@ -71,7 +72,7 @@ from hub.keys import (
     WEBHOOKS,
 )
 from hub.limits import TokenBuckets
-from hub.nodes import hold_node_id, keep_node_id
+from hub.nodes import ClockWatch, hold_node_id, keep_node_id
 from hub.notices import watch_expiring_certificates
 from hub.notify import Webhooks
 from hub.observability import HubMetrics, observe_middleware
@@ -145,9 +146,10 @@ def create_app(settings: Settings) -> web.Application:
     deliverer = Deliverer(settings, store, on_outcome=metrics.count_delivery)
     siem = SiemForwarder(settings, store)
     app[SIEM] = siem
+    clock = app[CLOCK] = ClockWatch(store, settings.max_clock_skew_s)
     metrics.watch(
         ingestor=ingestor, presence=presence, bus=bus, scoring=scoring, store=store,
-        siem=siem,
+        siem=siem, clock=clock,
     )  # fmt: skip
     app[METRICS] = metrics
     app[DELIVERER] = deliverer
@@ -269,7 +271,8 @@ def _follow_other_nodes(
             await commands.deliver_queued(agent_id)
 
     bus.follow("certificate", follow)
-    bus.follow("agent", namespace.follow_remote)  # an agent here that has reconnected to another node
+    # An agent here that has reconnected to another node.
+    bus.follow("agent", namespace.follow_remote, concerns=namespace.holds_elsewhere)
     bus.follow("command", commands.follow_remote)  # a command sent through another node, for an agent here
     bus.on_missed(catch_up)
     return revoke
@@ -365,6 +368,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     # No agent is connected to a hub that is just starting, whatever the last run left.
     await store.mark_node_offline(settings.node_id, "transport_lost", time.time())
     keeper = app[NODE_HOLD] = asyncio.create_task(keep_node_id(store, node), name="node-id")
+    clock = asyncio.create_task(app[CLOCK].watch(settings.node_lease_s), name="clock")
     scorer = asyncio.create_task(scoring.run(), name="scoring")
     watcher = asyncio.create_task(presence.watch(app[NAMESPACE_KEY].close), name="presence")
     pulse = asyncio.create_task(
@@ -384,10 +388,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     # close the store.
     watcher.cancel()
     pulse.cancel()
+    clock.cancel()
     await app[JOBS].close()
     await app[INGESTOR].close()  # batches under way commit and reach scoring first
     scoring.stop()
-    await asyncio.gather(watcher, pulse, scorer, return_exceptions=True)
+    await asyncio.gather(watcher, pulse, clock, scorer, return_exceptions=True)
     keeper.cancel()
     await asyncio.gather(keeper, return_exceptions=True)
     try:

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     node_lease_s: float = Field(
         15.0, gt=0, description="how long this node's hold on node_id lasts unrenewed (renewed every third)"
     )
+    max_clock_skew_s: float = Field(
+        2.0,
+        gt=0,
+        description="how far this node's clock may be off the shared store's before it logs an error",
+    )
     port: int = Field(8443, ge=0, le=65535)
     data_dir: Path = Path("data")
     certs_dir: Path = Path("certs")

@@ -15,6 +15,7 @@ from hub.deliveries import Deliverer
 from hub.identity import AgentTrust
 from hub.ingest import Ingestor
 from hub.jobs import Jobs
+from hub.nodes import ClockWatch
 from hub.notify import Webhooks
 from hub.presence import Presence
 from hub.push import PushBus
@@ -49,6 +50,7 @@ JOBS = web.AppKey("jobs", Jobs)
 OPENAPI = web.AppKey("openapi", bytes)  # the rendered document, built once at start
 # Renews this node's hold on its id while the hub runs; ends with Conflict if another hub took it.
 NODE_HOLD: web.AppKey[asyncio.Task[None]] = web.AppKey("node_hold")
+CLOCK = web.AppKey("clock", ClockWatch)  # this node's clock against the shared store's
 METRICS: web.AppKey[HubMetrics] = web.AppKey("metrics")  # hub.observability imports this module
 
 if TYPE_CHECKING:

@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from hub.problems import Conflict
@@ -87,3 +88,52 @@ def _may_be_alive(holder: dict[str, Any]) -> bool:
     except PermissionError:  # another user's process: alive
         pass
     return True
+
+
+class ClockWatch:
+    """This node's clock against the store's, which every node shares (PostgreSQL).
+
+    Nodes judge each other's timestamps: another node's batch pending scoring is taken over
+    after `takeover_s`, a command's TTL is checked wherever it is delivered, handover notices
+    wait out a grace. A clock far off the others' breaks those quietly (a live node's batches
+    scored twice, say), so it is measured and said loudly. SQLite shares this machine's clock.
+    """
+
+    def __init__(self, store: Store, max_skew_s: float, *, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._max_skew_s = max_skew_s
+        self._clock = clock
+        self.skew_s: float | None = None  # this clock minus the store's at the last check, if it has one
+
+    async def check(self) -> None:
+        """Measure the skew; log an error when it passes the limit, and when it is back within."""
+        before = self._clock()
+        theirs = await self._store.clock()
+        if theirs is None:
+            return
+        was_off = self._off
+        self.skew_s = (before + self._clock()) / 2 - theirs  # off by at most half the round trip
+        if self._off and not was_off:
+            log.error(
+                "this node's clock is %+.1f s off the store's (HUB_MAX_CLOCK_SKEW_S is %.1f s): nodes "
+                "compare each other's times, so synchronize every node's clock (NTP)",
+                self.skew_s, self._max_skew_s,
+            )  # fmt: skip
+        elif was_off and not self._off:
+            log.warning("this node's clock is back within %.1f s of the store's", self._max_skew_s)
+
+    async def watch(self, interval_s: float) -> None:
+        """Check every `interval_s` until cancelled; return after one check of a store without a clock."""
+        while True:
+            try:
+                await self.check()
+            except Exception as exc:  # the store is away: the next check tries again
+                log.warning("comparing this node's clock with the store's failed (%s); will retry", exc)
+            else:
+                if self.skew_s is None:  # SQLite: the store's clock is this machine's
+                    return
+            await asyncio.sleep(interval_s)
+
+    @property
+    def _off(self) -> bool:
+        return self.skew_s is not None and abs(self.skew_s) > self._max_skew_s

@@ -75,13 +75,10 @@ def presence_notices(
         return []
     kind = f"agent_{status}"
     body = {"event_type": kind, "timestamp": now, **_NO_PROCESS, "agent_id": agent_id, "reason": reason}
-    if reason == "server_shutdown" and handover_grace_s:
-        return [
-            Notice(
-                kind, body, agent_id=agent_id, first_attempt_at=now + handover_grace_s, handover_of=agent_id
-            )
-        ]
-    return [Notice(kind, body, agent_id=agent_id)]
+    handover = reason == "server_shutdown" and handover_grace_s > 0
+    first_attempt_at = now + handover_grace_s if handover else None
+    return [Notice(kind, body, agent_id=agent_id, first_attempt_at=first_attempt_at,
+                   handover_of=agent_id if handover else None)]  # fmt: skip
 
 
 def revocation_notice(record: dict[str, Any], reason: str, now: float) -> Notice:

@@ -36,6 +36,7 @@ from hub.problems import request_id
 
 if TYPE_CHECKING:
     from hub.ingest import Ingestor
+    from hub.nodes import ClockWatch
     from hub.presence import Presence
     from hub.push import PushBus
     from hub.scoring import ScoringService
@@ -110,10 +111,11 @@ class HubMetrics:
         scoring: ScoringService,
         store: Store,
         siem: SiemForwarder,
+        clock: ClockWatch,
     ) -> None:
         """Read these components' own counters at every scrape."""
         self._store = store
-        self.registry.register(_HubCollector(self, ingestor, presence, bus, scoring, siem))
+        self.registry.register(_HubCollector(self, ingestor, presence, bus, scoring, siem, clock))
 
     def observe_commit(self, size: int, seconds: float) -> None:
         """Record one group commit of `size` writes."""
@@ -183,9 +185,11 @@ class _HubCollector(Collector):
         bus: PushBus,
         scoring: ScoringService,
         siem: SiemForwarder,
+        clock: ClockWatch,
     ) -> None:
         self._metrics = metrics
         self._siem = siem
+        self._clock = clock
         self._ingestor = ingestor
         self._presence = presence
         self._bus = bus
@@ -245,6 +249,11 @@ class _HubCollector(Collector):
             "hub_siem_dropped_events", "Events dropped from a full SIEM queue (alerts never are)",
             value=self._siem.dropped,
         )  # fmt: skip
+        if self._clock.skew_s is not None:  # measured only against a store with a clock of its own
+            yield GaugeMetricFamily(
+                "hub_clock_skew_seconds", "This node's clock minus the shared store's, at the last check",
+                value=self._clock.skew_s,
+            )  # fmt: skip
 
 
 # HTTP --------------------------------------------------------------------------------------

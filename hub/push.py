@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 SnapshotSource = Callable[[], Awaitable[dict[str, Any]]]
 # Called with a message's `data` when another node publishes its kind.
 Follower = Callable[[dict[str, Any]], Awaitable[object]]
+# Whether a message's `data` concerns a follower at all: asked before a task is started for it.
+Concerns = Callable[[dict[str, Any]], bool]
 _BATCH_MAX = 500  # messages in one batched frame at most
 CatchUp = Callable[[], Awaitable[object]]
 _RETRY_MAX_S = 5.0  # longest pause between attempts to reach Redis
@@ -114,8 +116,8 @@ class PushBus(Protocol):
         """Send every dashboard of every node a fresh snapshot (after all scores changed at once)."""
         ...
 
-    def follow(self, kind: str, follower: Follower) -> None:
-        """Call `follower` with the data of every `kind` message another node publishes."""
+    def follow(self, kind: str, follower: Follower, *, concerns: Concerns | None = None) -> None:
+        """Call `follower` with the data of each `kind` message another node publishes that `concerns` it."""
         ...
 
     def on_missed(self, catch_up: CatchUp) -> None:
@@ -183,7 +185,7 @@ class LocalBus:
         for subscriber in self._subscribers:
             subscriber.resync()
 
-    def follow(self, kind: str, follower: Follower) -> None:
+    def follow(self, kind: str, follower: Follower, *, concerns: Concerns | None = None) -> None:
         """Do nothing: no other node publishes here."""
 
     def on_missed(self, catch_up: CatchUp) -> None:
@@ -252,7 +254,7 @@ class RedisBus(LocalBus):
         self._lost = False  # something never reached Redis: the other nodes must resync
         self._wake = asyncio.Event()
         self._subscribed = asyncio.Event()
-        self._followers: dict[str, list[Follower]] = {}
+        self._followers: dict[str, list[tuple[Follower, Concerns | None]]] = {}
         self._missed_handlers: list[CatchUp] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -266,8 +268,8 @@ class RedisBus(LocalBus):
         super().resync_all()
         self._send("", orjson.dumps([self._node, None, None]) + b"\n")
 
-    def follow(self, kind: str, follower: Follower) -> None:
-        self._followers.setdefault(kind, []).append(follower)
+    def follow(self, kind: str, follower: Follower, *, concerns: Concerns | None = None) -> None:
+        self._followers.setdefault(kind, []).append((follower, concerns))
 
     def on_missed(self, catch_up: CatchUp) -> None:
         self._missed_handlers.append(catch_up)
@@ -364,8 +366,12 @@ class RedisBus(LocalBus):
             self._missed()
             return
         self._offer(f"{kind}:{key}", frame)
-        for follower in self._followers.get(kind, ()):
-            self._spawn(_follow(follower, kind, message["data"]), f"follow-{kind}")
+        data = message["data"]
+        for follower, concerns in self._followers.get(kind, ()):
+            # Most messages concern no follower (every heartbeat of every other node's agents):
+            # those cost no task.
+            if concerns is None or _concerned(concerns, kind, data):
+                self._spawn(_follow(follower, kind, data), f"follow-{kind}")
 
     def _missed(self) -> None:
         for handler in self._missed_handlers:
@@ -383,6 +389,14 @@ async def _catch_up(catch_up: CatchUp) -> None:
         await catch_up()
     except Exception:  # the periodic checks make it good later
         log.exception("catching up with what other nodes did failed")
+
+
+def _concerned(concerns: Concerns, kind: str, data: dict[str, Any]) -> bool:
+    try:
+        return concerns(data)
+    except Exception:  # one odd message must not stop the bus
+        log.exception("checking a %s message from another node failed", kind)
+        return False
 
 
 async def _follow(follower: Follower, kind: str, data: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import engineio
 import socketio
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 from engineio.async_drivers import aiohttp as aiohttp_driver
 from prometheus_async import aio
 from prometheus_async.types import Observer
@@ -48,6 +48,9 @@ NAMESPACE = "/agent"
 _RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error"})  # only the server raises these
 _ADDRESS = "hub.client_address"  # environ key: the address a connection is counted under
 _MAX_ATTACHMENTS = 16  # binary attachments one packet may announce; an agent sends one
+_ENGINEIO_CLOSE: str = engineio.packet.Packet(engineio.packet.CLOSE).encode()
+# WebSocket close codes of a client that closes on purpose (0: a close frame without a code).
+_CLEAN_CLOSE_CODES = frozenset({0, WSCloseCode.OK, WSCloseCode.GOING_AWAY})
 
 # python-socketio's disconnect reasons, in PROTOCOL.md's words.
 _REASONS: dict[str, PresenceReason] = {
@@ -279,14 +282,23 @@ class AgentNamespace(socketio.AsyncNamespace):  # type: ignore[misc]  # socketio
             self._closing[sid] = "server_shutdown"
             await self.server.eio.drop(eio_sid)
 
+    def holds_elsewhere(self, change: dict[str, Any]) -> bool:
+        """Whether another node's presence `change` is a connection there of an agent connected here."""
+        agent_id = change.get("agent_id")
+        return (
+            change.get("status") == "online"
+            and change.get("reason") == "connected"
+            and isinstance(agent_id, str)
+            and self._presence.sid_of(agent_id) is not None
+        )
+
     async def follow_remote(self, change: dict[str, Any]) -> None:
         """Close the socket here of an agent another node says connected to it (a hint: the store decides).
 
         Its old socket here went silent without closing (a network gone); heartbeats would
-        end it only after `heartbeat_offline_after` intervals.
+        end it only after `heartbeat_offline_after` intervals. The bus calls it only for the
+        changes `holds_elsewhere` accepts.
         """
-        if change.get("status") != "online" or change.get("reason") != "connected":
-            return
         sid = await self._presence.superseded(change["agent_id"])
         if sid is not None:
             log.info(
@@ -487,6 +499,9 @@ class _ClosableWebSocket(aiohttp_driver.WebSocket):  # type: ignore[misc]  # eng
     closed connection's TLS state and buffers that only a full collection frees (tens of KB per
     reconnect, and full collections stall the hub for as long as they take). On None, Engine.IO
     ends the socket the same way.
+
+    A close frame with a normal code reads as Engine.IO's CLOSE packet, so a client that closed
+    on purpose is told from a lost connection (`clean_disconnect`, not `transport_lost`).
     """
 
     async def __call__(self, environ: dict[str, Any]) -> web.WebSocketResponse:
@@ -498,6 +513,11 @@ class _ClosableWebSocket(aiohttp_driver.WebSocket):  # type: ignore[misc]  # eng
 
     async def wait(self) -> str | bytes | None:
         message = await self._sock.receive()
+        if message.type is WSMsgType.CLOSE and message.data in _CLEAN_CLOSE_CODES:
+            # The client closed on purpose. Engine.IO hears it as the CLOSE packet such a client
+            # means to send: python-socketio's client closes the WebSocket before its queued
+            # DISCONNECT and CLOSE packets go out, which otherwise reads as a lost transport.
+            return _ENGINEIO_CLOSE
         return message.data if isinstance(message.data, str | bytes) else None
 
 

@@ -70,6 +70,9 @@ def run_sql(statement: str) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(POSTGRES_URL, timeout=5)
         try:
+            # A hub still connected to a schema being dropped (a fixture torn down in the wrong
+            # order) then fails the test rather than hanging it.
+            await conn.execute("SET lock_timeout = '20s'")
             await conn.execute(statement)
         finally:
             await conn.close()

@@ -452,13 +452,14 @@ async def test_the_redis_bus_passes_messages_as_encoded_and_followers_hear_only_
 ) -> None:
     one, two = two_buses
     here, there = _live(one), _live(two)
-    heard: dict[str, list[dict[str, Any]]] = {"one": [], "two": []}
+    heard: dict[str, list[dict[str, Any]]] = {"one": [], "two": [], "picky": []}
 
     async def follower(name: str, data: dict[str, Any]) -> None:
         heard[name].append(data)
 
     one.follow("command", functools.partial(follower, "one"))
     two.follow("command", functools.partial(follower, "two"))
+    two.follow("command", functools.partial(follower, "picky"), concerns=lambda data: data["id"] == "c2")
     one.publish("command", "c1", {"id": "c1", "state": "queued"})
     async with asyncio.timeout(5):
         await there.ready.wait()
@@ -466,6 +467,9 @@ async def test_the_redis_bus_passes_messages_as_encoded_and_followers_hear_only_
     assert here.take() == [orjson.dumps({"type": "command", "data": {"id": "c1", "state": "queued"}})]
     assert await _within(5, lambda: heard["two"] == [{"id": "c1", "state": "queued"}])
     assert heard["one"] == []  # a node does not follow itself: it acted when it published
+    one.publish("command", "c2", {"id": "c2", "state": "queued"})
+    assert await _within(5, lambda: len(heard["two"]) == 2)
+    assert heard["picky"] == [{"id": "c2", "state": "queued"}]  # only what concerns it
 
     one.publish_local("stats", "hub", {"node": "one"})
     one.resync_all()  # a node's own readings stay home; a resync reaches every node

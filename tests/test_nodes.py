@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -10,15 +11,19 @@ import sys
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
+from pydantic import SecretStr
 
 from hub.app import create_app, serve
 from hub.config import Settings
 from hub.keys import STORE
+from hub.nodes import ClockWatch
 from hub.problems import Conflict
-from hub.store import create_store
-from tests.conftest import HubStarter, open_agent
+from hub.store import Store, create_store
+from tests.conftest import HubStarter, client_ssl, open_agent
+from tests.test_observability import scrape, value
 
 
 async def held_by(settings: Settings, **lease: Any) -> None:
@@ -111,3 +116,34 @@ async def test_a_hub_whose_node_id_another_hub_took_stops_and_says_why(settings:
         assert kept["instance"] == "newcomer"  # the stop gave up nothing of the newcomer's
     finally:
         await store.close()
+
+
+async def test_a_clock_off_the_shared_stores_is_measured_and_said_once_each_way(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    ahead = [10.0]  # this node's clock, seconds ahead of the machine's
+    watch = ClockWatch(store, 2.0, clock=lambda: time.time() + ahead[0])
+    with caplog.at_level(logging.WARNING, logger="hub.nodes"):
+        await watch.check()
+        await watch.check()
+        if await store.clock() is None:  # SQLite: the store's clock is this machine's
+            assert watch.skew_s is None
+            assert not caplog.records
+            await asyncio.wait_for(watch.watch(3600), 5)  # nothing to watch: it returns at once
+            return
+        assert watch.skew_s == pytest.approx(10.0, abs=0.5)
+        assert [record.levelname for record in caplog.records] == ["ERROR"]  # once, not at every check
+        assert "+10." in caplog.records[0].getMessage()
+        ahead[0] = 0.0
+        await watch.check()
+        assert watch.skew_s == pytest.approx(0.0, abs=0.5)
+        assert [record.levelname for record in caplog.records] == ["ERROR", "WARNING"]
+
+
+async def test_a_node_on_postgresql_reports_its_clock_skew(postgres_url: str, hub_with: HubStarter) -> None:
+    # postgres_url first: its schema is dropped after the hub has stopped.
+    hub = await hub_with({"database_url": SecretStr(postgres_url)})
+    connector = aiohttp.TCPConnector(ssl=client_ssl(hub.certs / "ca.pem"))
+    async with aiohttp.ClientSession(base_url=hub.url, connector=connector) as http:
+        samples = await scrape(http, hub)
+    assert abs(value(samples, "hub_clock_skew_seconds")) < 0.5  # one machine: one clock

@@ -97,6 +97,27 @@ def _refuse_first_write(monkeypatch: pytest.MonkeyPatch, hub: RunningHub, *statu
     return refused
 
 
+async def test_a_stock_client_that_disconnects_is_a_clean_disconnect(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    # python-socketio's client closes the WebSocket (code 1000) before its DISCONNECT packet
+    # is sent; the close frame alone says the agent left on purpose.
+    for _ in range(3):
+        agent = await connect_agent("agent-1")
+        await agent.close()
+        offline = await _status_becomes(hub, "agent-1", "offline")
+        assert offline["status_reason"] == "clean_disconnect"
+
+
+async def test_a_connection_that_ends_without_a_close_frame_is_a_lost_transport(
+    hub: RunningHub, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent("agent-1")
+    await agent.session.close()  # closes the connection under the WebSocket, as a crash would
+    offline = await _status_becomes(hub, "agent-1", "offline")
+    assert offline["status_reason"] == "transport_lost"
+
+
 async def test_an_offline_the_store_refused_is_stored_later(
     hub: RunningHub, connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -104,7 +125,7 @@ async def test_an_offline_the_store_refused_is_stored_later(
     refused = _refuse_first_write(monkeypatch, hub, "offline")
     await agent.close()
     offline = await _status_becomes(hub, "agent-1", "offline")
-    assert offline["status_reason"] in ("clean_disconnect", "transport_lost")
+    assert offline["status_reason"] == "clean_disconnect"
     assert refused == ["offline"]
     # The disconnect handler did not fail, so python-socketio finished its own cleanup.
     assert not hub.app[NAMESPACE_KEY].server.manager.pending_disconnect

@@ -353,6 +353,10 @@ async def test_simultaneous_connections_of_one_agent_leave_one_socket(hub: Runni
             for sio, session in sockets:
                 await sio.disconnect()
                 await session.close()
+    for _ in range(100):  # the hub records the last disconnects after the clients are gone
+        if not presence._turns:
+            break
+        await asyncio.sleep(0.02)
     assert not presence._turns  # no per-agent lock outlives its use
 
 

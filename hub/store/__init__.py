@@ -173,6 +173,9 @@ class Store(Protocol):
     async def release_node(self, node_id: str, instance: str) -> None:
         """Give up `node_id` if `instance` holds it."""
 
+    async def clock(self) -> float | None:
+        """The store's own time (epoch seconds), or None where it is this machine's (SQLite)."""
+
     async def save_heartbeat(
         self,
         agent_id: str,

@@ -152,6 +152,10 @@ class PostgresStore(SqlStore):
                 await pool.close()
         self._readers = self._writer = None
 
+    async def clock(self) -> float | None:
+        row = await self._read(lambda c: c.fetchrow("SELECT extract(epoch FROM clock_timestamp())::float8"))
+        return float(row[0])
+
     async def _read(self, run: Callable[[Conn], Coroutine[Any, Any, T]]) -> T:
         assert self._readers is not None
         async with self._readers.acquire() as conn:

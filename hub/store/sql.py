@@ -412,6 +412,9 @@ class SqlStore:
             )
         )
 
+    async def clock(self) -> float | None:
+        return None  # an embedded store has no clock but this machine's
+
     async def claim_node(
         self, lease: dict[str, Any], *, replacing: dict[str, Any] | None = None
     ) -> dict[str, Any] | None:

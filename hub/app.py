@@ -105,7 +105,9 @@ def create_app(settings: Settings) -> web.Application:
     """Build the hub: every component, its routes and its lifecycle."""
     rules = load_rules(settings.rule_files)  # a bad rule file stops start-up here
     # Observation outermost: it sees the answer problems were rendered into. Audit inside auth
-    # (it names the actor) and rate limiting (refusals there stay cheap).
+    # (it names the actor) and rate limiting (refusals there stay cheap). The middlewares that
+    # only check and pass on are plain functions that return the handler's coroutine: an agent's
+    # socket lives inside this chain for days, and an awaiting frame of each would live with it.
     middlewares = [
         observe_middleware,
         problem_middleware,

@@ -12,6 +12,7 @@ hub write audit entries without bound. The entry is committed before the answer 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -33,10 +34,14 @@ _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @web.middleware
-async def audit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def audit_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
     """Record every write under `/api/` made with a valid token, whatever its outcome."""
     if request.method in _READS or not request.path.startswith("/api/"):
-        return await handler(request)
+        return handler(request)
+    return _audited(request, handler)
+
+
+async def _audited(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
     except Exception as exc:

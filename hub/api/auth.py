@@ -76,10 +76,14 @@ def _bearer(request: web.Request) -> str | None:
 
 
 @web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def auth_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
     """Authenticate every path but the agents' own, and check the handler's declared scope."""
     if request.path.startswith(_UNGUARDED_PREFIXES):
-        return await handler(request)
+        return handler(request)
+    return _authenticated(request, handler)
+
+
+async def _authenticated(request: web.Request, handler: Handler) -> web.StreamResponse:
     is_page = not request.path.startswith(_PROTECTED_PREFIXES)
     route_handler = request.match_info.handler
     if not hasattr(route_handler, _SCOPE_ATTR):

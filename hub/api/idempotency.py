@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Awaitable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -29,11 +30,15 @@ IN_FLIGHT = web.AppKey("idempotency_in_flight", set[tuple[str, str]])  # (owner,
 
 
 @web.middleware
-async def idempotency_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def idempotency_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
     """Replay the stored answer of a POST whose Idempotency-Key was seen before."""
     key = request.headers.get(HEADER)
     if key is None or request.method != "POST" or not request.path.startswith("/api/"):
-        return await handler(request)
+        return handler(request)
+    return _idempotent(request, handler, key)
+
+
+async def _idempotent(request: web.Request, handler: Handler, key: str) -> web.StreamResponse:
     if not _VALID_KEY.match(key):
         raise InvalidInput(f"{HEADER} must be 1-255 visible ASCII characters")
     owner = caller(request)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -22,20 +23,20 @@ CALLER_LIMITS = web.AppKey("caller_limits", TokenBuckets)
 
 
 @web.middleware
-async def address_rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def address_rate_limit_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
     """Limit every `/api/` request and sign-in by its TCP peer, before credentials cost anything."""
     if request.path.startswith("/api/") or request.path == "/signin":
         _spend(request, request.app[ADDRESS_LIMITS], peer(request))
-    return await handler(request)
+    return handler(request)
 
 
 @web.middleware
-async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def rate_limit_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
     """Limit every authenticated `/api/` request by its caller; the headers then speak of that bucket."""
     key = caller(request)
     if request.path.startswith("/api/") and key != peer(request):
         _spend(request, request.app[CALLER_LIMITS], key)
-    return await handler(request)
+    return handler(request)
 
 
 def _spend(request: web.Request, buckets: TokenBuckets, key: str) -> None:

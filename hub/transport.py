@@ -501,7 +501,8 @@ class _ClosableWebSocket(aiohttp_driver.WebSocket):  # type: ignore[misc]  # eng
     ends the socket the same way.
 
     A close frame with a normal code reads as Engine.IO's CLOSE packet, so a client that closed
-    on purpose is told from a lost connection (`clean_disconnect`, not `transport_lost`).
+    on purpose is told from a lost connection (`clean_disconnect`, not `transport_lost`). A text
+    frame that is no Engine.IO packet ends the socket, quietly.
     """
 
     async def __call__(self, environ: dict[str, Any]) -> web.WebSocketResponse:
@@ -518,6 +519,11 @@ class _ClosableWebSocket(aiohttp_driver.WebSocket):  # type: ignore[misc]  # eng
             # means to send: python-socketio's client closes the WebSocket before its queued
             # DISCONNECT and CLOSE packets go out, which otherwise reads as a lost transport.
             return _ENGINEIO_CLOSE
+        if isinstance(message.data, str) and not (message.data[:1].isascii() and message.data[:1].isdigit()):
+            # Not an Engine.IO packet: upstream's loop would raise out of the request handler, a
+            # logged traceback and an HTTP error written into the WebSocket. It ends the socket.
+            log.info("closing a socket: a %d-character text frame is no Engine.IO packet", len(message.data))
+            return None
         return message.data if isinstance(message.data, str | bytes) else None
 
 

@@ -10,7 +10,7 @@ import shutil
 import socket
 import sqlite3
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,10 +280,12 @@ async def open_agent(
     certs: Path | None = None,
     auth: dict[str, Any] | None = None,
     handlers: dict[str, Callable[..., Awaitable[Any]]] | None = None,
+    transports: Sequence[str] = ("websocket",),
 ) -> AgentConn:
     """Connect a real agent to `hub` with the client certificate of `agent_id`; wait for hello.
 
     `handlers` answer hub events (such as `command`) from the first moment: events may follow hello at once.
+    `transports`: the client's default, ("polling", "websocket"), starts with long-polling and upgrades.
     """
     folder = certs or hub.certs
     cert = folder / f"{agent_id}.pem" if agent_id else None
@@ -306,7 +308,7 @@ async def open_agent(
     conn = AgentConn(sio, session, hello, received)
     try:
         await sio.connect(
-            hub.url, namespaces=["/agent"], transports=["websocket"], auth=auth or {}, wait_timeout=10
+            hub.url, namespaces=["/agent"], transports=list(transports), auth=auth or {}, wait_timeout=10
         )
         await asyncio.wait_for(hello, 10)
     except BaseException:

@@ -519,6 +519,22 @@ async def test_an_agent_socket_never_negotiates_compression(hub: RunningHub) -> 
         assert opened.startswith("0{")  # Engine.IO's open packet: the socket works as it is
 
 
+async def test_a_client_that_starts_with_long_polling_upgrades_and_streams(hub: RunningHub) -> None:
+    # The JavaScript client's default: polling first, then the WebSocket upgrade with its probe.
+    agent = await open_agent(hub, "agent-1", transports=("polling", "websocket"))
+    try:
+        for _ in range(100):
+            if agent.sio.transport() == "websocket":
+                break
+            await asyncio.sleep(0.05)
+        assert agent.sio.transport() == "websocket"
+        ack = await agent.send({"events": make_events(1, 5)})
+        assert ack["accepted"] == 5
+    finally:
+        await agent.close()
+    assert await hub.store.count_events("agent-1") == 5
+
+
 async def test_a_socket_that_joins_no_namespace_is_closed(hub_with: HubStarter) -> None:
     # Only joining /agent checks the certificate: a connection without one may not linger.
     hub = await hub_with({"connect_timeout_s": 2.0})  # time enough for the agent to join under load

@@ -49,6 +49,7 @@ _RESERVED_EVENTS = frozenset({"connect", "disconnect", "connect_error"})  # only
 _ADDRESS = "hub.client_address"  # environ key: the address a connection is counted under
 _MAX_ATTACHMENTS = 16  # binary attachments one packet may announce; an agent sends one
 _ENGINEIO_CLOSE: str = engineio.packet.Packet(engineio.packet.CLOSE).encode()
+_ENGINEIO_TYPES = frozenset(str(kind) for kind in range(len(engineio.packet.packet_names)))  # "0"-"6"
 # WebSocket close codes of a client that closes on purpose (0: a close frame without a code).
 _CLEAN_CLOSE_CODES = frozenset({0, WSCloseCode.OK, WSCloseCode.GOING_AWAY})
 
@@ -519,9 +520,9 @@ class _ClosableWebSocket(aiohttp_driver.WebSocket):  # type: ignore[misc]  # eng
             # means to send: python-socketio's client closes the WebSocket before its queued
             # DISCONNECT and CLOSE packets go out, which otherwise reads as a lost transport.
             return _ENGINEIO_CLOSE
-        if isinstance(message.data, str) and not (message.data[:1].isascii() and message.data[:1].isdigit()):
-            # Not an Engine.IO packet: upstream's loop would raise out of the request handler, a
-            # logged traceback and an HTTP error written into the WebSocket. It ends the socket.
+        if isinstance(message.data, str) and message.data[:1] not in _ENGINEIO_TYPES:
+            # Not an Engine.IO packet. Upstream would log a traceback for it (an unknown type), or
+            # raise out of the request handler and write an HTTP error into the WebSocket.
             log.info("closing a socket: a %d-character text frame is no Engine.IO packet", len(message.data))
             return None
         return message.data if isinstance(message.data, str | bytes) else None

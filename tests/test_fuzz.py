@@ -425,6 +425,7 @@ ATTACKS = {
     ),
     "not an Engine.IO packet": Attack(["x marks the spot"], CLOSED),
     "a packet type that is a digit, not an ASCII one": Attack(["\u0663"], CLOSED),
+    "a packet type Engine.IO does not have": Attack(["7"], CLOSED),
     "empty text frame": Attack([""], CLOSED),
     "an Engine.IO packet only a server sends (NOOP)": Attack(["6", event_frame(1, _one_event())], "ack"),
 }
@@ -539,6 +540,34 @@ async def test_an_attachment_that_never_arrives_holds_one_packet_until_the_socke
     assert len(server._binary_packet) == 1
     await attacker.close()
     assert await wait_for(lambda: not server._binary_packet, 5)
+
+
+# Engine.IO and Socket.IO packets as a client may write them: each part of the header valid or not.
+SOCKETIO_PACKETS = st.builds(
+    "4{}{}{}{}{}".format,
+    st.sampled_from("0123456789x"),  # Socket.IO type
+    st.sampled_from(["", "1-", "0-", "99999999999-"]),  # binary attachments announced
+    st.sampled_from(["", "/agent,", "/agent", "/,", "/elsewhere,"]),  # namespace
+    st.sampled_from(["", "1", "0", str(2**70), "-1"]),  # ack id
+    st.sampled_from(['["events",{"events":[]}]', '["heartbeat",{}]', '["hello"]', "{}", '"x"', "", "[1]"])
+    | st.text(max_size=16),  # data
+)
+ENGINEIO_PACKETS = st.builds(str.__add__, st.sampled_from("0123456789"), st.text(max_size=16))
+
+
+@settings(FUZZ, max_examples=40)  # each example connects and disconnects: two durable commits
+@given(frame=SOCKETIO_PACKETS | ENGINEIO_PACKETS | st.text(max_size=8))
+async def test_any_packet_a_client_writes_harms_nothing(
+    hub: RunningHub, agents: Agents, caplog: pytest.LogCaptureFixture, frame: str
+) -> None:
+    bystander = await agents.stock("agent-2")
+    attacker = await agents.raw("agent-1")
+    await attacker.send([frame])
+    await asyncio.sleep(0.05)  # what the frame makes the hub do, it does now
+    await attacker.close()
+    await _wait_until_forgotten(hub, attacker)
+    assert "server_time" in await bystander.send({"ts": 1.0}, event="heartbeat")
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 CONNECT_ATTACKS = {

@@ -446,7 +446,9 @@ class _EngineServer(engineio.AsyncServer):  # type: ignore[misc]  # engineio shi
         super().__init__(*args, **kwargs)
         self._refuse = refuse  # raises to refuse a new connection (AgentServer._refuse)
         # The table is the driver module's own: copied, so the change stays with this server.
-        self._async = {**self._async, "websocket": _ClosableWebSocket}
+        self._async = {
+            **self._async, "websocket": _ClosableWebSocket, "translate_request": _translate_request,
+        }  # fmt: skip
 
     async def _handle_connect(self, environ: dict[str, Any], transport: str, jsonp_index: Any = None) -> Any:
         self._refuse(environ)  # the problem middleware answers what it raises
@@ -526,6 +528,45 @@ class _ClosableWebSocket(aiohttp_driver.WebSocket):  # type: ignore[misc]  # eng
             log.info("closing a socket: a %d-character text frame is no Engine.IO packet", len(message.data))
             return None
         return message.data if isinstance(message.data, str | bytes) else None
+
+
+def _translate_request(request: web.Request) -> dict[str, Any]:
+    """Build upstream's environ for `request`, with a long-polling POST's body checked as it is read."""
+    environ: dict[str, Any] = aiohttp_driver.translate_request(request)
+    environ["wsgi.input"] = _CheckedPayload(environ["wsgi.input"])
+    return environ
+
+
+class _MalformedPayload(engineio.exceptions.EngineIOError):  # type: ignore[misc]  # engineio ships no types
+    """A long-polling POST's body that is no payload of Engine.IO packets."""
+
+
+class _CheckedPayload:
+    """A long-polling POST's body, refused unless it decodes into Engine.IO packets, none after CLOSE.
+
+    Upstream logs a traceback for a body it cannot decode, or for a packet type it does not know,
+    and answers 200. Refused here, with one of its own errors, it closes the session and answers 400.
+    """
+
+    def __init__(self, content: Any) -> None:
+        self._content = content
+
+    async def read(self, length: int) -> bytes:
+        body: bytes = await self._content.read(length)
+        try:
+            packets = engineio.payload.Payload(encoded_payload=body.decode()).packets
+        except (UnicodeDecodeError, ValueError, IndexError) as error:  # binascii.Error is a ValueError
+            log.info("refusing a long-polling body: %.200s", error)
+            raise _MalformedPayload from None
+        kinds = [packet.packet_type for packet in packets]
+        if any(kind >= len(engineio.packet.packet_names) for kind in kinds):
+            log.info("refusing a long-polling body: a packet type Engine.IO does not have")
+            raise _MalformedPayload
+        if engineio.packet.CLOSE in kinds[:-1]:
+            # Upstream fails on what follows (a 500, logged) once the socket is gone from the server.
+            log.info("refusing a long-polling body: packets after CLOSE")
+            raise _MalformedPayload
+        return body
 
 
 class PacketQueue:

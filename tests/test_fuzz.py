@@ -560,6 +560,7 @@ ENGINEIO_PACKETS = st.builds(str.__add__, st.sampled_from("0123456789"), st.text
 async def test_any_packet_a_client_writes_harms_nothing(
     hub: RunningHub, agents: Agents, caplog: pytest.LogCaptureFixture, frame: str
 ) -> None:
+    caplog.clear()  # one example's records: the fixture lives across them
     bystander = await agents.stock("agent-2")
     attacker = await agents.raw("agent-1")
     await attacker.send([frame])
@@ -568,6 +569,57 @@ async def test_any_packet_a_client_writes_harms_nothing(
     await _wait_until_forgotten(hub, attacker)
     assert "server_time" in await bystander.send({"ts": 1.0}, event="heartbeat")
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@settings(FUZZ, max_examples=40)
+@given(frames=st.lists(SOCKETIO_PACKETS | ENGINEIO_PACKETS | st.text(max_size=8), min_size=1, max_size=3))
+async def test_any_long_polling_body_a_client_writes_harms_nothing(
+    hub: RunningHub, agents: Agents, caplog: pytest.LogCaptureFixture, frames: list[str]
+) -> None:
+    caplog.clear()  # one example's records: the fixture lives across them
+    bystander = await agents.stock("agent-2")
+    async with _polling_agent(hub) as polling:
+        assert await polling.post("\x1e".join(frames).encode()) in {200, 400}
+    assert "server_time" in await bystander.send({"ts": 1.0}, event="heartbeat")
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_packets_after_close_in_one_long_polling_body_are_refused(
+    hub: RunningHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _polling_agent(hub) as polling:
+        assert await polling.post(b"40/agent,{}") == 200
+        async with polling.session.get(polling.url) as polled:
+            assert '"hello"' in await polled.text()
+        # The broken packet's handler drops the session while CLOSE's disconnect awaits the store;
+        # upstream then failed on UPGRADE (a 500, and a traceback in the log).
+        assert await polling.post(b"4x\x1e1\x1e5") == 400
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@dataclass
+class PollingAgent:
+    """agent-1 speaking Engine.IO over long-polling, by hand."""
+
+    session: aiohttp.ClientSession
+    url: str  # the session's polling URL
+    sid: str
+
+    async def post(self, body: bytes) -> int:
+        """Send `body` as a payload; return the answer's status."""
+        async with asyncio.timeout(ANSWER_S), self.session.post(self.url, data=body) as answer:
+            return answer.status
+
+
+@contextlib.asynccontextmanager
+async def _polling_agent(hub: RunningHub) -> AsyncIterator[PollingAgent]:
+    """Open agent-1's Engine.IO long-polling session."""
+    context = client_ssl(hub.certs / "ca.pem", hub.certs / "agent-1.pem", hub.certs / "agent-1.key")
+    polling = f"{hub.url}/socket.io/?EIO=4&transport=polling"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        async with session.get(polling) as opened:
+            sid = json.loads((await opened.text())[1:])["sid"]
+        yield PollingAgent(session, f"{polling}&sid={sid}", sid)
 
 
 CONNECT_ATTACKS = {
@@ -604,26 +656,31 @@ async def test_without_a_certificate_a_socket_joins_nothing_and_holds_nothing(
     assert memory.kept < 4 * MiB
 
 
-async def test_hostile_long_polling_requests_leave_the_hub_serving(settings: Settings) -> None:
+async def test_hostile_long_polling_requests_leave_the_hub_serving(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     # A small frame limit: an over-limit body the client can finish sending before it reads the 400.
     small = settings.model_copy(update={"max_batch_bytes": 1000, "max_frame_bytes": 2000})
     runner, hub = await start_hub(small)
+    bodies = [
+        (b"", 200),  # no packet at all
+        (b'40/agent,{"x":"\xff\xfe"}', 400),  # invalid UTF-8
+        (b"4" + b"x" * 2000, 400),  # over the limit; upstream answers it only once the client polls again
+        (b"x marks the spot", 400),
+        (b"7", 400),  # a packet type Engine.IO does not have
+        (b"40/agent,{}\x1e\x1e3", 400),  # an empty packet between two
+        (b"b!!not base64", 400),
+        (b"1\x1e5", 400),  # a packet after CLOSE
+    ]
     try:
-        context = client_ssl(hub.certs / "ca.pem", hub.certs / "agent-1.pem", hub.certs / "agent-1.key")
-        polling = f"{hub.url}/socket.io/?EIO=4&transport=polling"
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
-            async with session.get(polling) as opened:
-                sid = json.loads((await opened.text())[1:])["sid"]
-            for body, status in [(b'40/agent,{"x":"\xff\xfe"}', 200), (b"", 200), (b"4" + b"x" * 2000, 400)]:
-                # Upstream answers an over-limit body only once the client polls again: never.
-                async with (
-                    asyncio.timeout(ANSWER_S),
-                    session.post(f"{polling}&sid={sid}", data=body) as answer,
-                ):
-                    assert answer.status == status
-        assert sid not in hub.app[NAMESPACE_KEY].server.eio.sockets  # the over-limit body closed it
+        for body, status in bodies:
+            async with _polling_agent(hub) as polling:
+                assert await polling.post(body) == status, body
+            if status == 400:  # and the session is closed
+                assert polling.sid not in hub.app[NAMESPACE_KEY].server.eio.sockets
         bystander = await open_agent(hub, "agent-2")
         assert (await bystander.send({"events": make_events(1, 3)}))["accepted"] == 3
         await bystander.close()
+        assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
     finally:
         await runner.cleanup()

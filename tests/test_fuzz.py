@@ -553,17 +553,18 @@ SOCKETIO_PACKETS = st.builds(
     | st.text(max_size=16),  # data
 )
 ENGINEIO_PACKETS = st.builds(str.__add__, st.sampled_from("0123456789"), st.text(max_size=16))
+CLIENT_FRAMES = SOCKETIO_PACKETS | ENGINEIO_PACKETS | st.text(max_size=8)
 
 
 @settings(FUZZ, max_examples=40)  # each example connects and disconnects: two durable commits
-@given(frame=SOCKETIO_PACKETS | ENGINEIO_PACKETS | st.text(max_size=8))
-async def test_any_packet_a_client_writes_harms_nothing(
-    hub: RunningHub, agents: Agents, caplog: pytest.LogCaptureFixture, frame: str
+@given(frames=st.lists(CLIENT_FRAMES | st.binary(max_size=16), min_size=1, max_size=3))
+async def test_any_frames_a_client_writes_harm_nothing(
+    hub: RunningHub, agents: Agents, caplog: pytest.LogCaptureFixture, frames: list[Frame]
 ) -> None:
     caplog.clear()  # one example's records: the fixture lives across them
     bystander = await agents.stock("agent-2")
     attacker = await agents.raw("agent-1")
-    await attacker.send([frame])
+    await attacker.send(frames)
     await asyncio.sleep(0.05)  # what the frame makes the hub do, it does now
     await attacker.close()
     await _wait_until_forgotten(hub, attacker)
@@ -572,7 +573,7 @@ async def test_any_packet_a_client_writes_harms_nothing(
 
 
 @settings(FUZZ, max_examples=40)
-@given(frames=st.lists(SOCKETIO_PACKETS | ENGINEIO_PACKETS | st.text(max_size=8), min_size=1, max_size=3))
+@given(frames=st.lists(CLIENT_FRAMES, min_size=1, max_size=3))
 async def test_any_long_polling_body_a_client_writes_harms_nothing(
     hub: RunningHub, agents: Agents, caplog: pytest.LogCaptureFixture, frames: list[str]
 ) -> None:

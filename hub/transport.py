@@ -50,6 +50,7 @@ _ADDRESS = "hub.client_address"  # environ key: the address a connection is coun
 _MAX_ATTACHMENTS = 16  # binary attachments one packet may announce; an agent sends one
 _ENGINEIO_CLOSE: str = engineio.packet.Packet(engineio.packet.CLOSE).encode()
 _ENGINEIO_TYPES = frozenset(str(kind) for kind in range(len(engineio.packet.packet_names)))  # "0"-"6"
+_POSTED_TYPES = frozenset({engineio.packet.PONG, engineio.packet.MESSAGE, engineio.packet.CLOSE})
 # WebSocket close codes of a client that closes on purpose (0: a close frame without a code).
 _CLEAN_CLOSE_CODES = frozenset({0, WSCloseCode.OK, WSCloseCode.GOING_AWAY})
 
@@ -542,10 +543,12 @@ class _MalformedPayload(engineio.exceptions.EngineIOError):  # type: ignore[misc
 
 
 class _CheckedPayload:
-    """A long-polling POST's body, refused unless it decodes into Engine.IO packets, none after CLOSE.
+    """A long-polling POST's body, refused unless it holds what clients post: PONG, MESSAGE, CLOSE last.
 
-    Upstream logs a traceback for a body it cannot decode, or for a packet type it does not know,
-    and answers 200. Refused here, with one of its own errors, it closes the session and answers 400.
+    Upstream logs a traceback, and answers 200, for a body it cannot decode or a packet type it does
+    not know. Another packet type, or a packet after CLOSE, fails upstream with a 500 (logged) once an
+    earlier packet in the body has ended the session. Refused here with one of upstream's own errors,
+    the body closes the session and is answered 400.
     """
 
     def __init__(self, content: Any) -> None:
@@ -559,12 +562,8 @@ class _CheckedPayload:
             log.info("refusing a long-polling body: %.200s", error)
             raise _MalformedPayload from None
         kinds = [packet.packet_type for packet in packets]
-        if any(kind >= len(engineio.packet.packet_names) for kind in kinds):
-            log.info("refusing a long-polling body: a packet type Engine.IO does not have")
-            raise _MalformedPayload
-        if engineio.packet.CLOSE in kinds[:-1]:
-            # Upstream fails on what follows (a 500, logged) once the socket is gone from the server.
-            log.info("refusing a long-polling body: packets after CLOSE")
+        if not _POSTED_TYPES.issuperset(kinds) or engineio.packet.CLOSE in kinds[:-1]:
+            log.info("refusing a long-polling body of packet types %s", kinds[:16])
             raise _MalformedPayload
         return body
 

@@ -585,16 +585,16 @@ async def test_any_long_polling_body_a_client_writes_harms_nothing(
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
-async def test_packets_after_close_in_one_long_polling_body_are_refused(
+async def test_a_packet_after_the_session_ended_in_one_long_polling_body_is_refused(
     hub: RunningHub, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with _polling_agent(hub) as polling:
         assert await polling.post(b"40/agent,{}") == 200
         async with polling.session.get(polling.url) as polled:
             assert '"hello"' in await polled.text()
-        # The broken packet's handler drops the session while CLOSE's disconnect awaits the store;
-        # upstream then failed on UPGRADE (a 500, and a traceback in the log).
-        assert await polling.post(b"4x\x1e1\x1e5") == 400
+        # The broken Socket.IO packet ends the session; upstream then failed on what followed (a
+        # 500, and a traceback in the log).
+        assert await polling.post(b"4x\x1e0") == 400
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
@@ -672,6 +672,7 @@ async def test_hostile_long_polling_requests_leave_the_hub_serving(
         (b"40/agent,{}\x1e\x1e3", 400),  # an empty packet between two
         (b"b!!not base64", 400),
         (b"1\x1e5", 400),  # a packet after CLOSE
+        (b"3\x1e2", 400),  # PING: a server's packet
     ]
     try:
         for body, status in bodies:

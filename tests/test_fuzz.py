@@ -7,6 +7,7 @@ never unbounded memory, never a change to what is already stored.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -553,7 +554,9 @@ SOCKETIO_PACKETS = st.builds(
     | st.text(max_size=16),  # data
 )
 ENGINEIO_PACKETS = st.builds(str.__add__, st.sampled_from("0123456789"), st.text(max_size=16))
-CLIENT_FRAMES = SOCKETIO_PACKETS | ENGINEIO_PACKETS | st.text(max_size=8)
+# Over long-polling, a binary message travels as text: "b" and its base64.
+BASE64_MESSAGES = st.binary(max_size=16).map(lambda data: "b" + base64.b64encode(data).decode())
+CLIENT_FRAMES = SOCKETIO_PACKETS | ENGINEIO_PACKETS | BASE64_MESSAGES | st.text(max_size=8)
 
 
 @settings(FUZZ, max_examples=40)  # each example connects and disconnects: two durable commits

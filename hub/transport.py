@@ -534,7 +534,8 @@ class _ClosableWebSocket(aiohttp_driver.WebSocket):  # type: ignore[misc]  # eng
 def _translate_request(request: web.Request) -> dict[str, Any]:
     """Build upstream's environ for `request`, with a long-polling POST's body checked as it is read."""
     environ: dict[str, Any] = aiohttp_driver.translate_request(request)
-    environ["wsgi.input"] = _CheckedPayload(environ["wsgi.input"])
+    if request.method == "POST":  # only these read a body; a WebSocket keeps its environ for its life
+        environ["wsgi.input"] = _CheckedPayload(environ["wsgi.input"])
     return environ
 
 

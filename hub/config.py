@@ -105,7 +105,10 @@ class Settings(BaseSettings):
         100_000, gt=0, description="events waiting for commit or scoring before 'overloaded'"
     )
     scoring_max_backlog: int = Field(
-        5_000, gt=0, description="stored-but-unscored events before new batches wait for scoring"
+        5_000,
+        gt=0,
+        description="stored events waiting for scoring that may change a score (most cannot: no rule "
+        "matches them and they start or end no process) before new batches wait",
     )
     scoring_takeover_s: float = Field(
         30.0, gt=0, description="how long a batch another node stored waits unscored before this one takes it"

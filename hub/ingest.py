@@ -131,7 +131,7 @@ class Ingestor:
                 await asyncio.wait_for(self._scoring.wait_for_room(), settings.scoring_wait_s)
             except TimeoutError:
                 raise Overloaded("scoring is behind", retry_after_ms=settings.retry_after_ms) from None
-        events, bodies, rejected = self._validate(raw)
+        events, bodies, rejected, to_score = self._validate(raw)
         await self.last_seq(agent_id)  # the stored high-water mark, read once per agent
         try:
             new_seqs = await self._store.commit_events(
@@ -142,9 +142,12 @@ class Ingestor:
             # would be all duplicates, which are not scored. Scoring looks in the store instead.
             self._scoring.reload(agent_id)
             raise
-        new_events = events if len(new_seqs) == len(events) else [e for e in events if e["seq"] in new_seqs]
-        self._scoring.submit(agent_id, new_events)
-        if new_events:
+        new_events = events
+        if len(new_seqs) < len(events):  # some were stored before: those are neither scored nor counted
+            new_events = [event for event in events if event["seq"] in new_seqs]
+            to_score = [event for event in to_score if event["seq"] in new_seqs]
+        if new_seqs:
+            self._scoring.submit(agent_id, min(new_seqs), len(new_seqs), to_score)
             self._anomalies.record(agent_id, Counter(event["kind"] for event in new_events))
         # Another batch of this agent may have committed meanwhile: never move backwards.
         last = max([self._last_seq[agent_id], *(event["seq"] for event in events)])
@@ -166,7 +169,9 @@ class Ingestor:
             async with asyncio.timeout(_CLOSE_WAIT_S):
                 await self._idle.wait()
 
-    def _validate(self, raw: list[Any]) -> tuple[list[Event], list[bytes], list[Rejection]]:
+    def _validate(self, raw: list[Any]) -> tuple[list[Event], list[bytes], list[Rejection], list[Event]]:
+        """Return the batch's valid events, their stored bodies, the rejections, and those of the
+        valid events that may change a score."""
         checked: list[Event] | None
         try:
             checked = list(EVENT_BATCH_ADAPTER.validate_python(raw))
@@ -179,6 +184,10 @@ class Ingestor:
             candidates, rejected = self._validate_each(raw)
         events: list[Event] = []
         bodies: list[bytes] = []
+        # Picked out here, in the one pass over the batch: scoring then queues, counts and runs
+        # through the rules only these (most batches hold one or none), not every event again.
+        to_score: list[Event] = []
+        may_change = self._scoring.engine.may_change
         limit = self._settings.max_event_bytes
         pack = self._packer.pack
         seen: set[int] = set()
@@ -200,10 +209,12 @@ class Ingestor:
             if problem is None:
                 events.append(event)
                 bodies.append(body)
+                if may_change(event):
+                    to_score.append(event)
             else:
                 rejected.append(Rejection(index=index, seq=seq, error=problem))
         rejected.sort(key=lambda r: r["index"])
-        return events, bodies, rejected
+        return events, bodies, rejected, to_score
 
     def _validate_each(self, raw: list[Any]) -> tuple[list[tuple[int, Event]], list[Rejection]]:
         valid: list[tuple[int, Event]] = []

@@ -219,7 +219,9 @@ class _HubCollector(Collector):
         )
         yield CounterMetricFamily("hub_scored_events", "Events scored", value=self._scoring.scored)
         yield GaugeMetricFamily(
-            "hub_scoring_backlog_events", "Events stored and not yet scored", value=self._scoring.backlog
+            "hub_scoring_backlog_events",
+            "Events stored and waiting for scoring that may change a score",
+            value=self._scoring.backlog,
         )
         yield GaugeMetricFamily("hub_push_subscribers", "Dashboards subscribed", value=bus.subscriber_count)
         yield CounterMetricFamily("hub_push_published_updates", "Updates published", value=stats.published)

@@ -161,6 +161,11 @@ class RiskEngine:
         for table in self._live.values():
             yield from table.values()
 
+    def may_change(self, event: Event) -> bool:
+        """Return False when scoring `event` changes nothing: no rule can match it, and it
+        starts or ends no process (most events)."""
+        return event["kind"] in _LIFECYCLE or self.rules.may_match(event)
+
     def apply(
         self,
         agent_id: str,
@@ -379,30 +384,32 @@ def _evict_one(table: dict[int, ProcessRisk]) -> None:
     del table[victim]
 
 
-# Events scored per pass: a pass runs on the event loop, so a bound keeps acks flowing.
+# Events run through the rules per pass: a pass runs on the event loop, so a bound keeps acks flowing.
 PASS_EVENTS = 2000
 _RELOAD_COST = 20  # events a reload counts as: at most 100 agents' state read in one pass
 _RETRY_S = 1.0
 
 
 def _pass_size(work: Iterable[_Work]) -> int:
-    """How many of `work`'s first items make one pass: `PASS_EVENTS` events, or a little more."""
+    """How many of `work`'s first items make one pass: `PASS_EVENTS` events, or a little more
+    (each batch counts as one more, for its bookkeeping)."""
     count = taken = 0
     for item in work:
         if taken >= PASS_EVENTS:
             break
         count += 1
-        taken += len(item.events) or _RELOAD_COST  # a storm of reloads reads in portions
+        taken += len(item.events) + 1 if item.count else _RELOAD_COST  # reloads read in portions
     return count
 
 
 @dataclass(slots=True)
 class _Work:
-    """Events handed over together: one stored batch (named by its first seq), or none (a reload)."""
+    """One stored batch, named by its first seq, or a reload (first seq and count 0)."""
 
     agent_id: str
-    events: list[Event]
+    events: list[Event]  # to run through the rules: those of the batch that may change a score
     first_seq: int
+    count: int  # events the batch stored
     submitted: float = field(default_factory=time.monotonic)
 
 
@@ -439,25 +446,25 @@ class ScoringService:
         self._reload: set[str] = set()  # agents whose state is read from the store before their next events
         self._stopping = False
         self._pass = asyncio.Lock()  # one scoring pass at a time; drain() waits for it
-        self.backlog = 0  # events handed over and not yet scored
-        self.scored = 0
+        self.backlog = 0  # events queued to run through the rules
+        self.scored = 0  # events of the batches scored, those no rule could concern included
 
     def reload(self, agent_id: str) -> None:
         """Read the agent's state from the store in the next pass (another node may have scored it
         since), and score its stored batches that are pending and not queued here."""
         if agent_id not in self._reload:  # else that pass is queued already
             self._reload.add(agent_id)
-            self._queue.append(_Work(agent_id, [], 0))  # it comes even if the agent sends nothing
+            self._queue.append(_Work(agent_id, [], 0, 0))  # it comes even if the agent sends nothing
             self._wakeup.set()
 
-    def submit(self, agent_id: str, events: list[Event]) -> None:
-        """Hand over the newly stored events of one batch (never blocks: they are committed)."""
-        if events:
-            self._queue.append(_Work(agent_id, events, min(event["seq"] for event in events)))
-            self.backlog += len(events)
-            if self.backlog >= self._max_backlog:
-                self._room.clear()
-            self._wakeup.set()
+    def submit(self, agent_id: str, first_seq: int, count: int, events: list[Event]) -> None:
+        """Hand over a newly stored batch (never blocks: it is committed): its first seq, how many
+        events it stored, and those of them that may change a score (`RiskEngine.may_change`)."""
+        self._queue.append(_Work(agent_id, events, first_seq, count))
+        self.backlog += len(events)
+        if self.backlog >= self._max_backlog:
+            self._room.clear()
+        self._wakeup.set()
 
     @property
     def full(self) -> bool:
@@ -538,7 +545,7 @@ class ScoringService:
         matches: list[tuple[str, Event, list[Rule]]] | None = None if self._siem_min_severity is None else []
         scored: list[tuple[str, int]] = []  # the batches no longer pending once this pass is stored
         for item in work:
-            if not item.events:
+            if not item.count:  # a reload: `_restore` has read the agent's state
                 continue
             if self._on_lag is not None:
                 self._on_lag(time.monotonic() - item.submitted)
@@ -549,7 +556,7 @@ class ScoringService:
                     log.exception("scoring failed for %s seq %s", item.agent_id, event.get("seq"))
             scored.append((item.agent_id, item.first_seq))
             self.backlog -= len(item.events)
-            self.scored += len(item.events)
+            self.scored += item.count
         if self.backlog < self._max_backlog:
             self._room.set()
         records = [self.engine.record(p) for p in changed.values()]
@@ -595,7 +602,7 @@ class ScoringService:
         queued = {(item.agent_id, item.first_seq) for item in (*work, *self._queue)}
         taken_over_from = time.time() - self._takeover_s
         return [
-            _Work(agent_id, batch.events, batch.first_seq)
+            _Work(agent_id, batch.events, batch.first_seq, len(batch.events))
             for agent_id, state in states.items()
             for batch in state.pending
             if (agent_id, batch.first_seq) not in queued

@@ -330,6 +330,29 @@ async def test_a_batch_stored_after_later_ones_were_scored_is_scored_too(hub: Ru
     assert [process_id for process_id, _ in await shadow_readers(hub)] == ["agent-1:200"]
 
 
+async def test_only_events_that_may_change_a_score_wait_for_scoring(hub: RunningHub) -> None:
+    # Ingest picks them out while it validates: the rest of a batch is never queued, but the batch
+    # is scored all the same (its pending mark cleared, its events counted).
+    scoring = hub.app[SCORING]
+    agent = await open_agent(hub, "agent-1")
+    benign = [
+        {"seq": seq, "ts": T0 + seq, "kind": "file_open", "pid": 7, "path": f"/var/lib/app/{seq}"}
+        for seq in range(1, 100)
+    ]
+    scored = scoring.scored
+    async with scoring.held():
+        acks = [await agent.send({"events": benign}), await agent.send({"events": attack(start_seq=100)})]
+        assert [ack["accepted"] for ack in acks] == [99, 4]
+        assert scoring.backlog == 4  # the attack's four events; none of the 99
+        assert len((await hub.store.scoring_states(["agent-1"]))["agent-1"].pending) == 2
+    await hub.settle()
+    await agent.close()
+    assert scoring.backlog == 0
+    assert scoring.scored - scored == 103
+    assert (await hub.store.scoring_states(["agent-1"]))["agent-1"].pending == []
+    assert [process_id for process_id, _ in await shadow_readers(hub)] == ["agent-1:200"]
+
+
 async def test_another_nodes_pending_batch_is_left_to_it_then_taken_over(hub_with: HubStarter) -> None:
     hub = await hub_with({"scoring_takeover_s": 2.0})
     await store_unscored(hub.settings, attack(), node_id="node-that-died")

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format typecheck bench bench-quick bench-dashboards bench-connections bench-store bench-layout soak soak-reconnect clean help
+.PHONY: run test lint format typecheck bench bench-quick bench-dashboards bench-connections bench-store bench-layout bench-pipeline soak soak-reconnect clean help
 
 help:
 	@echo "make run          hub on https://127.0.0.1:8443 with a demo agent (SQLite, dev certificates)"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench-dashboards  the overview page in Chromium under live load; fan-out to 200 dashboards"
 	@echo "make bench-store  the SQLite and PostgreSQL stores side by side: events/s, commit wait, bytes per event"
 	@echo "make bench-layout  SQLite's CPU per stored event for event table layouts side by side"
+	@echo "make bench-pipeline  the ingest pipeline without sockets: CPU per event by thread (BEFORE=tree to compare)"
 	@echo "make soak         reliability checks that take minutes (kill -9 the hub, the store away 30 s, agents streaming)"
 	@echo "make soak-reconnect  1,000 agents reconnecting for 10 minutes: the hub's RSS and open files level off"
 	@echo "make typecheck    mypy on hub/ and agent_client/"
@@ -61,6 +62,9 @@ bench-store: $(STAMP)
 
 bench-layout: $(STAMP)
 	$(BIN)/python -m bench.event_layout
+
+bench-pipeline: $(STAMP)
+	$(BIN)/python -m bench.pipeline $(if $(BEFORE),--before $(BEFORE))
 
 # The second run provokes gaps (earlier batches answered "overloaded" while later ones commit)
 # and kills the hub while agents reconnect: RELIABILITY.md.

@@ -3,7 +3,9 @@
 Agents' batches go straight to `Ingestor.ingest` of a hub built by `create_app` (validation,
 dedupe, the durable SQLite commit, scoring, anomaly counts), in a process pinned to core 0.
 Without TLS, Engine.IO and a load generator in the way, a change to the pipeline shows in a few
-percent where the socket benchmark's run-to-run spread is ten. Trees alternate, run by run.
+percent where the socket benchmark's run-to-run spread is ten. Trees alternate, run by run. The
+garbage collector keeps Python's defaults (`agenthub serve` tunes it at start): compare trees
+within one run, not these figures with the served hub's.
 
     python -m bench.pipeline [--agents 100] [--batches 3000] [--runs 3] [--before TREE]
 """
@@ -25,7 +27,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from bench.harness import add_before_argument, table
+from bench.harness import SECRET, add_before_argument, table
 from bench.ingest import Batches
 from hub.app import create_app
 from hub.config import Settings
@@ -39,7 +41,7 @@ _WARM_UP_BATCHES = 5  # each agent's, before measuring: its state loaded, the ca
 async def _measure(agents: int, batches: int, certs: Path, data_dir: Path) -> dict[str, Any]:
     """In the child: run the load through the pipeline of the tree it imports, return the figures."""
     # No quota: the load is as fast as the pipeline takes it.
-    settings = Settings(data_dir=data_dir, certs_dir=certs, jwt_secret="p" * 40, agent_max_events_per_s=1e9,
+    settings = Settings(data_dir=data_dir, certs_dir=certs, jwt_secret=SECRET, agent_max_events_per_s=1e9,
                         agent_burst_events=10**9)  # fmt: skip
     runner = web.AppRunner(create_app(settings))
     await runner.setup()

@@ -128,7 +128,8 @@ class Ingestor:
         settings = self._settings
         if self._scoring.full:
             try:
-                await asyncio.wait_for(self._scoring.wait_for_room(), settings.scoring_wait_s)
+                async with asyncio.timeout(settings.scoring_wait_s):  # no task a wait, as `wait_for` makes
+                    await self._scoring.wait_for_room()
             except TimeoutError:
                 raise Overloaded("scoring is behind", retry_after_ms=settings.retry_after_ms) from None
         events, bodies, rejected, to_score = self._validate(raw)

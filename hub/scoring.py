@@ -407,7 +407,9 @@ class _Work:
     """One stored batch, named by its first seq, or a reload (first seq and count 0)."""
 
     agent_id: str
-    events: list[Event]  # to run through the rules: those of the batch that may change a score
+    # To run through the rules: a live batch's events that may change a score; all of a batch
+    # found pending in the store (`apply` passes over the rest).
+    events: list[Event]
     first_seq: int
     count: int  # events the batch stored
     submitted: float = field(default_factory=time.monotonic)

@@ -353,6 +353,20 @@ async def test_only_events_that_may_change_a_score_wait_for_scoring(hub: Running
     assert [process_id for process_id, _ in await shadow_readers(hub)] == ["agent-1:200"]
 
 
+async def test_a_batch_waits_for_scoring_then_is_refused_as_overloaded(hub_with: HubStarter) -> None:
+    hub = await hub_with({"scoring_max_backlog": 1, "scoring_wait_s": 0.2})
+    scoring = hub.app[SCORING]
+    agent = await open_agent(hub, "agent-1")
+    async with scoring.held():
+        assert (await agent.send({"events": attack()}))["accepted"] == 4
+        refused = await agent.send({"events": attack(start_seq=5)})
+    assert refused["error"]["code"] == "overloaded"
+    assert refused["error"]["message"] == "scoring is behind"
+    await hub.settle()  # room again: the batch the agent sends again is taken
+    assert (await agent.send({"events": attack(start_seq=5)}))["accepted"] == 4
+    await agent.close()
+
+
 async def test_another_nodes_pending_batch_is_left_to_it_then_taken_over(hub_with: HubStarter) -> None:
     hub = await hub_with({"scoring_takeover_s": 2.0})
     await store_unscored(hub.settings, attack(), node_id="node-that-died")

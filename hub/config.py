@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     sqlite_busy_timeout_s: float = Field(
         5.0, gt=0, description="how long a write waits for a lock another process holds before `unavailable`"
     )
+    sqlite_wal_limit_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="the SQLite WAL is started over once it has grown past this, and truncated back to it",
+    )
     database_url: SecretStr | None = Field(
         None,
         description="postgresql://user:password@host:port/db: the PostgreSQL store several nodes share "

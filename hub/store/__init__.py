@@ -618,4 +618,9 @@ def create_store(settings: Settings, *, on_commit: Callable[[int, float], None] 
         )
     from hub.store.sqlite import SqliteStore
 
-    return SqliteStore(settings.db_path, busy_timeout_s=settings.sqlite_busy_timeout_s, **options)
+    return SqliteStore(
+        settings.db_path,
+        busy_timeout_s=settings.sqlite_busy_timeout_s,
+        wal_limit_bytes=settings.sqlite_wal_limit_bytes,
+        **options,
+    )

@@ -35,7 +35,6 @@ def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
     # How long a statement waits for a lock another process holds before failing; a failed
     # write is answered `unavailable`, and the agent keeps its batch and retries.
     conn.execute(f"PRAGMA busy_timeout={round(busy_timeout_s * 1000)}")
-    conn.execute("PRAGMA journal_size_limit=67108864")  # truncate a WAL that grew past 64 MiB
     return conn
 
 
@@ -86,16 +85,35 @@ class SqliteConn:
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
 
+    def checkpoint(self) -> int:
+        """Copy the WAL's committed pages into the database, waiting for no one (PASSIVE); return
+        how many pages the WAL holds if it copied every one (the next write then starts it over), else 0."""
+        try:
+            busy, pages, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("WAL checkpoint failed (will retry): %s", exc)
+            return 0
+        return int(pages) if not busy and copied == pages else 0
+
 
 class SqliteStore(SqlStore):
     """The embedded store: one file, durable acks, several processes may share it."""
 
     storage_errors = (sqlite3.Error,)
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0, **options: Unpack[StoreOptions]):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_s: float = 30.0,
+        wal_limit_bytes: int = 64 * 1024 * 1024,
+        **options: Unpack[StoreOptions],
+    ):
         super().__init__(**options)
         self._path = path
         self._busy_timeout_s = busy_timeout_s
+        self._wal_limit_bytes = wal_limit_bytes
+        self._page_size = 4096  # read from the database at open
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
         self._checkpoint_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
@@ -103,6 +121,7 @@ class SqliteStore(SqlStore):
         self._writer: SqliteConn | None = None
         self._reader: SqliteConn | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._restart_wal = False  # the WAL is past its limit and the checkpointer copied it all
 
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -111,6 +130,9 @@ class SqliteStore(SqlStore):
         # Checkpoints run in their own thread, beside the writer: an automatic checkpoint
         # inside COMMIT would stall every ack waiting on that commit.
         writer.execute("PRAGMA wal_autocheckpoint=0")
+        # Once the WAL starts over, its first commit truncates a file that grew past the limit.
+        writer.execute(f"PRAGMA journal_size_limit={self._wal_limit_bytes}")
+        self._page_size = writer.execute("PRAGMA page_size").fetchone()[0]
         timeout = self._busy_timeout_s
         reader = await loop.run_in_executor(self._read_thread, _connect, self._path, timeout)
         checkpointer = await loop.run_in_executor(self._checkpoint_thread, _connect, self._path, timeout)
@@ -120,7 +142,7 @@ class SqliteStore(SqlStore):
         self._writer, self._reader = SqliteConn(writer), SqliteConn(reader)
         self._start_writer()
         self._checkpoint_task = asyncio.create_task(
-            self._checkpoint_loop(checkpointer), name="sqlite-checkpoint"
+            self._checkpoint_loop(SqliteConn(checkpointer)), name="sqlite-checkpoint"
         )
 
     def _open_writer(self) -> sqlite3.Connection:
@@ -158,18 +180,23 @@ class SqliteStore(SqlStore):
     async def _commit(self, group: list[WriteJob]) -> list[tuple[bool, Any]]:
         writer = self._writer
         assert writer is not None
-        return await asyncio.get_running_loop().run_in_executor(
-            self._write_thread, lambda: _run_to_end(self.run_group(writer, group))
-        )
+        restart_wal, self._restart_wal = self._restart_wal, False
 
-    async def _checkpoint_loop(self, conn: sqlite3.Connection) -> None:
+        def run() -> list[tuple[bool, Any]]:
+            if restart_wal:
+                # Copy what was committed during the checkpointer's pass (a few ms, its fsyncs
+                # included): this transaction then finds the WAL copied whole and starts it over.
+                writer.checkpoint()
+            return _run_to_end(self.run_group(writer, group))
+
+        return await asyncio.get_running_loop().run_in_executor(self._write_thread, run)
+
+    async def _checkpoint_loop(self, conn: SqliteConn) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(_CHECKPOINT_EVERY_S)
-            try:
-                # PASSIVE copies what it can without blocking the writer or readers.
-                await loop.run_in_executor(
-                    self._checkpoint_thread, lambda: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                )
-            except sqlite3.Error as exc:
-                log.warning("WAL checkpoint failed (will retry): %s", exc)
+            # The copying, beside the writer rather than inside its commits. But a steady stream
+            # of commits never leaves the WAL copied whole, so it would never start over and would
+            # grow without bound: past its limit, the writer copies the rest before its next commit.
+            pages = await loop.run_in_executor(self._checkpoint_thread, conn.checkpoint)
+            self._restart_wal |= pages * self._page_size >= self._wal_limit_bytes

@@ -14,6 +14,7 @@ from hub.config import Settings
 from hub.models import Event
 from hub.problems import Unavailable
 from hub.store import EventBatch, EventFilter, Notice, Store, create_store
+from hub.store.postgres import numbered
 from tests.conftest import run_sql
 
 NOW = 1_700_000_000.0
@@ -414,3 +415,9 @@ async def test_text_with_a_nul_character_is_stored_on_both_backends(store: Store
     agent = await store.get_agent("agent-1")
     assert agent is not None
     assert agent["hostname"] in ("web\x00one", "web\ufffdone")  # PostgreSQL text cannot hold NUL
+
+
+def test_placeholders_become_postgresqls_numbered_ones() -> None:
+    assert numbered("SELECT ? FROM t WHERE a = '?' AND b = ?") == "SELECT $1 FROM t WHERE a = '?' AND b = $2"
+    # Numbered ones keep their numbers: a value bound once may be used by many rows.
+    assert numbered("VALUES (?1,?3,?2),(?1,?4,?2)") == "VALUES ($1,$3,$2),($1,$4,$2)"

@@ -33,15 +33,19 @@ _TAKE_LOCK = "SELECT pg_advisory_xact_lock(hashtext(coalesce(current_schema(), '
 
 @functools.lru_cache(maxsize=128)  # event inserts vary by batch size; each is tens of KiB
 def numbered(sql: str) -> str:
-    """`sql` with its `?` placeholders as PostgreSQL's `$1, $2...` (quoted text left alone)."""
+    """`sql` with its `?` placeholders as PostgreSQL's `$1, $2...`, and its `?N` as `$N` (a
+    statement uses one style or the other; quoted text left alone)."""
     out: list[str] = []
     count, quoted = 0, False
-    for char in sql:
+    for index, char in enumerate(sql):
         if char == "'":
             quoted = not quoted
         if char == "?" and not quoted:
-            count += 1
-            out.append(f"${count}")
+            if sql[index + 1 : index + 2].isdigit():  # ?N: its digits follow as they are
+                out.append("$")
+            else:
+                count += 1
+                out.append(f"${count}")
         else:
             out.append(char)
     return "".join(out)

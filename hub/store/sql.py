@@ -245,9 +245,11 @@ class SqlStore:
 
     async def commit_events(self, batch: EventBatch) -> set[int]:
         async def insert(conn: Conn) -> set[int]:
-            stored = await _stored_seqs(conn, batch.agent_id, [event["seq"] for event in batch.events])
-            new = [(event, body) for event, body in zip(batch.events, batch.bodies, strict=True)
-                   if event["seq"] not in stored]  # fmt: skip
+            seqs = [event["seq"] for event in batch.events]
+            new = list(zip(batch.events, batch.bodies, strict=True))
+            if stored := await _stored_seqs(conn, batch.agent_id, seqs):  # a resend: only what is new
+                new = [(event, body) for event, body in new if event["seq"] not in stored]
+                seqs = [event["seq"] for event, _ in new]
             inserted = 0
             # One multi-row INSERT per chunk, within SQLite's limit on bound parameters.
             for start in range(0, len(new), _ROWS_PER_INSERT):
@@ -261,7 +263,6 @@ class SqlStore:
                     "another node stored part of this batch at the same moment",
                     retry_after_ms=self._retry_after_ms,
                 )
-            seqs = [event["seq"] for event, _ in new]
             if seqs:  # scoring deletes it with the scores these events produce
                 first, last = min(seqs), max(seqs)
                 listed = None if last - first + 1 == len(seqs) else msgpack.packb(sorted(seqs))

@@ -421,3 +421,5 @@ def test_placeholders_become_postgresqls_numbered_ones() -> None:
     assert numbered("SELECT ? FROM t WHERE a = '?' AND b = ?") == "SELECT $1 FROM t WHERE a = '?' AND b = $2"
     # Numbered ones keep their numbers: a value bound once may be used by many rows.
     assert numbered("VALUES (?1,?3,?2),(?1,?4,?2)") == "VALUES ($1,$3,$2),($1,$4,$2)"
+    with pytest.raises(ValueError, match="mixes"):
+        numbered("VALUES (?1, ?)")

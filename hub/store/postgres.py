@@ -33,21 +33,24 @@ _TAKE_LOCK = "SELECT pg_advisory_xact_lock(hashtext(coalesce(current_schema(), '
 
 @functools.lru_cache(maxsize=128)  # event inserts vary by batch size; each is tens of KiB
 def numbered(sql: str) -> str:
-    """`sql` with its `?` placeholders as PostgreSQL's `$1, $2...`, and its `?N` as `$N` (a
-    statement uses one style or the other; quoted text left alone)."""
+    """`sql` with its `?` placeholders as PostgreSQL's `$1, $2...`, or its `?N` as `$N` (quoted
+    text left alone)."""
     out: list[str] = []
-    count, quoted = 0, False
+    count, given, quoted = 0, False, False
     for index, char in enumerate(sql):
         if char == "'":
             quoted = not quoted
         if char == "?" and not quoted:
             if sql[index + 1 : index + 2].isdigit():  # ?N: its digits follow as they are
+                given = True
                 out.append("$")
             else:
                 count += 1
                 out.append(f"${count}")
         else:
             out.append(char)
+    if count and given:  # SQLite would number a plain ? after the highest ?N: not worth copying
+        raise ValueError(f"a statement mixes ? and ?N placeholders: {sql[:80]}")
     return "".join(out)
 
 

@@ -86,14 +86,14 @@ class SqliteConn:
             self._db.execute("ROLLBACK")
 
     def checkpoint(self) -> int:
-        """Copy the WAL's committed pages into the database, waiting for no one (PASSIVE); return
-        how many pages the WAL holds if it copied every one (the next write then starts it over), else 0."""
+        """Copy the WAL's committed pages into the database as far as readers allow, waiting for
+        no one (PASSIVE); return how many pages the WAL holds (0 if the checkpoint failed)."""
         try:
-            busy, pages, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            _busy, pages, _copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             log.warning("WAL checkpoint failed (will retry): %s", exc)
             return 0
-        return int(pages) if not busy and copied == pages else 0
+        return max(0, int(pages))
 
 
 class SqliteStore(SqlStore):
@@ -121,7 +121,8 @@ class SqliteStore(SqlStore):
         self._writer: SqliteConn | None = None
         self._reader: SqliteConn | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
-        self._restart_wal = False  # the WAL is past its limit and the checkpointer copied it all
+        self._restart_wal = False  # the WAL is past its limit: the writer starts it over
+        self._wal_warned_bytes = 0
 
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -198,5 +199,20 @@ class SqliteStore(SqlStore):
             # The copying, beside the writer rather than inside its commits. But a steady stream
             # of commits never leaves the WAL copied whole, so it would never start over and would
             # grow without bound: past its limit, the writer copies the rest before its next commit.
-            pages = await loop.run_in_executor(self._checkpoint_thread, conn.checkpoint)
-            self._restart_wal |= pages * self._page_size >= self._wal_limit_bytes
+            wal_bytes = await loop.run_in_executor(self._checkpoint_thread, conn.checkpoint) * self._page_size
+            self._restart_wal |= wal_bytes >= self._wal_limit_bytes
+            self._warn_of_a_large_wal(wal_bytes)
+
+    def _warn_of_a_large_wal(self, wal_bytes: int) -> None:
+        # A read that holds an old snapshot (a long query, another process) keeps the WAL from
+        # being copied whole and starting over. Said each time the WAL doubles, not at every pass.
+        if wal_bytes < 4 * self._wal_limit_bytes:
+            self._wal_warned_bytes = 0
+        elif wal_bytes >= 2 * self._wal_warned_bytes:
+            log.warning(
+                "the WAL holds %d MiB, %.0f times HUB_SQLITE_WAL_LIMIT_BYTES: a long read keeps it "
+                "from starting over (a query, or another process holding the database open)",
+                wal_bytes >> 20,
+                wal_bytes / self._wal_limit_bytes,
+            )
+            self._wal_warned_bytes = wal_bytes
